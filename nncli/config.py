@@ -1,0 +1,280 @@
+"""The config file: reading it, checking its structure, filling in defaults.
+
+`load_config(path)` returns a `Config`: `config.values` is the resolved config (a dict with every
+default filled in) and `config.error(message, *keys)` builds a ConfigError that names the file
+and the line of that key. Sections whose keys depend on a chosen type (a layer's arguments, an
+optimizer's, a data source's) are checked by the module that builds them, through `config.error`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from nncli.errors import ConfigError, did_you_mean
+from nncli.yamlio import YamlList, YamlMap, line_of, parse_yaml, read_yaml, to_plain
+
+REQUIRED = object()
+NUMBER = (int, float)
+
+
+@dataclass(frozen=True)
+class Key:
+    """One key of a fixed section: the accepted types, the default, an optional extra check."""
+
+    types: tuple
+    default: Any = None
+    check: Callable[[Any], str | None] | None = None  # returns what is wrong, or None
+    schema: dict | None = None  # for a nested mapping
+
+    def describe(self) -> str:
+        names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+                 list: "a list", dict: "a mapping", type(None): "null"}
+        return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in self.types))
+
+
+def positive(value: Any) -> str | None:
+    return None if value is None or value > 0 else "must be greater than 0"
+
+
+def non_negative(value: Any) -> str | None:
+    return None if value is None or value >= 0 else "must be 0 or more"
+
+
+def one_of(*choices: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if value is None or value in choices:
+            return None
+        hint = did_you_mean(str(value), choices)
+        return f"must be one of {', '.join(choices)}" + (f". {hint}" if hint else "")
+    return check
+
+
+def fraction(value: Any) -> str | None:
+    return None if value is None or 0 < value < 1 else "must lie strictly between 0 and 1"
+
+
+EARLY_STOP = {
+    "metric": Key((str,), "val_loss"),
+    "patience": Key((int,), 5, positive),
+    "mode": Key((str,), "auto", one_of("auto", "min", "max")),
+    "min_delta": Key(NUMBER, 0.0, non_negative),
+}
+WARMUP = {
+    "epochs": Key((int,), None, non_negative),
+    "steps": Key((int,), None, non_negative),
+    "start_factor": Key(NUMBER, 0.0, non_negative),
+}
+TRAIN = {
+    "epochs": Key((int,), 10, positive),
+    "batch_size": Key((int,), 64, positive),
+    "grad_clip": Key(NUMBER + (type(None),), None, positive),
+    "accumulate": Key((int,), 1, positive),
+    "early_stop": Key((dict, type(None)), None, schema=EARLY_STOP),
+    "shuffle": Key((bool,), True),
+    "drop_last": Key((bool,), False),
+}
+CHECKPOINT = {
+    "dir": Key((str,), "checkpoints"),
+    "every": Key((int,), 1, positive),
+    "every_steps": Key((int, type(None)), None, positive),
+    "keep_last": Key((int,), 0, non_negative),
+}
+TOP = {
+    "name": Key((str, type(None)), None),
+    "seed": Key((int,), 0),
+    "plugins": Key((list,), []),
+    "model": Key((dict,), REQUIRED),
+    "data": Key((dict, type(None)), None),
+    "loss": Key((str, dict), "CrossEntropyLoss"),
+    "metrics": Key((list, type(None)), None),
+    "optimizer": Key((str, dict), {"type": "Adam", "lr": 1e-3}),
+    "schedule": Key((str, dict, type(None)), None),
+    "train": Key((dict,), {}, schema=TRAIN),
+    "checkpoint": Key((dict,), {}, schema=CHECKPOINT),
+    "device": Key((str,), "auto"),
+    "parallel": Key((str,), "none", one_of("none", "dp", "ddp")),
+    "device_ids": Key((list, type(None)), None),
+    "amp": Key((str,), "off", one_of("off", "bf16", "fp16")),
+    "compile": Key((bool, str), False),
+    "channels_last": Key((bool,), False),
+    "deterministic": Key((bool,), False),
+}
+MODEL = {
+    "input_shape": Key((list, type(None)), None),
+    "layers": Key((list, dict), REQUIRED),
+}
+
+
+@dataclass
+class Config:
+    """A checked config: `values` has every default filled in; `raw` keeps the lines for errors."""
+
+    values: dict
+    raw: YamlMap
+    path: Path | None = None
+    base_dir: Path = field(default_factory=Path.cwd)
+
+    @property
+    def source(self) -> str:
+        return str(self.path) if self.path else "<config>"
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    def line(self, *keys: Any) -> int | None:
+        """The line of the deepest key of `keys` that the file has (a default has none)."""
+        node, line = self.raw, getattr(self.raw, "line", None)
+        for key in keys:
+            found = line_of(node, key)
+            if found is None or not _has(node, key):
+                break
+            node, line = node[key], found
+        return line
+
+    def error(self, message: str, *keys: Any, hint: str | None = None) -> ConfigError:
+        """A ConfigError at the dotted key path `keys` (e.g. "optimizer", "groups", 0, "lr")."""
+        return ConfigError(message, file=self.source, line=self.line(*keys),
+                           key=".".join(str(k) for k in keys) or None, hint=hint)
+
+    def resolve_path(self, path: str) -> Path:
+        """A path from the config, relative to the config file's folder."""
+        return (self.base_dir / Path(path).expanduser()).resolve()
+
+
+def _has(node: Any, key: Any) -> bool:
+    if isinstance(node, dict):
+        return key in node
+    return isinstance(node, list) and isinstance(key, int) and 0 <= key < len(node)
+
+
+def check_section(mapping: dict, schema: dict[str, Key], error: Callable[..., ConfigError],
+                  *where: Any) -> dict:
+    """Check `mapping` against `schema` (unknown keys, types, checks); return it with defaults."""
+    for key in mapping:
+        if key not in schema:
+            hint = did_you_mean(str(key), schema)
+            raise error(f"unknown key; expected one of: {', '.join(schema)}", *where, key, hint=hint)
+    out = {}
+    for key, spec in schema.items():
+        if key not in mapping:
+            if spec.default is REQUIRED:
+                raise error(f"missing required key '{key}'", *where)
+            out[key] = to_plain(spec.default)
+            if spec.schema is not None and isinstance(out[key], dict):
+                out[key] = check_section(out[key], spec.schema, error, *where, key)
+            continue
+        value = mapping[key]
+        if not _is_a(value, spec.types):
+            raise error(f"expected {spec.describe()}, got {_kind(value)} {value!r}", *where, key)
+        if spec.check is not None and (problem := spec.check(value)):
+            raise error(f"{problem}, got {value!r}", *where, key)
+        if spec.schema is not None and isinstance(value, dict):
+            value = check_section(value, spec.schema, error, *where, key)
+        out[key] = value
+    return out
+
+
+def _is_a(value: Any, types: tuple) -> bool:
+    if isinstance(value, bool):
+        return bool in types
+    if isinstance(value, int) and int not in types and float in types:
+        return True
+    return isinstance(value, types)
+
+
+def _kind(value: Any) -> str:
+    return {bool: "boolean", int: "integer", float: "number", str: "string", type(None): "null",
+            YamlList: "list", YamlMap: "mapping", list: "list", dict: "mapping"}.get(type(value), type(value).__name__)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`--set train.epochs=3` -> (["train", "epochs"], 3); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"'{text}' is not KEY=VALUE (e.g. --set train.epochs=3)", key="--set")
+    key, value = text.split("=", 1)
+    if not key.strip() or any(not part for part in key.strip().split(".")):
+        raise ConfigError(f"'{text}': the key before '=' must be a dotted path like optimizer.lr",
+                          key="--set")
+    return key.strip().split("."), parse_yaml(value, f"--set {key}")
+
+
+def apply_overrides(raw: YamlMap, overrides: list[str], source: str) -> None:
+    """Apply `--set` overrides to the raw tree; a key path that the file cannot have is an error."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for depth, part in enumerate(path[:-1]):
+            schema = _schema_at(path[:depth + 1])
+            if part not in node or node[part] is None:
+                if schema is None and depth == 0 and part not in TOP:
+                    hint = did_you_mean(part, TOP)
+                    raise ConfigError(f"unknown key '{part}' in '{text}'", file="--set", hint=hint)
+                node[part] = YamlMap()
+            node = node[part]
+            if isinstance(node, list) and path[depth + 1].isdigit():
+                continue
+            if not isinstance(node, dict):
+                raise ConfigError(f"'{'.'.join(path[:depth + 1])}' is not a mapping, so "
+                                  f"'{text}' cannot set a key inside it", file="--set")
+        last = path[-1]
+        if isinstance(node, list):
+            index = int(last)
+            if index >= len(node):
+                raise ConfigError(f"'{text}': the list has {len(node)} items", file="--set")
+            node[index] = value
+            continue
+        schema = _schema_at(path[:-1]) if len(path) > 1 else TOP
+        if schema is not None and last not in schema:
+            hint = did_you_mean(last, schema)
+            raise ConfigError(f"unknown key '{'.'.join(path)}' in '{text}'; expected one of: "
+                              f"{', '.join(schema)}", file="--set", hint=hint)
+        node[last] = value
+
+
+def _schema_at(path: list[str]) -> dict | None:
+    """The fixed schema for the mapping at `path`, or None when its keys are open (e.g. optimizer)."""
+    schema: dict | None = TOP
+    for part in path:
+        spec = schema.get(part) if schema else None
+        schema = spec.schema if spec is not None else None
+    return schema
+
+
+def config_from_mapping(raw: Any, *, path: Path | None = None, overrides: list[str] = ()) -> Config:
+    """Check a parsed config and fill in its defaults (the work of `load_config`)."""
+    source = str(path) if path else "<config>"
+    if raw is None:
+        raise ConfigError("the file is empty; expected a mapping with at least a 'model' section",
+                          file=source)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"the top level must be a mapping (key: value lines), got {_kind(raw)}",
+                          file=source, line=getattr(raw, "line", None))
+    if not isinstance(raw, YamlMap):
+        raw = parse_yaml(__import__("yaml").safe_dump(to_plain(raw)), source)
+    apply_overrides(raw, list(overrides), source)
+    config = Config(values={}, raw=raw, path=path,
+                    base_dir=path.resolve().parent if path else Path.cwd())
+    values = check_section(raw, TOP, config.error)
+    values["model"] = check_section(raw["model"], MODEL, config.error, "model")
+    if values["name"] is None:
+        values["name"] = path.stem if path else "run"
+    if values["metrics"] is None:
+        loss = values["loss"] if isinstance(values["loss"], str) else values["loss"].get("type")
+        values["metrics"] = ["accuracy"] if loss in ("CrossEntropyLoss", "NLLLoss") else []
+    for i, plugin in enumerate(values["plugins"]):
+        if not isinstance(plugin, str):
+            raise config.error(f"expected a Python file or module name, got {plugin!r}", "plugins", i)
+    shape = values["model"]["input_shape"]
+    if shape is not None and not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
+                                     for d in shape):
+        raise config.error(f"expected a list of positive integers (one sample's shape, no batch "
+                           f"dimension), got {to_plain(shape)}", "model", "input_shape")
+    config.values = values
+    return config
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read and check a config file. `overrides` are `--set KEY=VALUE` strings."""
+    path = Path(path)
+    return config_from_mapping(read_yaml(path), path=path, overrides=overrides)

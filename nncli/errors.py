@@ -1,0 +1,49 @@
+"""Errors that nncli reports to users as one paragraph, without a traceback.
+
+`ConfigError` is bad input (exit 2): a config, a data file, a checkpoint, a command-line value.
+`RunError` is a failure while running (exit 1): a loss that became NaN, a disk that filled up.
+"""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class NncliError(Exception):
+    """Base class: a message meant for the user, and the exit status that goes with it."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
+                 key: str | None = None, hint: str | None = None) -> None:
+        self.message, self.file, self.line, self.key, self.hint = message, file, line, key, hint
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = ""
+        if self.file is not None:
+            where = f"{self.file}:{self.line}: " if self.line else f"{self.file}: "
+        key = f"{self.key}: " if self.key else ""
+        hint = f" {self.hint}" if self.hint else ""
+        return f"{where}{key}{self.message}{hint}"
+
+
+class ConfigError(NncliError):
+    """Bad input from the user: exit status 2."""
+
+    exit_code = 2
+
+
+class RunError(NncliError):
+    """A failure while running: exit status 1."""
+
+    exit_code = 1
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
+    """A 'did you mean ...?' hint naming the closest choice, or None when nothing is close."""
+    choices = list(choices)
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    if not close:  # case slips ("relu" for "ReLU") are the commonest typo in type names
+        close = [c for c in choices if c.lower() == str(word).lower()]
+    return f"Did you mean '{close[0]}'?" if close else None

@@ -1,0 +1,49 @@
+"""`nncli layers`: the layer registry by category, and one layer's arguments."""
+from __future__ import annotations
+
+import inspect
+
+from rich.console import Console
+from rich.table import Table
+
+from nncli.registry import CATEGORY_ORDER, LAYERS
+
+
+def print_registry(console: Console) -> None:
+    by_category: dict[str, list[str]] = {}
+    for name, entry in LAYERS.items():
+        by_category.setdefault(entry.category, []).append(name)
+    table = Table("Category", "Layers", show_lines=True)
+    for category in sorted(by_category, key=lambda c: (CATEGORY_ORDER.index(c)
+                                                      if c in CATEGORY_ORDER else len(CATEGORY_ORDER), c)):
+        table.add_row(category, ", ".join(sorted(by_category[category])))
+    console.print(table)
+    console.print("`nncli layers NAME` shows a layer's arguments. Add your own with "
+                  "nncli.register_layer and `plugins:` in the config.")
+
+
+def print_layer(name: str, console: Console) -> None:
+    entry = LAYERS.get(name)
+    doc = inspect.getdoc(entry.factory) or ""
+    console.print(f"{entry.name} ({entry.category}, from {entry.source})")
+    if doc:
+        console.print(doc.split("\n\n", 1)[0])
+    if entry.is_block:
+        console.print("A block: give its layers with `layers:` (list or mapping), like `model.layers`.")
+        return
+    table = Table("Argument", "Default", "Inferred")
+    try:
+        parameters = inspect.signature(entry.factory).parameters.values()
+    except (TypeError, ValueError):
+        parameters = []
+    for p in parameters:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            table.add_row(("*" if p.kind == p.VAR_POSITIONAL else "**") + p.name, "", "")
+            continue
+        if p.name in entry.defaults:
+            default = f"{entry.defaults[p.name]!r} (nncli; torch: {p.default!r})"
+        else:
+            default = "required" if p.default is p.empty else repr(p.default)
+        rule = entry.infer.get(p.name)
+        table.add_row(p.name, default, f"from the input ({rule.noun})" if rule else "")
+    console.print(table)

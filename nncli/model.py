@@ -1,0 +1,428 @@
+"""From the `model:` section to a plain `torch.nn.Sequential`.
+
+Two steps. `plan_model` reads the layer specs, checks every argument against the layer's
+signature, fills in the input-size arguments from the shape flowing in, and runs each layer on
+PyTorch's `meta` device (no memory, no arithmetic) to learn its output shape, parameter count and
+multiply-accumulates. `build_model` then constructs the same layers for real, in the same order,
+so a model built with a given seed has the same weights as the same network written by hand.
+"""
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from nncli.config import Config
+from nncli.errors import ConfigError, did_you_mean
+from nncli.registry import LAYERS, LayerEntry, load_plugins
+from nncli.yamlio import line_of, to_plain
+
+SPEC_KEYS = {"type", "name", "args", "repeat", "layers", "trainable"}
+# Arguments that are sizes: every number in them must be positive.
+POSITIVE_SIZES = {"in_channels", "out_channels", "kernel_size", "in_features", "out_features",
+                  "num_features", "num_channels", "num_groups", "hidden_size", "input_size",
+                  "num_layers", "embedding_dim", "num_embeddings", "d_model", "nhead",
+                  "dim_feedforward", "embed_dim", "num_heads", "output_size", "stride",
+                  "dilation", "normalized_shape", "upscale_factor", "downscale_factor"}
+
+
+@dataclass
+class LayerPlan:
+    """One layer (or block) as it will be built, with what the shape pass learned about it."""
+
+    name: str
+    path: str
+    type: str
+    line: int | None
+    entry: LayerEntry
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    children: list[LayerPlan] | None = None  # for blocks
+    trainable: bool = True
+    depth: int = 0
+    input_shape: Any = None  # with the batch dimension; a tuple of shapes for tuple outputs
+    output_shape: Any = None
+    params: int = 0
+    trainable_params: int = 0
+    macs: int = 0  # for the whole batch of the shape pass
+    activation_numel: int = 0  # elements of this layer's output (leaves only)
+
+    def walk(self):
+        yield self
+        for child in self.children or ():
+            yield from child.walk()
+
+
+@dataclass
+class ModelPlan:
+    """The checked model: its layers, shapes and costs, and a parameter-free `meta` copy."""
+
+    input_shape: tuple  # one sample's shape
+    batch_size: int
+    layers: list[LayerPlan]
+    meta_model: nn.Sequential
+
+    @property
+    def output_shape(self) -> Any:
+        return self.layers[-1].output_shape if self.layers else (self.batch_size, *self.input_shape)
+
+    def walk(self):
+        for layer in self.layers:
+            yield from layer.walk()
+
+
+def describe_shape(shape: Any) -> str:
+    """[32, 16, 8, 8]; a recurrent layer's (output, state) as '[32, 5, 16] + state'."""
+    if isinstance(shape, tuple) and shape and isinstance(shape[0], tuple):
+        return f"{list(shape[0])} + state"
+    return str(list(shape))
+
+
+def _shape_of(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, (tuple, list)):
+        return tuple(_shape_of(v) for v in value if isinstance(v, (torch.Tensor, tuple, list)))
+    return ()
+
+
+def _numel(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel()
+    if isinstance(value, (tuple, list)):
+        return sum(_numel(v) for v in value)
+    return 0
+
+
+class _Planner:
+    """Walks the layer specs once, building meta modules and LayerPlans side by side."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.file = config.source
+
+    def fail(self, message: str, line: int | None, where: str, hint: str | None = None) -> ConfigError:
+        return ConfigError(message, file=self.file, line=line, key=where, hint=hint)
+
+    # -- reading specs ------------------------------------------------------------------------
+
+    def items(self, layers: Any, line: int | None, where: str) -> list[tuple[str, Any, int | None]]:
+        """The three forms of `layers:` as (name, spec, line), with `repeat:` expanded."""
+        if isinstance(layers, dict):
+            raw = [(str(name), spec, line_of(layers, name), True) for name, spec in layers.items()]
+        elif isinstance(layers, list):
+            raw = []
+            for i, spec in enumerate(layers):
+                named = isinstance(spec, dict) and "name" in spec
+                raw.append((str(spec["name"]) if named else None, spec, line_of(layers, i), named))
+        else:
+            raise self.fail("expected a list of layers or a mapping from name to layer",
+                            line, where)
+        if not raw:
+            raise self.fail("has no layers; add at least one", line, where)
+        out, seen = [], {}
+        for name, spec, spec_line, named in raw:
+            repeat = spec.get("repeat", 1) if isinstance(spec, dict) else 1
+            if not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 1:
+                raise self.fail(f"repeat must be a positive integer, got {repeat!r}",
+                                line_of(spec, "repeat"), where)
+            for copy in range(repeat):
+                if named:
+                    full = name if repeat == 1 else f"{name}_{copy}"
+                else:
+                    full = str(len(out))
+                if not full or "." in full:
+                    raise self.fail(f"layer name '{full}' must be non-empty and contain no '.'",
+                                    spec_line, where)
+                if full in seen:
+                    raise self.fail(f"layer name '{full}' is used twice (first on line "
+                                    f"{seen[full]}); names must be unique", spec_line, where)
+                seen[full] = spec_line
+                out.append((full, spec, spec_line))
+        return out
+
+    def entry_of(self, spec: Any, line: int | None, where: str) -> tuple[str, LayerEntry]:
+        if isinstance(spec, str):
+            type_name = spec
+        elif isinstance(spec, dict):
+            if "type" not in spec:
+                raise self.fail("a layer mapping needs 'type:' (e.g. {type: Linear, out_features: 10})",
+                                line, where)
+            type_name = spec["type"]
+            line = line_of(spec, "type") or line
+        else:
+            raise self.fail(f"expected a layer type name or a mapping with 'type:', got {spec!r}",
+                            line, where)
+        if not isinstance(type_name, str):
+            raise self.fail(f"type must be a layer name, got {type_name!r}", line, where)
+        if type_name in ("ModuleList", "ModuleDict"):
+            raise self.fail(f"{type_name} holds modules but has no forward(), so it cannot be a "
+                            "layer of a Sequential", line, where,
+                            hint="Use {type: Sequential, layers: [...]} for a nested block.")
+        try:
+            return type_name, LAYERS.get(type_name)
+        except ConfigError as err:
+            raise self.fail(err.message, line, where, err.hint) from None
+
+    # -- the walk -----------------------------------------------------------------------------
+
+    def plan_sequence(self, layers: Any, line: int | None, parent: str, depth: int,
+                      x: Any) -> tuple[list[LayerPlan], list[nn.Module], Any]:
+        plans, modules, prev_plan, prev_module = [], [], None, None
+        for name, spec, spec_line in self.items(layers, line, parent or "model.layers"):
+            path = f"{parent}.{name}" if parent else name
+            type_name, entry = self.entry_of(spec, spec_line, path)
+            where = f"{path} ({type_name})"
+            options = spec if isinstance(spec, dict) else {}
+            plan = LayerPlan(name, path, type_name, spec_line, entry, depth=depth,
+                             trainable=options.get("trainable", True), input_shape=_shape_of(x))
+            if not isinstance(plan.trainable, bool):
+                raise self.fail(f"trainable must be true or false, got {plan.trainable!r}",
+                                line_of(options, "trainable"), where)
+            if entry.is_block:
+                module, x = self.plan_block(plan, options, x, where)
+            else:
+                module, x = self.plan_leaf(plan, options, x, where, prev_plan, prev_module)
+            plan.output_shape = _shape_of(x)
+            plan.params = sum(p.numel() for p in module.parameters())
+            plan.trainable_params = plan.params if plan.trainable else 0
+            if not plan.trainable:
+                module.requires_grad_(False)
+            plans.append(plan)
+            modules.append(module)
+            prev_plan, prev_module = plan, module
+        return plans, modules, x
+
+    def plan_block(self, plan: LayerPlan, options: dict, x: Any, where: str) -> tuple[nn.Module, Any]:
+        extra = set(options) - SPEC_KEYS
+        if extra:
+            key = sorted(extra)[0]
+            raise self.fail(f"a {plan.type} block takes only 'layers' (and name, repeat, "
+                            f"trainable), not '{key}'", line_of(options, key), where)
+        if "layers" not in options:
+            raise self.fail(f"a {plan.type} block needs 'layers:'", plan.line, where)
+        block_in = x
+        plan.children, modules, x = self.plan_sequence(options["layers"], line_of(options, "layers"),
+                                                       plan.path, plan.depth + 1, x)
+        module = plan.entry.factory(OrderedDict((c.name, m) for c, m in zip(plan.children, modules)))
+        if plan.type == "Residual":
+            if not isinstance(x, torch.Tensor) or x.shape != block_in.shape:
+                raise self.fail(f"the block changes the shape from {describe_shape(_shape_of(block_in))} "
+                                f"to {describe_shape(_shape_of(x))}, but a Residual adds its input to "
+                                "its output, so they must match", plan.line, where)
+        plan.macs = sum(c.macs for c in plan.children)
+        return module, x
+
+    def plan_leaf(self, plan: LayerPlan, options: dict, x: Any, where: str,
+                  prev_plan: LayerPlan | None, prev_module: nn.Module | None) -> tuple[nn.Module, Any]:
+        entry = plan.entry
+        source = f"{prev_plan.path} ({prev_plan.type})" if prev_plan else "the input"
+        if isinstance(x, tuple) and entry.name not in ("SequenceOutput", "LastStep"):
+            raise self.fail(f"gets a tuple (output, hidden state) from {source}, not a tensor",
+                            plan.line, where,
+                            hint="Put SequenceOutput (keep the sequence) or LastStep (keep the last "
+                                 "time step) after a recurrent layer.")
+        if "layers" in options:
+            raise self.fail(f"only Sequential and Residual take 'layers:', not {plan.type}",
+                            line_of(options, "layers"), where)
+        sample_shape = tuple(x[0].shape[1:] if isinstance(x, tuple) else x.shape[1:])
+        bound = self.bind_arguments(plan, options, sample_shape, prev_module, source, where)
+        plan.args, plan.kwargs = tuple(bound.args), dict(bound.kwargs)
+        try:
+            with torch.device("meta"):
+                module = entry.factory(*plan.args, **plan.kwargs)
+        except Exception as err:  # the layer's own argument checks: report them at its line
+            raise self.fail(f"cannot be built with {self.describe_arguments(plan)}: "
+                            f"{_first_line(err)}", plan.line, where) from None
+        module.eval()  # shape pass only: BatchNorm in training mode refuses a batch of one
+        try:
+            with FlopCounterMode(display=False) as counter:
+                out = module(x)
+        except Exception as err:
+            raise self.fail(f"does not fit its input {describe_shape(_shape_of(x))} from {source}: "
+                            f"{_first_line(err)}", plan.line, where) from None
+        module.train()
+        plan.macs = counter.get_total_flops() // 2
+        plan.activation_numel = _numel(out)
+        return module, out
+
+    def bind_arguments(self, plan: LayerPlan, options: dict, sample_shape: tuple,
+                       prev_module: nn.Module | None, source: str, where: str) -> inspect.BoundArguments:
+        """Check the layer's arguments against its signature and fill in the inferred ones."""
+        entry = plan.entry
+        try:
+            signature = inspect.signature(entry.factory)
+        except (TypeError, ValueError):
+            signature = None
+        kwargs = {k: _as_argument(v) for k, v in options.items() if k not in SPEC_KEYS}
+        args = options.get("args", [])
+        if not isinstance(args, list):
+            raise self.fail(f"args must be a list of positional arguments, got {args!r}",
+                            line_of(options, "args"), where)
+        args = [_as_argument(a) for a in args]
+        if signature is None:
+            return _FreeArguments(args, kwargs)
+        params = signature.parameters
+        accepts_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+        named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        for key in kwargs:
+            if key not in params and not accepts_any:
+                raise self.fail(f"{plan.type} has no argument '{key}'; it takes: {', '.join(named)}",
+                                line_of(options, key), where, did_you_mean(key, named))
+        try:
+            bound = signature.bind_partial(*args, **kwargs)
+        except TypeError as err:
+            raise self.fail(f"{err}; {plan.type} takes: {', '.join(named)}",
+                            line_of(options, "args") or plan.line, where) from None
+        for arg, rule in entry.infer.items():
+            given = bound.arguments.get(arg)
+            expected = rule.compute(sample_shape, prev_module, given)
+            if arg not in bound.arguments:
+                bound.arguments[arg] = expected
+            elif _as_argument(given) != _as_argument(expected) and not (
+                    isinstance(given, tuple) and len(given) == 1 and given[0] == expected):
+                raise self.fail(f"expects {_plain(given)} {rule.noun}, gets {_plain(expected)} from "
+                                f"{source} (input {list(sample_shape)})",
+                                line_of(options, arg) or plan.line, where,
+                                hint=f"Leave out '{arg}' and nncli fills it in.")
+        for arg, value in entry.defaults.items():
+            bound.arguments.setdefault(arg, value)
+        missing = [n for n, p in params.items() if p.default is p.empty
+                   and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in bound.arguments]
+        if missing:
+            raise self.fail(f"missing required argument{'s' if len(missing) > 1 else ''} "
+                            f"{', '.join(repr(m) for m in missing)}", plan.line, where,
+                            hint=f"Run `nncli layers {plan.type}` for its arguments.")
+        hints = _type_hints(entry.factory)
+        for arg, value in bound.arguments.items():
+            line = line_of(options, arg) or line_of(options, "args") or plan.line
+            hint = hints.get(arg)
+            if hint is not None and not _matches(value, hint):
+                raise self.fail(f"argument '{arg}' expects {_describe_hint(hint)}, got {_plain(value)!r}",
+                                line, where)
+            if arg in POSITIVE_SIZES and not _all_positive(value):
+                raise self.fail(f"argument '{arg}' is a size and must be positive, got {_plain(value)!r}",
+                                line, where)
+        return bound
+
+    @staticmethod
+    def describe_arguments(plan: LayerPlan) -> str:
+        parts = [repr(_plain(a)) for a in plan.args] + [f"{k}={_plain(v)!r}" for k, v in plan.kwargs.items()]
+        return f"{plan.type}({', '.join(parts)})"
+
+
+class _FreeArguments:
+    """Stands in for BoundArguments when a factory has no inspectable signature."""
+
+    def __init__(self, args: list, kwargs: dict) -> None:
+        self.args, self.kwargs, self.arguments = tuple(args), kwargs, kwargs
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]
+
+
+def _as_argument(value: Any) -> Any:
+    """YAML lists become tuples: what torch.nn layers store (kernel_size=(3, 3))."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_as_argument(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _as_argument(v) for k, v in value.items()}
+    return value
+
+
+def _plain(value: Any) -> Any:
+    return to_plain(value) if isinstance(value, (list, tuple, dict)) else value
+
+
+def _all_positive(value: Any) -> bool:
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, (int, float)):
+        return value > 0
+    if isinstance(value, (tuple, list)):
+        return all(_all_positive(v) for v in value)
+    return True
+
+
+def _type_hints(factory: Any) -> dict[str, Any]:
+    try:
+        target = factory.__init__ if isinstance(factory, type) else factory
+        return typing.get_type_hints(target)
+    except Exception:  # unresolvable annotations: skip type checks rather than fail
+        return {}
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a YAML value fits a constructor annotation (int, float, bool, str, tuples, unions)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is typing.Any or hint is None:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in args
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (tuple, list) or hint in (tuple, list) or hint is torch.Size:
+        if not isinstance(value, (tuple, list)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(args) == len(value) and all(_matches(v, a) for v, a in zip(value, args))
+        return not args or all(_matches(v, args[0]) for v in value)
+    return True  # a class we cannot check from YAML (a dtype, a module): let the layer decide
+
+
+def _describe_hint(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def plan_model(config: Config, input_shape: tuple | list | None = None, batch_size: int = 1) -> ModelPlan:
+    """Check the model section and run the shape pass on the meta device (no weights allocated)."""
+    load_plugins(config["plugins"], config.base_dir, config.error)
+    shape = input_shape if input_shape is not None else config["model"]["input_shape"]
+    if shape is None:
+        raise config.error("missing; give one sample's shape, e.g. input_shape: [1, 8, 8], or a "
+                           "data section that tells it", "model", "input_shape")
+    shape = tuple(int(d) for d in shape)
+    planner = _Planner(config)
+    x = torch.empty(batch_size, *shape, device="meta")
+    layers, modules, _ = planner.plan_sequence(config["model"]["layers"], config.line("model", "layers"),
+                                               "", 0, x)
+    meta_model = nn.Sequential(OrderedDict((p.name, m) for p, m in zip(layers, modules)))
+    return ModelPlan(shape, batch_size, layers, meta_model)
+
+
+def materialize(plan: ModelPlan, device: str | torch.device | None = None) -> nn.Sequential:
+    """Construct the planned layers for real, in order, on `device` (default: CPU)."""
+    def build(layer: LayerPlan) -> nn.Module:
+        if layer.children is not None:
+            module = layer.entry.factory(OrderedDict((c.name, build(c)) for c in layer.children))
+        else:
+            module = layer.entry.factory(*layer.args, **layer.kwargs)
+        return module if layer.trainable else module.requires_grad_(False)
+
+    with torch.device(device or "cpu"):
+        return nn.Sequential(OrderedDict((layer.name, build(layer)) for layer in plan.layers))
+
+
+def build_model(config: Config, input_shape: tuple | list | None = None,
+                device: str | torch.device | None = None) -> nn.Sequential:
+    """The config's network as a plain `nn.Sequential`, its weights initialised as torch does."""
+    return materialize(plan_model(config, input_shape), device)

@@ -1,0 +1,223 @@
+"""Registries: a name in a config becomes an object through one of these.
+
+`LAYERS` holds every layer class of `torch.nn` by its class name, nncli's own blocks, and user
+layers added with `register_layer`. Each layer entry also says which of its constructor
+arguments nncli can infer from the shape flowing into it (`in_channels`, `in_features`, ...).
+The small `Registry` class is shared by losses, optimizers, schedules, metrics and data sources.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nncli.errors import ConfigError, did_you_mean
+
+Shape = tuple  # one sample's shape, without the batch dimension
+
+
+class Registry:
+    """Names to objects, with a 'did you mean' error for unknown names."""
+
+    def __init__(self, kind: str, loader: Callable[[Registry], None] | None = None,
+                 list_hint: str | None = None) -> None:
+        self.kind, self._loader, self._items, self._loaded = kind, loader, {}, loader is None
+        self.list_hint = list_hint
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            self._loader(self)
+
+    def add(self, name: str, item: Any) -> Any:
+        self._items[name] = item
+        return item
+
+    def register(self, name: str | None = None) -> Callable[[Any], Any]:
+        """Decorator: `@METRICS.register("accuracy")`."""
+        return lambda item: self.add(name or item.__name__, item)
+
+    def __contains__(self, name: str) -> bool:
+        self._load()
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        self._load()
+        return iter(self._items)
+
+    def items(self) -> list[tuple[str, Any]]:
+        self._load()
+        return list(self._items.items())
+
+    def get(self, name: str) -> Any:
+        """The object for `name`; a ConfigError (to be given a file and line) when unknown."""
+        self._load()
+        if name not in self._items:
+            hint = did_you_mean(str(name), self._items) or self.list_hint
+            raise ConfigError(f"unknown {self.kind} '{name}'", hint=hint)
+        return self._items[name]
+
+
+# --- shape inference -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Inference:
+    """How to fill one constructor argument from the input shape (and the layer before)."""
+
+    noun: str  # for messages: "expects 64 <noun>, gets 32"
+    compute: Callable[[Shape, Any, Any], Any]  # (input shape, previous module, given value) -> value
+
+
+def _channels(shape: Shape, prev: Any, given: Any) -> int:
+    return shape[0]
+
+
+def _features(shape: Shape, prev: Any, given: Any) -> int:
+    return shape[-1]
+
+
+def _trailing(shape: Shape, prev: Any, given: Any) -> Any:
+    if isinstance(given, (list, tuple)) and 0 < len(given) <= len(shape):
+        return tuple(shape[-len(given):])
+    return shape[-1]
+
+
+def _batch_first(shape: Shape, prev: Any, given: Any) -> bool:
+    return getattr(prev, "batch_first", True)
+
+
+# Argument names whose meaning is the same in every torch.nn layer that has them.
+INFER_BY_ARGUMENT = {
+    "in_channels": Inference("input channels", _channels),
+    "num_features": Inference("features (channels)", _channels),
+    "num_channels": Inference("channels", _channels),
+    "in_features": Inference("input features", _features),
+    "input_size": Inference("input features", _features),
+    "normalized_shape": Inference("as the normalized shape", _trailing),
+    "d_model": Inference("features (d_model)", _features),
+    "embed_dim": Inference("features (embed_dim)", _features),
+}
+
+
+# --- layers ----------------------------------------------------------------------------------
+
+@dataclass
+class LayerEntry:
+    """A registered layer type."""
+
+    name: str
+    factory: Callable[..., Any]
+    category: str
+    source: str  # "torch.nn", "nncli" or "plugin"
+    infer: dict[str, Inference] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)  # nncli's defaults that differ from torch's
+    is_block: bool = False  # takes `layers:` (Sequential, Residual)
+
+
+CATEGORY_BY_TORCH_MODULE = {
+    "conv": "convolution", "pooling": "pooling", "batchnorm": "normalization",
+    "instancenorm": "normalization", "normalization": "normalization", "activation": "activation",
+    "linear": "linear", "dropout": "dropout", "rnn": "recurrent", "sparse": "embedding",
+    "transformer": "transformer", "padding": "padding", "flatten": "reshape",
+    "pixelshuffle": "reshape", "upsampling": "reshape", "channelshuffle": "reshape",
+    "fold": "reshape", "distance": "distance",
+}
+CATEGORY_ORDER = ["convolution", "pooling", "normalization", "activation", "linear", "dropout",
+                  "recurrent", "embedding", "transformer", "padding", "reshape", "distance",
+                  "blocks", "other", "plugins"]
+NOT_LAYERS = {"Module", "Container", "ModuleList", "ModuleDict", "ParameterList",
+              "ParameterDict", "Sequential"}
+
+
+def _argument_names(factory: Callable[..., Any]) -> set[str]:
+    try:
+        return set(inspect.signature(factory).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _load_builtin_layers(registry: Registry) -> None:
+    import torch.nn as nn
+
+    from nncli import blocks
+
+    for name in sorted(dir(nn)):
+        obj = getattr(nn, name)
+        if (not isinstance(obj, type) or not issubclass(obj, nn.Module) or name in NOT_LAYERS
+                or name.startswith(("Lazy", "_")) or issubclass(obj, nn.modules.loss._Loss)):
+            continue
+        submodule = obj.__module__.rsplit(".", 1)[-1]
+        infer = {arg: rule for arg, rule in INFER_BY_ARGUMENT.items() if arg in _argument_names(obj)}
+        defaults = {"batch_first": True} if submodule == "rnn" and "batch_first" in _argument_names(obj) else {}
+        registry.add(name, LayerEntry(name, obj, CATEGORY_BY_TORCH_MODULE.get(submodule, "other"),
+                                      "torch.nn", infer, defaults))
+    registry.add("Sequential", LayerEntry("Sequential", nn.Sequential, "blocks", "torch.nn", is_block=True))
+    registry.add("Residual", LayerEntry("Residual", blocks.Residual, "blocks", "nncli", is_block=True))
+    for cls in (blocks.Reshape, blocks.Permute, blocks.SequenceOutput):
+        registry.add(cls.__name__, LayerEntry(cls.__name__, cls, "reshape", "nncli"))
+    registry.add("LastStep", LayerEntry("LastStep", blocks.LastStep, "reshape", "nncli",
+                                        {"batch_first": Inference("batch_first", _batch_first)}))
+
+
+LAYERS = Registry("layer", _load_builtin_layers, "Run `nncli layers` to list them.")
+
+
+def register_layer(factory: Callable[..., Any] | None = None, *, name: str | None = None,
+                   category: str = "plugins",
+                   infer: dict[str, int | Callable[[Shape], Any]] | None = None) -> Any:
+    """Register a user layer so configs can name it. Usable as `@register_layer` or
+    `@register_layer(infer={"in_feature": -1})`.
+
+    `infer` maps a constructor argument to the input dimension it equals (an index into one
+    sample's shape: 0 for channels, -1 for features) or to a function of that shape.
+    """
+    def add(factory: Callable[..., Any]) -> Callable[..., Any]:
+        rules = {}
+        for arg, how in (infer or {}).items():
+            if isinstance(how, int):
+                rules[arg] = Inference(f"(dimension {how} of the input)",
+                                       lambda shape, prev, given, i=how: shape[i])
+            else:
+                rules[arg] = Inference("(inferred from the input)",
+                                       lambda shape, prev, given, f=how: f(shape))
+        LAYERS.add(name or factory.__name__,
+                   LayerEntry(name or factory.__name__, factory, category, "plugin", rules))
+        return factory
+
+    return add(factory) if factory is not None else add
+
+
+def load_plugins(plugins: list[str], base_dir: Path, error: Callable[..., ConfigError]) -> None:
+    """Import each plugin (a .py file relative to the config, or a module name) once."""
+    for i, plugin in enumerate(plugins):
+        try:
+            if plugin.endswith(".py"):
+                path = (base_dir / plugin).resolve()
+                if not path.is_file():
+                    raise error(f"plugin file {path} not found (paths are relative to the config)",
+                                "plugins", i)
+                module_name = f"nncli_plugin_{path.stem}_{abs(hash(str(path)))}"
+                if module_name in sys.modules:
+                    continue
+                spec = importlib.util.spec_from_file_location(module_name, path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[module_name] = module
+                try:
+                    spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[module_name]
+                    raise
+            else:
+                importlib.import_module(plugin)
+        except ConfigError:
+            raise
+        except ModuleNotFoundError as err:
+            raise error(f"cannot import plugin '{plugin}': {err}", "plugins", i,
+                        hint="Give a .py file relative to the config or an installed module.") from None
+        except Exception as err:  # a plugin's own bug: say which plugin and what it raised
+            raise error(f"plugin '{plugin}' raised {type(err).__name__}: {err}", "plugins", i) from None

@@ -1,0 +1,170 @@
+"""Reading YAML safely, keeping the line of every key and item so errors can point at it.
+
+Differences from `yaml.safe_load`, each on purpose:
+- numbers as people write them (`1e-4`, `3e5`) are floats, not strings (YAML 1.1 wants `1.0e-4`);
+- only `true` / `false` are booleans: `amp: off` stays the string "off" (the "Norway problem");
+- a key given twice is an error, not a silent overwrite;
+- a document that expands to more than `MAX_NODES` nodes through aliases (an "alias bomb") is
+  refused before it is built.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nncli.errors import ConfigError
+
+MAX_NODES = 200_000
+
+
+class YamlMap(dict):
+    """A dict that remembers its own line and the line of each key (1-based)."""
+
+    line: int = 0
+    key_lines: dict
+
+    def line_of(self, key: Any) -> int:
+        return getattr(self, "key_lines", {}).get(key, self.line)
+
+
+class YamlList(list):
+    """A list that remembers its own line and the line of each item (1-based)."""
+
+    line: int = 0
+    item_lines: list
+
+    def line_of(self, index: int) -> int:
+        lines = getattr(self, "item_lines", [])
+        return lines[index] if 0 <= index < len(lines) else self.line
+
+
+def line_of(container: Any, key: Any) -> int | None:
+    """The line of `container[key]` when the container came from YAML, else None."""
+    if isinstance(container, (YamlMap, YamlList)):
+        return container.line_of(key) or None
+    return None
+
+
+_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X)
+_BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+
+
+class Loader(yaml.SafeLoader):
+    """SafeLoader with line-keeping containers, YAML-1.2 numbers and booleans, no duplicate keys."""
+
+    def construct_yaml_map(self, node):  # type: ignore[override]
+        data = YamlMap()
+        data.line, data.key_lines = node.start_mark.line + 1, {}
+        yield data
+        self.flatten_mapping(node)
+        for key_node, value_node in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                raise ConfigError("a mapping key must be a plain value", line=key_node.start_mark.line + 1)
+            if key in data:
+                raise ConfigError(
+                    f"key '{key}' is given twice (first on line {data.key_lines[key]}); "
+                    "remove one of them", line=key_node.start_mark.line + 1)
+            data[key] = self.construct_object(value_node, deep=True)
+            data.key_lines[key] = key_node.start_mark.line + 1
+
+    def construct_yaml_seq(self, node):  # type: ignore[override]
+        data = YamlList()
+        data.line = node.start_mark.line + 1
+        data.item_lines = [child.start_mark.line + 1 for child in node.value]
+        yield data
+        data.extend(self.construct_object(child, deep=True) for child in node.value)
+
+
+Loader.add_constructor("tag:yaml.org,2002:map", Loader.construct_yaml_map)
+Loader.add_constructor("tag:yaml.org,2002:seq", Loader.construct_yaml_seq)
+# Drop YAML 1.1's yes/no/on/off booleans, then add 1.2-style floats and booleans.
+Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+Loader.add_implicit_resolver("tag:yaml.org,2002:bool", _BOOL, list("tTfF"))
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """How many nodes the document has once every alias is expanded (memoised per node)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = 1  # a self-referencing alias counts once instead of recursing forever
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(child, memo) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    else:
+        size = 1
+    memo[id(node)] = size
+    return size
+
+
+def parse_yaml(text: str, source: str = "<string>") -> Any:
+    """Parse one YAML document; every problem becomes a ConfigError naming `source` and the line."""
+    loader = Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > MAX_NODES:
+            raise ConfigError(f"the document expands to more than {MAX_NODES:,} values through "
+                              "aliases (&anchor / *alias); refusing to read it",
+                              file=source, line=node.start_mark.line + 1)
+        return loader.construct_document(node)
+    except ConfigError as err:
+        err.file = source
+        raise
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        problem = err.problem or err.context or "not valid YAML"
+        if "could not determine a constructor" in problem:
+            problem = (f"the tag {problem.split('tag ', 1)[-1]} is not allowed: "
+                       "nncli configs hold plain values only")
+        raise ConfigError(f"not valid YAML: {problem}", file=source,
+                          line=mark.line + 1 if mark else None) from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"not valid YAML: {err}", file=source) from None
+    finally:
+        loader.dispose()
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Read a YAML file; missing, unreadable or non-text files are ConfigErrors too."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError("file not found; check the path", file=str(path)) from None
+    except IsADirectoryError:
+        raise ConfigError("is a directory, expected a YAML file", file=str(path)) from None
+    except OSError as err:
+        raise ConfigError(f"cannot be read ({err.strerror})", file=str(path)) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise ConfigError("not a text file (bytes that are not UTF-8); expected a YAML config",
+                          file=str(path), line=line) from None
+    if "\x00" in text:
+        raise ConfigError("not a text file (contains NUL bytes); expected a YAML config",
+                          file=str(path), line=text[:text.index("\x00")].count("\n") + 1)
+    return parse_yaml(text, str(path))
+
+
+def to_plain(value: Any) -> Any:
+    """Line-keeping containers back to plain dicts and lists (tuples too), e.g. for yaml.safe_dump."""
+    if isinstance(value, dict):
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    return value
