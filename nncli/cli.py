@@ -29,7 +29,7 @@ def run_command(action: Callable[[], Optional[int]], debug: bool) -> None:
     except NncliError as err:
         if debug:
             traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
+        print(f"{err.prefix}{err}", file=sys.stderr)
         raise typer.Exit(err.exit_code) from None
     except KeyboardInterrupt:
         if debug:
@@ -67,11 +67,15 @@ def summary(
 
         from nncli.config import load_config
         from nncli.model import plan_model
+        from nncli.optim import group_of_each_parameter
         from nncli.summary import print_parameters, print_summary, summarize
+        from nncli.train import check_config
 
         cfg = load_config(config, overrides)
-        plan = plan_model(cfg, batch_size=batch_size)
-        result = summarize(plan, depth)
+        checked, groups = check_config(cfg)
+        plan = plan_model(cfg, checked.input_shape, batch_size) if batch_size > 1 else checked
+        has_groups = isinstance(cfg["optimizer"], dict) and cfg["optimizer"].get("groups")
+        result = summarize(plan, depth, group_of_each_parameter(groups) if has_groups and groups else None)
         if as_json:
             print(json.dumps(result, indent=2))
             return
@@ -92,12 +96,14 @@ def validate(
     """Check a config without training: prints `ok` and a one-line summary, or the error."""
     def action() -> None:
         from nncli.config import load_config
-        from nncli.model import describe_shape, plan_model
+        from nncli.model import describe_shape
+        from nncli.train import check_config
 
         cfg = load_config(config, overrides)
-        plan = plan_model(cfg)
+        plan, _ = check_config(cfg)
         total = sum(p.numel() for p in plan.meta_model.parameters())
-        print(f"ok: {config}: {len(list(plan.walk()))} layers, {total:,} parameters, input "
+        layers = len(list(plan.walk()))
+        print(f"ok: {config}: {layers} layer{'s' if layers != 1 else ''}, {total:,} parameters, input "
               f"{list(plan.input_shape)} -> output {describe_shape(plan.output_shape[1:])}")
 
     run_command(action, debug)
@@ -117,6 +123,94 @@ def layers(
             print_layer(name, console)
         else:
             print_registry(console)
+
+    run_command(action, debug)
+
+
+OverridesOpt = typer.Option([], "--set", help="Override a config value: KEY=VALUE (dotted key, YAML value).")
+
+
+@app.command()
+def train(
+    config: Path = ConfigArg,
+    overrides: list[str] = OverridesOpt,
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Train for N epochs."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Put the run directory under DIR (replaces checkpoint.dir)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the result."),
+    debug: bool = DebugOpt,
+) -> None:
+    """Train the config's model; write config, metrics and checkpoints to a run directory."""
+    def action() -> None:
+        from nncli.config import load_config
+        from nncli.reporting import make_reporter
+        from nncli.train import train as train_run
+
+        extra = [f"train.epochs={epochs}"] if epochs else []
+        cfg = load_config(config, [*overrides, *extra])
+        reporter = make_reporter(quiet, cfg["train"]["batch_size"])
+        run = train_run(cfg, reporter, device=device, out_dir=out)
+        _print_result(run, reporter)
+
+    run_command(action, debug)
+
+
+def _print_result(run, reporter) -> None:
+    state = run.state
+    reporter.history(state.history, state.best["epoch"], run.config["train"]["log_every"])
+    best = state.best
+    if state.stopped_early:
+        print(f"early stop after epoch {state.epoch}: no improvement in {best['metric']} for "
+              f"{state.bad_epochs} epochs")
+    if best["epoch"] is not None:
+        print(f"best epoch {best['epoch']}: {best['metric']}={best['value']:.4f}")
+    print(f"saved: {run.run_dir}")
+
+
+@app.command(name="eval")
+def evaluate(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint file or run directory."),
+    data: Optional[Path] = typer.Option(None, "--data", help="A data file (.csv, .npz) to evaluate on, read with the run's data settings."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    debug: bool = DebugOpt,
+) -> None:
+    """Loss and metrics of a trained model on its validation data, or on --data."""
+    def action() -> None:
+        import json
+
+        from nncli.inference import evaluate_checkpoint
+
+        results, source = evaluate_checkpoint(checkpoint, data, device)
+        if as_json:
+            print(json.dumps(results))
+        else:
+            print(f"{source}: " + "  ".join(f"{k}={v:.4f}" for k, v in results.items()))
+
+    run_command(action, debug)
+
+
+@app.command()
+def predict(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint file or run directory."),
+    inputs: str = typer.Option(..., "--input", help="Inputs: a JSON list of samples, or a .json, .csv, .npy or .npz file."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    debug: bool = DebugOpt,
+) -> None:
+    """The model's outputs for the given inputs, one row per input."""
+    def action() -> None:
+        import json
+
+        from nncli.inference import predict_checkpoint
+
+        rows = predict_checkpoint(checkpoint, inputs, device)
+        if as_json:
+            print(json.dumps(rows))
+            return
+        for i, row in enumerate(rows):
+            label = f"  class={row['class']}" if "class" in row else ""
+            print(f"{i}: {row['output']}{label}")
 
     run_command(action, debug)
 

@@ -60,11 +60,6 @@ EARLY_STOP = {
     "mode": Key((str,), "auto", one_of("auto", "min", "max")),
     "min_delta": Key(NUMBER, 0.0, non_negative),
 }
-WARMUP = {
-    "epochs": Key((int,), None, non_negative),
-    "steps": Key((int,), None, non_negative),
-    "start_factor": Key(NUMBER, 0.0, non_negative),
-}
 TRAIN = {
     "epochs": Key((int,), 10, positive),
     "batch_size": Key((int,), 64, positive),
@@ -73,6 +68,7 @@ TRAIN = {
     "early_stop": Key((dict, type(None)), None, schema=EARLY_STOP),
     "shuffle": Key((bool,), True),
     "drop_last": Key((bool,), False),
+    "log_every": Key((int,), 1, positive),  # print a line every N epochs (without a terminal)
 }
 CHECKPOINT = {
     "dir": Key((str,), "checkpoints"),
@@ -241,7 +237,8 @@ def _schema_at(path: list[str]) -> dict | None:
     return schema
 
 
-def config_from_mapping(raw: Any, *, path: Path | None = None, overrides: list[str] = ()) -> Config:
+def config_from_mapping(raw: Any, *, path: Path | None = None, overrides: list[str] = (),
+                        base_dir: Path | None = None) -> Config:
     """Check a parsed config and fill in its defaults (the work of `load_config`)."""
     source = str(path) if path else "<config>"
     if raw is None:
@@ -254,7 +251,7 @@ def config_from_mapping(raw: Any, *, path: Path | None = None, overrides: list[s
         raw = parse_yaml(__import__("yaml").safe_dump(to_plain(raw)), source)
     apply_overrides(raw, list(overrides), source)
     config = Config(values={}, raw=raw, path=path,
-                    base_dir=path.resolve().parent if path else Path.cwd())
+                    base_dir=base_dir or (path.resolve().parent if path else Path.cwd()))
     values = check_section(raw, TOP, config.error)
     values["model"] = check_section(raw["model"], MODEL, config.error, "model")
     if values["name"] is None:

@@ -13,6 +13,7 @@ class NncliError(Exception):
     """Base class: a message meant for the user, and the exit status that goes with it."""
 
     exit_code = 1
+    prefix = "error: "
 
     def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
                  key: str | None = None, hint: str | None = None) -> None:
@@ -47,3 +48,10 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     if not close:  # case slips ("relu" for "ReLU") are the commonest typo in type names
         close = [c for c in choices if c.lower() == str(word).lower()]
     return f"Did you mean '{close[0]}'?" if close else None
+
+
+class Interrupted(NncliError):
+    """Training stopped by SIGINT / SIGTERM after saving where it was: exit status 130."""
+
+    exit_code = 130
+    prefix = ""

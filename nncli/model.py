@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nncli.config import Config
 from nncli.errors import ConfigError, did_you_mean
-from nncli.registry import LAYERS, LayerEntry, load_plugins
+from nncli.registry import LAYERS, LayerEntry, accepted_arguments, load_plugins
 from nncli.yamlio import line_of, to_plain
 
 SPEC_KEYS = {"type", "name", "args", "repeat", "layers", "trainable"}
@@ -270,10 +270,10 @@ class _Planner:
         if signature is None:
             return _FreeArguments(args, kwargs)
         params = signature.parameters
-        accepts_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
         named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        accepted = accepted_arguments(entry.factory)
         for key in kwargs:
-            if key not in params and not accepts_any:
+            if accepted is not None and key not in accepted:
                 raise self.fail(f"{plan.type} has no argument '{key}'; it takes: {', '.join(named)}",
                                 line_of(options, key), where, did_you_mean(key, named))
         try:
@@ -389,7 +389,26 @@ def _matches(value: Any, hint: Any) -> bool:
     return True  # a class we cannot check from YAML (a dtype, a module): let the layer decide
 
 
+_HINT_NOUNS = {int: ("an integer", "integers"), float: ("a number", "numbers"),
+               bool: ("true or false", "booleans"), str: ("a string", "strings"),
+               type(None): ("null", "nulls")}
+
+
 def _describe_hint(hint: Any) -> str:
+    """A constructor annotation in YAML words: Union[int, tuple[int, int]] -> 'an integer or a
+    list of 2 integers'."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(dict.fromkeys(_describe_hint(a) for a in args))
+    if hint in _HINT_NOUNS:
+        return _HINT_NOUNS[hint][0]
+    if origin in (tuple, list) and args:
+        items = [a for a in args if a is not Ellipsis]
+        if len(set(items)) == 1 and items[0] in _HINT_NOUNS:
+            count = "" if args[-1] is Ellipsis or origin is list else f"{len(args)} "
+            return f"a list of {count}{_HINT_NOUNS[items[0]][1]}"
+    if origin in (tuple, list) or hint in (tuple, list) or hint is torch.Size:
+        return "a list"
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 

@@ -141,6 +141,28 @@ def _argument_names(factory: Callable[..., Any]) -> set[str]:
         return set()
 
 
+def _recurrent_factory(cls: type) -> Callable[..., Any]:
+    """`nn.RNN`, `nn.LSTM` and `nn.GRU` declare only (*args, **kwargs): a factory that builds the
+    real class but shows the signature they document, so that arguments can be checked, `input_size`
+    inferred and `batch_first` defaulted like any other layer's."""
+    import torch.nn as nn
+
+    base = inspect.signature(nn.RNNBase).parameters
+    params = [p for n, p in base.items() if n != "mode" and not (n == "proj_size" and cls is not nn.LSTM)]
+    if cls is nn.RNN:  # RNN(input_size, hidden_size, num_layers=1, nonlinearity='tanh', bias=True, ...)
+        params.insert(3, inspect.Parameter("nonlinearity", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                           default="tanh", annotation=str))
+
+    def factory(*args: Any, **kwargs: Any) -> Any:
+        return cls(*args, **kwargs)
+
+    factory.__signature__ = inspect.Signature(params)
+    factory.__annotations__ = {p.name: p.annotation for p in params if p.annotation is not p.empty}
+    factory.__name__ = factory.__qualname__ = cls.__name__
+    factory.__doc__, factory.__module__ = cls.__doc__, cls.__module__
+    return factory
+
+
 def _load_builtin_layers(registry: Registry) -> None:
     import torch.nn as nn
 
@@ -152,6 +174,8 @@ def _load_builtin_layers(registry: Registry) -> None:
                 or name.startswith(("Lazy", "_")) or issubclass(obj, nn.modules.loss._Loss)):
             continue
         submodule = obj.__module__.rsplit(".", 1)[-1]
+        if obj in (nn.RNN, nn.LSTM, nn.GRU):
+            obj = _recurrent_factory(obj)
         infer = {arg: rule for arg, rule in INFER_BY_ARGUMENT.items() if arg in _argument_names(obj)}
         defaults = {"batch_first": True} if submodule == "rnn" and "batch_first" in _argument_names(obj) else {}
         registry.add(name, LayerEntry(name, obj, CATEGORY_BY_TORCH_MODULE.get(submodule, "other"),
@@ -221,3 +245,43 @@ def load_plugins(plugins: list[str], base_dir: Path, error: Callable[..., Config
                         hint="Give a .py file relative to the config or an installed module.") from None
         except Exception as err:  # a plugin's own bug: say which plugin and what it raised
             raise error(f"plugin '{plugin}' raised {type(err).__name__}: {err}", "plugins", i) from None
+
+
+def accepted_arguments(factory: Callable[..., Any]) -> list[str] | None:
+    """The keyword arguments `factory` takes, or None when it takes any (**kwargs) or is opaque."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return None
+    return [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def create(registry: Registry, spec: str | dict, error: Callable[..., ConfigError], *where: Any,
+           positional: tuple = (), reserved: tuple[str, ...] = (), defaults: dict | None = None) -> Any:
+    """Build `registry[spec.type](*positional, **spec-keywords)`, checking the keywords first.
+
+    `spec` is a name or a mapping with `type:` and keyword arguments; keys in `reserved` are
+    nncli's own (e.g. an optimizer's `groups`) and are not passed on. Errors point at `where`.
+    """
+    name = spec if isinstance(spec, str) else spec.get("type")
+    if not isinstance(name, str):
+        raise error(f"needs 'type:' naming a {registry.kind}", *where)
+    try:
+        factory = registry.get(name)
+    except ConfigError as err:
+        raise error(err.message, *where, *(() if isinstance(spec, str) else ("type",)),
+                    hint=err.hint) from None
+    kwargs = {k: v for k, v in spec.items() if k != "type" and k not in reserved} if isinstance(spec, dict) else {}
+    kwargs = {**(defaults or {}), **kwargs}
+    accepted = accepted_arguments(factory)
+    for key in kwargs:
+        if accepted is not None and key not in accepted:
+            raise error(f"{name} has no argument '{key}'; it takes: "
+                        f"{', '.join(a for a in accepted if a not in ('self',))}", *where, key,
+                        hint=did_you_mean(key, accepted))
+    try:
+        return factory(*positional, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise error(f"{name} cannot be built: {err}", *where) from None

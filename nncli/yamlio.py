@@ -18,6 +18,7 @@ import yaml
 from nncli.errors import ConfigError
 
 MAX_NODES = 200_000
+MAX_DEPTH = 100
 
 
 class YamlMap(dict):
@@ -109,6 +110,22 @@ def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
     return size
 
 
+def _too_deep_line(text: str) -> int | None:
+    """The line where nesting first goes deeper than MAX_DEPTH (the parser itself is not recursive)."""
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    return event.start_mark.line + 1
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+    except yaml.YAMLError:
+        pass
+    return None
+
+
 def parse_yaml(text: str, source: str = "<string>") -> Any:
     """Parse one YAML document; every problem becomes a ConfigError naming `source` and the line."""
     loader = Loader(text)
@@ -134,6 +151,10 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
                           line=mark.line + 1 if mark else None) from None
     except yaml.YAMLError as err:
         raise ConfigError(f"not valid YAML: {err}", file=source) from None
+    except RecursionError:  # PyYAML composes and constructs recursively
+        raise ConfigError(f"lists and mappings are nested too deeply (more than {MAX_DEPTH} "
+                          "levels); nncli configs are a few levels deep",
+                          file=source, line=_too_deep_line(text)) from None
     finally:
         loader.dispose()
 

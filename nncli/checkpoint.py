@@ -1,0 +1,176 @@
+"""Checkpoints: written atomically, read with `weights_only=True`, checked before use.
+
+A checkpoint is a dict of plain containers and tensors, so `torch.load(path, weights_only=True)`
+reads it and loading can never run code. Writing goes to a temporary file in the same folder,
+flushed and fsynced, then `os.replace`d over the old file: a crash at any instant leaves either
+the previous checkpoint or the new one, never a broken file.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import random
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nncli.errors import ConfigError, RunError
+
+FORMAT = "nncli-checkpoint-1"
+CHECKPOINT_NAMES = ("last.pt", "best.pt")
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save `obj` to `path` so that `path` is always either the old or the new file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)  # serialise first: a failure here touches no file
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise RunError(f"cannot write {path}: {err.strerror or err}; the previous file, if any, "
+                       "is unchanged", file=str(path)) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(text: str, path: Path) -> None:
+    """The same guarantee as `save_atomic`, for small text files (config.yaml, metrics.csv)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise RunError(f"cannot write {path}: {err.strerror or err}", file=str(path)) from None
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_file(path: Path) -> Any:
+    """torch.load with weights_only=True; every way a file can be bad becomes a ConfigError."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError("checkpoint not found; check the path", file=str(path))
+    if path.is_dir():
+        raise ConfigError("is a folder with no last.pt or best.pt; expected a run directory or a "
+                          "checkpoint file", file=str(path))
+    if path.stat().st_size == 0:
+        raise ConfigError("the file is empty (0 bytes); it is not a checkpoint", file=str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        reason = f"it refers to {found.group(1)}" if found else str(err).splitlines()[-1]
+        raise ConfigError(f"refused to load: the file holds objects other than tensors and plain "
+                          f"containers ({reason}). nncli never loads code from a checkpoint",
+                          file=str(path)) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"not a readable checkpoint (truncated or corrupted?): {reason}",
+                          file=str(path)) from None
+
+
+def find_checkpoint(path: str | Path, prefer: tuple[str, ...] = ("last.pt", "best.pt")) -> Path:
+    """A checkpoint file, or the preferred checkpoint inside a run directory."""
+    path = Path(path)
+    if path.is_dir():
+        for name in prefer:
+            if (path / name).is_file():
+                return path / name
+        raise ConfigError(f"has none of {', '.join(prefer)}; expected a run directory or a "
+                          "checkpoint file", file=str(path))
+    return path
+
+
+def load_checkpoint(path: Path) -> dict:
+    """An nncli checkpoint (a dict with `format`, `model`, `config`, ...), checked."""
+    ckpt = load_file(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ConfigError("not an nncli checkpoint (a plain state_dict? warm-start from it with "
+                          "`nncli resume WEIGHTS --config CONFIG`)", file=str(path))
+    for key in ("model", "config", "epoch"):
+        if key not in ckpt:
+            raise ConfigError(f"the checkpoint lacks '{key}'; it is damaged or from another tool",
+                              file=str(path))
+    return ckpt
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """A plain state_dict (torch.save(model.state_dict())), or the model of an nncli checkpoint."""
+    obj = load_file(path)
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in obj.items()):
+        raise ConfigError("expected a state_dict (a mapping from parameter names to tensors)",
+                          file=str(path))
+    return strip_prefixes(obj)
+
+
+def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the `module.` (DataParallel, DDP) and `_orig_mod.` (torch.compile) prefixes."""
+    out = {}
+    for key, value in state.items():
+        while key.startswith(("module.", "_orig_mod.")):
+            key = key.split(".", 1)[1]
+        out[key] = value
+    return out
+
+
+# --- random number generators ----------------------------------------------------------------
+
+def capture_rng() -> dict:
+    """Every global generator's state, as tensors and plain containers."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    torch.set_rng_state(state["torch"])
+    numpy = state["numpy"]
+    np.random.set_state(("MT19937", numpy["key"].numpy().astype(np.uint32), numpy["pos"],
+                         numpy["has_gauss"], numpy["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value

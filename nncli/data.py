@@ -1,0 +1,367 @@
+"""The `data:` section: sources, the train/validation split, normalization, and batching.
+
+Every source yields whole tensors `x` (samples first) and `y`. They are kept in memory and, for
+training, moved once to the training device and batched by slicing with a shuffled index: on
+small models a per-sample DataLoader costs more than the model itself.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nncli.config import NUMBER, REQUIRED, Config, Key, check_section, fraction, one_of, positive
+from nncli.errors import ConfigError
+from nncli.registry import Registry
+
+CLASS_INDEX_LOSSES = {"CrossEntropyLoss", "NLLLoss", "MultiMarginLoss"}
+
+
+@dataclass
+class Source:
+    load: Callable[[dict, SourceContext], tuple[torch.Tensor, torch.Tensor]]
+    keys: dict[str, Key]
+
+
+@dataclass
+class SourceContext:
+    """What a source needs besides its own keys: errors at its keys, paths, the seed."""
+
+    config: Config
+    where: tuple  # key path of the source's mapping, e.g. ("data",) or ("data", "train")
+
+    def error(self, message: str, key: str | None = None, hint: str | None = None) -> ConfigError:
+        return self.config.error(message, *self.where, *([key] if key else []), hint=hint)
+
+    def path(self, options: dict, key: str = "path") -> Path:
+        path = self.config.resolve_path(options[key])
+        if not path.is_file():
+            raise self.error(f"file {path} not found (paths are relative to the config file)", key)
+        return path
+
+    @property
+    def seed(self) -> int:
+        return self.config["seed"]
+
+
+SOURCES = Registry("data source")
+
+
+def source(name: str, /, **keys: Key) -> Callable:
+    """Register a data source with the keys it takes (checked like every other section)."""
+    def add(load: Callable) -> Callable:
+        SOURCES.add(name, Source(load, keys))
+        return load
+    return add
+
+
+@source("digits")
+def load_digits(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bundled 8x8 handwritten digits: 1,797 images (1, 8, 8) in [0, 1], 10 classes."""
+    with resources.files("nncli").joinpath("datasets", "digits.npz").open("rb") as f:
+        arrays = np.load(f)
+        return torch.from_numpy(arrays["images"]), torch.from_numpy(arrays["labels"])
+
+
+@source("tensors", x=Key((list,), REQUIRED), y=Key((list,), REQUIRED))
+def load_tensors(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inline `x:` and `y:` lists, as in the tutorial's linear regression."""
+    tensors = []
+    for key in ("x", "y"):
+        try:
+            tensors.append(torch.tensor(options[key], dtype=torch.float32))
+        except (TypeError, ValueError) as err:
+            raise ctx.error(f"expected a (nested) list of numbers with equal-length rows: {err}", key) from None
+    return tensors[0], tensors[1]
+
+
+@source("csv", path=Key((str,), REQUIRED), target=Key((str, list), REQUIRED),
+        features=Key((list, type(None)), None), delimiter=Key((str,), ","))
+def load_csv(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """A CSV file with a header row; `target` names the label column(s), `features` the inputs."""
+    path = ctx.path(options)
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f, delimiter=options["delimiter"]))
+    if not rows:
+        raise ctx.error(f"{path} is empty; expected a header row and data rows", "path")
+    header, body = [h.strip() for h in rows[0]], [r for r in rows[1:] if any(c.strip() for c in r)]
+    if not body:
+        raise ctx.error(f"{path} has a header but no data rows", "path")
+    targets = options["target"] if isinstance(options["target"], list) else [options["target"]]
+    features = options["features"] or [h for h in header if h not in targets]
+    for key, names in (("target", targets), ("features", features)):
+        for name in names:
+            if name not in header:
+                from nncli.errors import did_you_mean
+                raise ctx.error(f"column '{name}' is not in {path.name} (columns: {', '.join(header)})",
+                                key, hint=did_you_mean(str(name), header))
+    columns = {name: header.index(name) for name in header}
+
+    def numbers(names: list[str]) -> torch.Tensor:
+        out = np.empty((len(body), len(names)), dtype=np.float32)
+        for r, row in enumerate(body):
+            if len(row) != len(header):
+                raise ctx.error(f"{path.name} row {r + 2} has {len(row)} cells, the header has "
+                                f"{len(header)}", "path")
+            for c, name in enumerate(names):
+                cell = row[columns[name]].strip()
+                try:
+                    out[r, c] = float(cell)
+                except ValueError:
+                    raise ctx.error(f"{path.name} row {r + 2}, column '{name}': '{cell}' is not a "
+                                    "number", "path") from None
+        return torch.from_numpy(out)
+
+    y = numbers(targets)
+    return numbers(features), y[:, 0] if len(targets) == 1 else y
+
+
+@source("npz", path=Key((str,), REQUIRED), x=Key((str,), "x"), y=Key((str,), "y"))
+def load_npz(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """A NumPy .npz archive; `x` and `y` name its arrays."""
+    path = ctx.path(options)
+    try:
+        arrays = np.load(path, allow_pickle=False)
+    except Exception as err:
+        raise ctx.error(f"{path.name} is not a readable .npz file: {err}", "path") from None
+    out = []
+    for key in ("x", "y"):
+        if options[key] not in arrays.files:
+            raise ctx.error(f"{path.name} has no array '{options[key]}' (it has: "
+                            f"{', '.join(arrays.files)})", key)
+        out.append(_numeric_tensor(arrays[options[key]], ctx, key))
+    return out[0], out[1]
+
+
+@source("npy", x=Key((str,), REQUIRED), y=Key((str,), REQUIRED))
+def load_npy(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two NumPy .npy files: `x` (the inputs) and `y` (the targets)."""
+    out = []
+    for key in ("x", "y"):
+        path = ctx.path(options, key)
+        try:
+            out.append(_numeric_tensor(np.load(path, allow_pickle=False), ctx, key))
+        except ConfigError:
+            raise
+        except Exception as err:
+            raise ctx.error(f"{path.name} is not a readable .npy file: {err}", key) from None
+    return out[0], out[1]
+
+
+def _numeric_tensor(array: np.ndarray, ctx: SourceContext, key: str) -> torch.Tensor:
+    if not np.issubdtype(array.dtype, np.number) and array.dtype != bool:
+        raise ctx.error(f"array '{key}' holds {array.dtype}, not numbers", key)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+@source("synthetic", kind=Key((str,), "classification", one_of("classification", "regression")),
+        n=Key((int,), 1000, positive), features=Key((int,), 16, positive),
+        classes=Key((int,), 2, positive), noise=Key(NUMBER, 0.5))
+def load_synthetic(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random Gaussian inputs and a noisy linear target, generated from the run's seed.
+
+    Two classes are `x @ w + noise > 0`, the same data as reference_loop.py's synthetic set."""
+    g = torch.Generator().manual_seed(ctx.seed)
+    n, features, noise = options["n"], options["features"], options["noise"]
+    x = torch.randn(n, features, generator=g)
+    if options["kind"] == "regression":
+        w = torch.randn(features, generator=g)
+        return x, x @ w + noise * torch.randn(n, generator=g)
+    if options["classes"] == 2:
+        w = torch.randn(features, generator=g)
+        return x, ((x @ w + noise * torch.randn(n, generator=g)) > 0).long()
+    w = torch.randn(features, options["classes"], generator=g)
+    return x, (x @ w + noise * torch.randn(n, options["classes"], generator=g)).argmax(1)
+
+
+@source("torchvision", name=Key((str,), REQUIRED), root=Key((str,), "data"),
+        download=Key((bool,), False), train=Key((bool,), True))
+def load_torchvision(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """A torchvision dataset (e.g. MNIST), read once into memory as tensors."""
+    try:
+        import torchvision
+        from torchvision.transforms import ToTensor
+    except ImportError:
+        raise ctx.error("needs torchvision, which is not installed", "name",
+                        hint="Install it with: pip install 'nncli[vision]'.") from None
+    dataset_class = getattr(torchvision.datasets, options["name"], None)
+    if dataset_class is None:
+        raise ctx.error(f"torchvision has no dataset '{options['name']}'", "name")
+    try:
+        dataset = dataset_class(str(ctx.config.resolve_path(options["root"])), train=options["train"],
+                                download=options["download"], transform=ToTensor())
+    except Exception as err:
+        raise ctx.error(f"cannot load {options['name']}: {err}", "name",
+                        hint="Set download: true, or root: to where the files are.") from None
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1024)
+    xs, ys = zip(*loader)
+    return torch.cat(xs), torch.cat(ys)
+
+
+# --- the data section ------------------------------------------------------------------------
+
+# Keys of the data section itself; the rest belong to its source.
+DATA_KEYS = {
+    "val_split": Key(NUMBER, 0.2, lambda v: None if v == 0 else fraction(v)),
+    "normalize": Key((bool,), False),
+}
+PAIR_KEYS = {"train": Key((dict,), None), "val": Key((dict, type(None)), None),
+             "normalize": DATA_KEYS["normalize"]}
+
+
+@dataclass
+class TensorPair:
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def to(self, device: torch.device) -> TensorPair:
+        return TensorPair(self.x.to(device), self.y.to(device))
+
+
+@dataclass
+class Data:
+    train: TensorPair
+    val: TensorPair | None
+    sample_shape: tuple
+    normalization: dict | None  # {"mean": tensor, "std": tensor} of the training inputs
+
+
+def read_source(options: dict, config: Config, where: tuple) -> TensorPair:
+    """Check one source mapping (`source:` and that source's keys) and load it."""
+    if not isinstance(options, dict) or not options.get("source"):
+        raise config.error(f"needs 'source:', one of: {', '.join(SOURCES)}", *where)
+    try:
+        src = SOURCES.get(options["source"])
+    except ConfigError as err:
+        raise config.error(err.message, *where, "source", hint=err.hint) from None
+    checked = check_section(options, {"source": Key((str,)), **src.keys}, config.error, *where)
+    ctx = SourceContext(config, where)
+    x, y = src.load(checked, ctx)
+    if len(x) != len(y):
+        raise ctx.error(f"x has {len(x)} samples but y has {len(y)}; they must match")
+    if len(x) == 0:
+        raise ctx.error("has no samples")
+    return TensorPair(x.float(), y)
+
+
+def load_data(config: Config) -> Data:
+    """Read the data section: sources, split, normalization; targets as the loss needs them.
+
+    Either one source (with `val_split:`, default 0.2; 0 for no validation) or `train:` and
+    optional `val:` sources."""
+    section = config["data"]
+    if section is None:
+        raise config.error("the config has no 'data' section; add one, e.g. data: {source: digits}")
+    if "train" in section:
+        options = check_section(section, PAIR_KEYS, config.error, "data")
+        train = read_source(section["train"], config, ("data", "train"))
+        val = read_source(section["val"], config, ("data", "val")) if section.get("val") else None
+    else:
+        if "val" in section:
+            raise config.error("val: needs train: beside it (or use val_split:)", "data", "val")
+        own = {k: v for k, v in section.items() if k in DATA_KEYS}
+        options = check_section(own, DATA_KEYS, config.error, "data")
+        everything = read_source({k: v for k, v in section.items() if k not in DATA_KEYS},
+                                 config, ("data",))
+        train, val = split_data(everything, options["val_split"], config)
+    classes = loss_name(config) in CLASS_INDEX_LOSSES
+    train, val = (None if p is None else TensorPair(p.x, p.y.long() if classes else p.y.float())
+                  for p in (train, val))
+    normalization = None
+    if options["normalize"]:
+        mean, std = train.x.mean(0), train.x.std(0)
+        normalization = {"mean": mean, "std": torch.where(std > 0, std, torch.ones_like(std))}
+        train = TensorPair(normalize(train.x, normalization), train.y)
+        val = TensorPair(normalize(val.x, normalization), val.y) if val is not None else None
+    return Data(train, val, tuple(train.x.shape[1:]), normalization)
+
+
+def split_data(data: TensorPair, val_split: float, config: Config) -> tuple[TensorPair, TensorPair | None]:
+    """A seeded split: the first `val_split` of a random permutation is the validation set."""
+    if val_split == 0:
+        return data, None
+    n_val = int(len(data) * val_split)
+    if n_val == 0 or n_val == len(data):
+        raise config.error(f"a split of {val_split} leaves the {'validation' if n_val == 0 else 'training'} "
+                           f"side empty ({len(data)} samples)", "data", "val_split",
+                           hint="Use val_split: 0 to train without validation.")
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(config["seed"]))
+    return (TensorPair(data.x[perm[n_val:]], data.y[perm[n_val:]]),
+            TensorPair(data.x[perm[:n_val]], data.y[perm[:n_val]]))
+
+
+def loss_name(config: Config) -> str:
+    loss = config["loss"]
+    return loss if isinstance(loss, str) else loss.get("type", "")
+
+
+def normalize(x: torch.Tensor, normalization: dict | None) -> torch.Tensor:
+    if normalization is None:
+        return x
+    return (x - normalization["mean"].to(x.device)) / normalization["std"].to(x.device)
+
+
+def check_targets(data: Data, output_shape: tuple, config: Config) -> None:
+    """Labels within the output layer's classes; regression targets shaped like the output."""
+    for name, pair in (("training", data.train), ("validation", data.val)):
+        if pair is None:
+            continue
+        if pair.y.dtype == torch.long:
+            classes = output_shape[-1] if output_shape else 1
+            low, high = int(pair.y.min()), int(pair.y.max())
+            if low < 0 or high >= classes:
+                raise config.error(f"{name} labels run from {low} to {high}, but the model's output "
+                                   f"has {classes} classes (labels 0 to {classes - 1})", "data",
+                                   hint="Make the last layer's out_features the number of classes.")
+        elif pair.y.dim() == 1 and tuple(output_shape) == (1,):
+            pair.y = pair.y[:, None]  # (N,) targets for an (N, 1) output: avoid silent broadcasting
+
+
+class Batches:
+    """One epoch of shuffled (x, y) batches per call, by slicing tensors already on the device.
+
+    The shuffle comes from its own seeded generator, so a resumed run can restore it. With
+    `world_size > 1` every rank draws the same permutation and takes its own share of it.
+    """
+
+    def __init__(self, data: TensorPair, batch_size: int, *, shuffle: bool, seed: int,
+                 drop_last: bool = False, rank: int = 0, world_size: int = 1) -> None:
+        self.x, self.y, self.batch_size = data.x, data.y, batch_size
+        self.shuffle, self.drop_last, self.rank, self.world_size = shuffle, drop_last, rank, world_size
+        self.generator = torch.Generator().manual_seed(seed)
+        n = len(data) // world_size  # every rank takes the same number of samples
+        self.samples = n
+        self.steps = n // batch_size if drop_last else math.ceil(n / batch_size)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def epoch(self, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield the epoch's batches, skipping the first `skip` (to resume inside an epoch)."""
+        n = len(self.x)
+        if self.shuffle:
+            index = torch.randperm(n, generator=self.generator)
+        else:
+            index = torch.arange(n)
+        if self.world_size > 1:
+            index = index[self.rank:self.samples * self.world_size:self.world_size]
+        index = index.to(self.x.device)
+        for step in range(skip, self.steps):
+            idx = index[step * self.batch_size:(step + 1) * self.batch_size]
+            yield self.x[idx], self.y[idx]
+
+    def batch_sizes(self) -> torch.Tensor:
+        sizes = torch.full((self.steps,), float(self.batch_size))
+        if not self.drop_last and self.samples % self.batch_size:
+            sizes[-1] = self.samples % self.batch_size
+        return sizes

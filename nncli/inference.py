@@ -1,0 +1,124 @@
+"""`nncli eval` and `nncli predict`: a trained model from a checkpoint or run directory."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from nncli.checkpoint import find_checkpoint, load_checkpoint
+from nncli.config import Config, config_from_mapping
+from nncli.data import CLASS_INDEX_LOSSES, TensorPair, load_data, loss_name, normalize
+from nncli.devices import resolve_device
+from nncli.errors import ConfigError
+from nncli.model import materialize, plan_model
+from nncli.optim import create_loss
+from nncli.train import evaluate
+
+
+def config_of(ckpt: dict, overrides: list[str] = ()) -> Config:
+    """The resolved config stored in a checkpoint; relative paths stay relative to the original."""
+    return config_from_mapping(ckpt["config"], overrides=overrides,
+                               base_dir=Path(ckpt.get("config_dir", ".")))
+
+
+def load_trained(path: Path, device: str | None = None) -> tuple[dict, Config, nn.Module]:
+    """The checkpoint (best.pt first in a run directory), its config, and its model in eval mode."""
+    file = find_checkpoint(path, prefer=("best.pt", "last.pt"))
+    ckpt = load_checkpoint(file)
+    config = config_of(ckpt)
+    model = materialize(plan_model(config, input_shape=ckpt["input_shape"]),
+                        resolve_device(device or "cpu"))
+    model.load_state_dict(ckpt["model"])
+    return ckpt, config, model.eval()
+
+
+def evaluate_checkpoint(path: Path, data_file: Path | None = None,
+                        device: str | None = None) -> tuple[dict[str, float], str]:
+    """Loss and metrics on the run's validation data, or on `data_file` read with its settings."""
+    ckpt, config, model = load_trained(path, device)
+    target = next(model.parameters()).device
+    if data_file is None:
+        data = load_data(config)
+        if data.val is None:
+            raise ConfigError("the run has no validation data (val_split: 0); give --data FILE",
+                              file=str(path))
+        pair, source = data.val, "validation data"
+    else:
+        pair, source = _read_data_file(config, Path(data_file)), str(data_file)
+        pair = TensorPair(normalize(pair.x, ckpt.get("normalization")), pair.y)
+    results = evaluate(model, pair.to(target), create_loss(config).to(target), config["metrics"],
+                       1024, config["amp"] if target.type != "cpu" else "off")
+    return results, source
+
+
+def _read_data_file(config: Config, path: Path) -> TensorPair:
+    """A .csv / .npz / .npy file read with the run's data settings (target column, array names)."""
+    section = dict(config["data"] or {})
+    if "train" in section:
+        section = dict(section["train"])
+    kind = {".csv": "csv", ".npz": "npz"}.get(path.suffix.lower())
+    if kind is None:
+        raise ConfigError("--data takes a .csv or .npz file", file=str(path))
+    if section.get("source") != kind:
+        section = {"source": kind, "target": "target"} if kind == "csv" else {"source": kind}
+    section.update(path=str(path.resolve()), val_split=0, normalize=False)
+    values = dict(config.values, data=section)
+    data = load_data(config_from_mapping(values, base_dir=config.base_dir))
+    return data.train
+
+
+def parse_inputs(inputs: str, config: Config, input_shape: list[int]) -> torch.Tensor:
+    """`--input`: a JSON list of samples, or a .json, .csv, .npy or .npz file."""
+    text = inputs.strip()
+    if text.startswith("["):
+        try:
+            array = np.asarray(json.loads(text), dtype=np.float32)
+        except (json.JSONDecodeError, ValueError) as err:
+            raise ConfigError(f"not a JSON list of numbers: {err}", key="--input") from None
+    else:
+        path = Path(text)
+        if not path.is_file():
+            raise ConfigError("--input: file not found; give a JSON list or a .json, .csv, .npy "
+                              "or .npz file", file=str(path))
+        try:
+            suffix = path.suffix.lower()
+            if suffix == ".json":
+                array = np.asarray(json.loads(path.read_text()), dtype=np.float32)
+            elif suffix == ".csv":
+                array = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.float32, ndmin=2)
+            elif suffix == ".npy":
+                array = np.load(path, allow_pickle=False).astype(np.float32)
+            elif suffix == ".npz":
+                arrays = np.load(path, allow_pickle=False)
+                name = (config["data"] or {}).get("x", "x")
+                array = arrays[name if name in arrays.files else arrays.files[0]].astype(np.float32)
+            else:
+                raise ConfigError("--input takes a .json, .csv, .npy or .npz file", file=str(path))
+        except ConfigError:
+            raise
+        except Exception as err:
+            raise ConfigError(f"cannot read the inputs: {err}", file=str(path)) from None
+    per_sample = int(np.prod(input_shape))
+    if array.size % per_sample or array.size == 0:
+        raise ConfigError(f"{array.size} numbers given, not a whole number of samples of shape "
+                          f"{input_shape} ({per_sample} numbers each)", key="--input")
+    return torch.from_numpy(np.ascontiguousarray(array)).reshape(-1, *input_shape)
+
+
+def predict_checkpoint(path: Path, inputs: str, device: str | None = None) -> list[dict]:
+    """One row per input: the model's output (and the class, for a classifier)."""
+    ckpt, config, model = load_trained(path, device)
+    x = normalize(parse_inputs(inputs, config, ckpt["input_shape"]), ckpt.get("normalization"))
+    with torch.no_grad():
+        out = model(x.to(next(model.parameters()).device)).float().cpu()
+    classifier = loss_name(config) in CLASS_INDEX_LOSSES
+    rows = []
+    for row in out:
+        entry = {"output": [round(v, 6) for v in row.reshape(-1).tolist()]}
+        if classifier:
+            entry["class"] = int(row.argmax())
+        rows.append(entry)
+    return rows

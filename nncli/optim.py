@@ -1,0 +1,191 @@
+"""Loss, optimizer (with parameter groups) and LR schedule (with warmup), from their config sections.
+
+Like timm's `create_optimizer` / `create_scheduler`: the `type:` name is looked up in a registry
+(every loss of `torch.nn`, every optimizer of `torch.optim`, every scheduler of
+`torch.optim.lr_scheduler`) and the other keys are its keyword arguments.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from nncli.config import Config, Key, check_section, one_of
+from nncli.registry import Registry, create
+
+
+def _load_losses(registry: Registry) -> None:
+    for name in dir(nn):
+        obj = getattr(nn, name)
+        if isinstance(obj, type) and issubclass(obj, nn.modules.loss._Loss) and not name.startswith("_"):
+            registry.add(name, obj)
+
+
+def _load_optimizers(registry: Registry) -> None:
+    for name in dir(torch.optim):
+        obj = getattr(torch.optim, name)
+        if isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer) and obj is not torch.optim.Optimizer:
+            registry.add(name, obj)
+
+
+def _load_schedulers(registry: Registry) -> None:
+    sched = torch.optim.lr_scheduler
+    for name in dir(sched):
+        obj = getattr(sched, name)
+        if (isinstance(obj, type) and name not in ("LRScheduler", "_LRScheduler", "SequentialLR",
+                                                   "ChainedScheduler", "LambdaLR", "MultiplicativeLR")
+                and (issubclass(obj, sched.LRScheduler) or obj is sched.ReduceLROnPlateau)):
+            registry.add(name, obj)
+
+
+LOSSES = Registry("loss", _load_losses)
+OPTIMIZERS = Registry("optimizer", _load_optimizers)
+SCHEDULERS = Registry("schedule", _load_schedulers)
+
+# Schedules whose shape depends on the run's length: nncli fills this argument in (and re-plans
+# it when a resumed run changes its length).
+LENGTH_ARGUMENT = {"CosineAnnealingLR": "T_max", "OneCycleLR": "total_steps",
+                   "PolynomialLR": "total_iters", "LinearLR": "total_iters"}
+SCHEDULE_KEYS = {"warmup", "interval", "monitor"}
+
+
+def create_loss(config: Config) -> nn.Module:
+    return create(LOSSES, config["loss"], config.error, "loss")
+
+
+# --- optimizer and parameter groups ----------------------------------------------------------
+
+@dataclass
+class ParamGroup:
+    """One optimizer group as configured: its patterns, its parameter names and its settings."""
+
+    name: str
+    patterns: list[str]
+    param_names: list[str]
+    settings: dict
+
+
+def split_param_groups(model: nn.Module, config: Config) -> list[ParamGroup]:
+    """Assign each trainable parameter to the first group whose glob matches its name;
+    the rest form a default group (last) with the optimizer's top-level settings."""
+    spec = config["optimizer"]
+    groups_spec = spec.get("groups", []) if isinstance(spec, dict) else []
+    if not isinstance(groups_spec, list):
+        raise config.error("groups must be a list of {params: pattern, lr: ...} mappings",
+                           "optimizer", "groups")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    taken: set[str] = set()
+    groups = []
+    for i, group in enumerate(groups_spec):
+        where = ("optimizer", "groups", i)
+        if not isinstance(group, dict) or "params" not in group:
+            raise config.error("each group needs 'params:' (a glob like '*.bias' or a list of them)", *where)
+        patterns = group["params"] if isinstance(group["params"], list) else [group["params"]]
+        if not patterns or not all(isinstance(p, str) for p in patterns):
+            raise config.error("params must be a glob string or a list of them", *where, "params")
+        members = [n for n, _ in named if n not in taken and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in named):
+                names = ", ".join(n for n, _ in named[:6]) + (", ..." if len(named) > 6 else "")
+                raise config.error(f"pattern '{pattern}' matches no trainable parameter (they are "
+                                   f"named like: {names})", *where, "params",
+                                   hint="Run `nncli summary --params` to list them.")
+        taken.update(members)
+        groups.append(ParamGroup(str(group.get("name", i)), patterns, members,
+                                 {k: v for k, v in group.items() if k not in ("params", "name")}))
+    rest = [n for n, _ in named if n not in taken]
+    if rest or not groups:
+        groups.append(ParamGroup("default", ["(rest)"] if groups else ["*"], rest, {}))
+    return groups
+
+
+def create_optimizer(model: nn.Module, config: Config) -> tuple[torch.optim.Optimizer, list[ParamGroup]]:
+    groups = split_param_groups(model, config)
+    params = dict(model.named_parameters())
+    torch_groups = [{"params": [params[n] for n in g.param_names], **g.settings} for g in groups]
+    optimizer = create(OPTIMIZERS, config["optimizer"], config.error, "optimizer",
+                       positional=(torch_groups,), reserved=("groups",))
+    for group, settings in zip(groups, optimizer.param_groups):
+        group.settings = {k: v for k, v in settings.items() if k != "params"}
+    return optimizer, groups
+
+
+def group_of_each_parameter(groups: list[ParamGroup]) -> dict[str, str]:
+    return {name: group.name for group in groups for name in group.param_names}
+
+
+# --- schedule --------------------------------------------------------------------------------
+
+WARMUP_KEYS = {"epochs": Key((int,), None), "steps": Key((int,), None),
+               "start_factor": Key((int, float), 0.01)}
+
+
+@dataclass
+class Schedule:
+    """The LR scheduler and when it steps (`interval`: after each epoch or each optimizer step)."""
+
+    scheduler: Any
+    interval: str
+    monitor: str | None  # the metric ReduceLROnPlateau follows
+    note: str = ""  # what nncli filled in, to tell the user
+
+    def step_epoch(self, metrics: dict[str, float]) -> None:
+        if self.monitor is not None:
+            self.scheduler.step(metrics[self.monitor])
+        elif self.interval == "epoch":
+            self.scheduler.step()
+
+    def step_batch(self) -> None:
+        if self.interval == "step" and self.monitor is None:
+            self.scheduler.step()
+
+
+def create_schedule(optimizer: torch.optim.Optimizer, config: Config, steps_per_epoch: int,
+                    epochs: int | None = None) -> Schedule | None:
+    """The schedule section as a scheduler, with optional linear warmup first.
+
+    `epochs` (default `train.epochs`) is the run's length, for schedules that depend on it."""
+    spec = config["schedule"]
+    if spec is None:
+        return None
+    spec = {"type": spec} if isinstance(spec, str) else spec
+    epochs = epochs or config["train"]["epochs"]
+    interval = spec.get("interval", "epoch")
+    if (problem := one_of("epoch", "step")(interval)):
+        raise config.error(f"interval {problem}", "schedule", "interval")
+    warmup = check_section(spec.get("warmup") or {}, WARMUP_KEYS, config.error, "schedule", "warmup")
+    per_interval = steps_per_epoch if interval == "step" else 1
+    if warmup["steps"] is not None and interval == "epoch":
+        raise config.error("warmup in steps needs interval: step", "schedule", "warmup", "steps")
+    warmup_len = warmup["steps"] or (warmup["epochs"] or 0) * per_interval
+    name = spec.get("type")
+    defaults, note = {}, ""
+    if name in LENGTH_ARGUMENT and LENGTH_ARGUMENT[name] not in spec:
+        length = max(1, epochs * per_interval - warmup_len)
+        defaults[LENGTH_ARGUMENT[name]] = length
+        note = f"{name}: {LENGTH_ARGUMENT[name]}={length} ({interval}s after warmup)"
+    if name == "OneCycleLR" and "max_lr" not in spec:
+        defaults["max_lr"] = [g["lr"] for g in optimizer.param_groups]
+    monitor = None
+    if name == "ReduceLROnPlateau":
+        monitor = spec.get("monitor", "val_loss")
+        if warmup_len:
+            raise config.error("warmup does not combine with ReduceLROnPlateau", "schedule", "warmup")
+    main = create(SCHEDULERS, spec, config.error, "schedule", positional=(optimizer,),
+                  reserved=tuple(SCHEDULE_KEYS), defaults=defaults)
+    if warmup_len:
+        ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=warmup["start_factor"],
+                                                 total_iters=warmup_len)
+        main = torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, main], milestones=[warmup_len])
+    return Schedule(main, interval, monitor, note)
+
+
+def optimizer_settings(group: ParamGroup) -> str:
+    """`lr=0.1, momentum=0.9` for the group table, leaving out torch's bookkeeping."""
+    skip = {"params", "initial_lr", "foreach", "maximize", "capturable", "differentiable", "fused",
+            "decoupled_weight_decay"}
+    return ", ".join(f"{k}={v}" for k, v in group.settings.items() if k not in skip and v is not None)
+

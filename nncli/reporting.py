@@ -1,0 +1,121 @@
+"""What `nncli train` prints: the group table, progress, and the per-epoch metrics table.
+
+On a terminal a rich progress bar (epoch, batch, loss, lr, samples/s, ETA); otherwise one plain
+line per epoch, so CI and cluster logs do not fill with bars. The loss shown on the bar is read
+from the device only every few batches, never once per step.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.table import Table
+
+from nncli.optim import ParamGroup, optimizer_settings
+
+
+def format_value(key: str, value: object) -> str:
+    if not isinstance(value, float):
+        return str(value)
+    if key.startswith("lr_"):
+        return f"{value:.3g}"
+    if key == "time_s":
+        return f"{value:.2f}"
+    return f"{value:.4f}"
+
+
+class Reporter:
+    """Plain output: a line per epoch. Also the base for the terminal progress display."""
+
+    def __init__(self, console: Console | None = None, quiet: bool = False) -> None:
+        self.console = console or Console(highlight=False)
+        self.quiet = quiet
+
+    def print(self, item: object) -> None:
+        """A line (plain print: no wrapping or markup in logs) or a rich table."""
+        if self.quiet:
+            return
+        if isinstance(item, str):
+            print(item, flush=True)
+        else:
+            self.console.print(item)
+
+    def groups(self, groups: list[ParamGroup], params: dict[str, int]) -> None:
+        table = Table("Group", "Patterns", "Tensors", "Parameters", "Settings", title="Optimizer groups",
+                      title_justify="left")
+        for group in groups:
+            table.add_row(group.name, ", ".join(group.patterns), str(len(group.param_names)),
+                          f"{sum(params[n] for n in group.param_names):,}", optimizer_settings(group))
+        self.print(table)
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int, done: int, lr: float) -> None:
+        self._started = time.perf_counter()
+
+    def batch(self, done: int, losses: list[torch.Tensor]) -> None:
+        """Called after every batch; the plain reporter has nothing to show until the epoch ends."""
+
+    def epoch_end(self, row: dict, epochs: int, improved: bool) -> None:
+        parts = [f"{k}={format_value(k, v)}" for k, v in row.items() if k != "epoch"]
+        self.print(f"epoch {row['epoch']}/{epochs} " + " ".join(parts) + (" *" if improved else ""))
+
+    def close(self) -> None:
+        pass
+
+    def history(self, history: list[dict], best_epoch: int | None, log_every: int = 1) -> None:
+        if not history:
+            return
+        table = Table(title="Metrics (* best)", title_justify="left")
+        for key in history[0]:
+            table.add_column(key, justify="right")
+        for row in history:
+            if len(history) > 30 and row["epoch"] % log_every and row["epoch"] not in (1, best_epoch, history[-1]["epoch"]):
+                continue  # long runs: every log_every-th epoch, the first, the best and the last
+            mark = " *" if row["epoch"] == best_epoch else ""
+            table.add_row(*(format_value(k, v) + (mark if k == "epoch" else "") for k, v in row.items()))
+        self.print(table)
+
+
+class ProgressReporter(Reporter):
+    """A rich progress bar per epoch, refreshed about 20 times per epoch."""
+
+    def __init__(self, batch_size: int, console: Console | None = None) -> None:
+        super().__init__(console)
+        self.batch_size = batch_size
+        self.progress = Progress(
+            TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
+            TextColumn("{task.fields[speed]} samples/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=self.console, transient=True)
+        self.progress.start()
+        self.task = None
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int, done: int, lr: float) -> None:
+        super().epoch_start(epoch, epochs, steps, done, lr)
+        self.every = max(1, steps // 20)
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        self.task = self.progress.add_task("train", total=steps, completed=done, epoch=f"{epoch}/{epochs}",
+                                           loss="-", lr=f"{lr:.3g}", speed="-")
+        self._done_at_start = done
+
+    def batch(self, done: int, losses: list[torch.Tensor]) -> None:
+        if done % self.every:
+            return
+        elapsed = max(time.perf_counter() - self._started, 1e-9)
+        recent = torch.stack(losses[-self.every:]).mean().item()  # one read every `every` batches
+        rate = (done - self._done_at_start) / elapsed
+        self.progress.update(self.task, completed=done, loss=f"{recent:.4f}",
+                             speed=f"{rate * self.batch_size:,.0f}")
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def make_reporter(quiet: bool, batch_size: int) -> Reporter:
+    if quiet:
+        return Reporter(quiet=True)
+    return ProgressReporter(batch_size) if sys.stdout.isatty() else Reporter()

@@ -1,0 +1,402 @@
+"""Training: set a run up from its config, then `fit` it, epoch by epoch.
+
+The loop in `fit` is the whole story: forward, loss, backward, optional clipping and gradient
+accumulation, optimizer step, schedule step; validation under `eval()` and `no_grad()`; the best
+model, early stopping and checkpoints. Losses stay on the device and are read once per epoch
+(and every few batches for a progress bar), never once per step.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import random
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from nncli import __version__
+from nncli.checkpoint import FORMAT, capture_rng, restore_rng, save_atomic, write_text_atomic
+from nncli.config import Config
+from nncli.data import Batches, Data, TensorPair, check_targets, load_data
+from nncli.devices import autocast, resolve_device
+from nncli.errors import ConfigError, Interrupted, RunError
+from nncli.metrics import check_metric_name, create_metric, higher_is_better
+from nncli.model import ModelPlan, materialize, plan_model
+from nncli.optim import ParamGroup, Schedule, create_loss, create_optimizer, create_schedule
+from nncli.reporting import Reporter
+from nncli.yamlio import to_plain
+
+
+@dataclass
+class TrainState:
+    """Where a run stands; all of it goes into every checkpoint."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
+    position: int = 0  # batches done in the unfinished epoch (a mid-epoch checkpoint)
+    epoch_losses: list[float] = field(default_factory=list)  # and their losses
+    epoch_lrs: list[float] = field(default_factory=list)  # the unfinished epoch's learning rates
+    best: dict = field(default_factory=lambda: {"metric": "val_loss", "value": None, "epoch": None})
+    bad_epochs: int = 0  # epochs without improvement, for early stopping
+    history: list[dict] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+@dataclass
+class Run:
+    """Everything `fit` needs, built from a config by `prepare_run`."""
+
+    config: Config
+    plan: ModelPlan
+    model: nn.Module
+    data: Data
+    batches: Batches
+    val: TensorPair | None
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    groups: list[ParamGroup]
+    schedule: Schedule | None
+    device: torch.device
+    run_dir: Path
+    epochs: int
+    state: TrainState = field(default_factory=TrainState)
+    epoch_shuffle: torch.Tensor | None = None  # the shuffle generator's state when this epoch began
+
+    @property
+    def monitor(self) -> str:
+        early = self.config["train"]["early_stop"]
+        if early:
+            return early["metric"]
+        return "val_loss" if self.val is not None else "train_loss"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_training_config(config: Config, has_val: bool) -> None:
+    """Checks that need the metric names and whether there is validation data."""
+    for i, name in enumerate(config["metrics"]):
+        try:
+            check_metric_name(name)
+        except ConfigError as err:
+            raise config.error(err.message, "metrics", i, hint=err.hint) from None
+    early = config["train"]["early_stop"]
+    if early:
+        known = ["train_loss"] + (["val_loss"] + [f"val_{m}" for m in config["metrics"]] if has_val else [])
+        if early["metric"] not in known:
+            raise config.error(f"metric '{early['metric']}' is not recorded; expected one of: "
+                               f"{', '.join(known)}", "train", "early_stop", "metric")
+
+
+def check_config(config: Config) -> tuple[ModelPlan, list[ParamGroup] | None]:
+    """Every check possible without training (`nncli validate`): the model's shape pass on the
+    meta device, and when the config has data: the data, targets, loss, metrics, optimizer
+    groups and schedule. Returns the plan and the optimizer groups."""
+    if config["data"] is None:
+        return plan_model(config), None
+    data = load_data(config)
+    check_training_config(config, data.val is not None)
+    plan = plan_model(config, input_shape=_input_shape(config, data))
+    check_targets(data, plan.output_shape[1:], config)
+    create_loss(config)
+    optimizer, groups = create_optimizer(plan.meta_model, config)
+    steps = -(-len(data.train) // config["train"]["batch_size"])
+    create_schedule(optimizer, config, -(-steps // config["train"]["accumulate"]))
+    return plan, groups
+
+
+def _input_shape(config: Config, data: Data) -> tuple:
+    declared = config["model"]["input_shape"]
+    if declared is not None and tuple(declared) != data.sample_shape:
+        raise config.error(f"is {list(declared)}, but the data's samples have shape "
+                           f"{list(data.sample_shape)}", "model", "input_shape",
+                           hint="Leave input_shape out and nncli takes it from the data.")
+    return data.sample_shape
+
+
+def prepare_run(config: Config, *, device: str | None = None, run_dir: Path | None = None,
+                epochs: int | None = None) -> Run:
+    """Load the data, build the model, loss, optimizer and schedule; nothing is trained yet."""
+    seed_everything(config["seed"])
+    data = load_data(config)
+    check_training_config(config, data.val is not None)
+    plan = plan_model(config, input_shape=_input_shape(config, data))
+    check_targets(data, plan.output_shape[1:], config)
+    target_device = resolve_device(device or config["device"])
+    seed_everything(config["seed"])  # the weights depend on the seed alone, as in a hand-written script
+    model = materialize(plan, target_device)
+    loss_fn = create_loss(config).to(target_device)
+    optimizer, groups = create_optimizer(model, config)
+    train_cfg = config["train"]
+    batches = Batches(data.train.to(target_device), train_cfg["batch_size"], shuffle=train_cfg["shuffle"],
+                      seed=config["seed"], drop_last=train_cfg["drop_last"])
+    if len(batches) == 0:
+        raise config.error(f"batch_size {train_cfg['batch_size']} with drop_last leaves no batch of "
+                           f"{len(data.train)} training samples", "train", "batch_size")
+    epochs = epochs or train_cfg["epochs"]
+    optimizer_steps = -(-len(batches) // train_cfg["accumulate"])
+    schedule = create_schedule(optimizer, config, optimizer_steps, epochs)
+    val = data.val.to(target_device) if data.val is not None else None
+    run = Run(config, plan, model, data, batches, val, loss_fn, optimizer, groups, schedule,
+              target_device, run_dir or Path(config["checkpoint"]["dir"]) / config["name"], epochs)
+    run.state.best["metric"] = run.monitor
+    return run
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+class StopRequest:
+    """SIGINT / SIGTERM ask the loop to stop after the current optimizer step and save;
+    a second Ctrl-C stops at once (KeyboardInterrupt) without touching saved files."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self) -> StopRequest:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def evaluate(model: nn.Module, data: TensorPair, loss_fn: nn.Module, metric_names: list[str],
+             batch_size: int, amp: str = "off") -> dict[str, float]:
+    """Loss and metrics over `data` under eval() and no_grad(), read from the device once."""
+    was_training = model.training
+    model.eval()
+    device = data.x.device
+    metrics = {name: create_metric(name, device) for name in metric_names}
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    with torch.no_grad(), autocast(device, amp):
+        for start in range(0, len(data), batch_size):
+            xb, yb = data.x[start:start + batch_size], data.y[start:start + batch_size]
+            out = model(xb)
+            loss_sum += loss_fn(out, yb).double() * len(xb)
+            for metric in metrics.values():
+                metric.update(out.float(), yb)
+    model.train(was_training)
+    return {"loss": float(loss_sum) / len(data), **{k: m.compute() for k, m in metrics.items()}}
+
+
+def fit(run: Run, reporter: Reporter) -> TrainState:
+    """Train from `run.state` to `run.epochs`; checkpoints and metrics.csv go to `run.run_dir`."""
+    config, model, optimizer, state = run.config, run.model, run.optimizer, run.state
+    train_cfg = config["train"]
+    accumulate, grad_clip = train_cfg["accumulate"], train_cfg["grad_clip"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    steps = len(run.batches)
+    batch_sizes = run.batches.batch_sizes().to(run.device)
+    every_steps = config["checkpoint"]["every_steps"]
+    amp = config["amp"]
+    with StopRequest() as stop:
+        while state.epoch < run.epochs and not state.stopped_early:
+            epoch = state.epoch + 1
+            model.train()
+            if state.position == 0:
+                state.epoch_lrs = [g["lr"] for g in optimizer.param_groups]
+                run.epoch_shuffle = run.batches.generator.get_state()  # to replay this epoch on resume
+            losses = [torch.tensor(state.epoch_losses, device=run.device)] if state.epoch_losses else []
+            reporter.epoch_start(epoch, run.epochs, steps, state.position, state.epoch_lrs[0])
+            started = time.perf_counter()
+            for i, (xb, yb) in enumerate(run.batches.epoch(skip=state.position), start=state.position):
+                with autocast(run.device, amp):
+                    loss = run.loss_fn(model(xb), yb)
+                (loss / accumulate if accumulate > 1 else loss).backward()
+                losses.append(loss.detach().reshape(1))
+                if (i + 1) % accumulate == 0 or i + 1 == steps:
+                    if grad_clip:
+                        nn.utils.clip_grad_norm_(params, grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    state.step += 1
+                    if run.schedule:
+                        run.schedule.step_batch()
+                    if i + 1 < steps and (stop.requested or (every_steps and state.step % every_steps == 0)):
+                        state.position, state.epoch_losses = i + 1, torch.cat(losses).tolist()
+                        _check_finite(state.epoch_losses, epoch)
+                        save_checkpoints(run, best=False)
+                        if stop.requested:
+                            raise Interrupted(_stopped_message(run))
+                reporter.batch(i + 1, losses)
+            epoch_losses = torch.cat(losses)
+            train_loss = float((epoch_losses * batch_sizes).sum() / batch_sizes.sum())
+            _check_finite(epoch_losses.tolist(), epoch)
+            row = {"epoch": epoch, "train_loss": train_loss}
+            if run.val is not None:
+                results = evaluate(model, run.val, run.loss_fn, config["metrics"],
+                                   max(train_cfg["batch_size"], 1024), amp)
+                row.update({f"val_{k}": v for k, v in results.items()})
+            row.update({f"lr_{i}": lr for i, lr in enumerate(state.epoch_lrs)})
+            row["time_s"] = time.perf_counter() - started
+            if run.schedule:
+                run.schedule.step_epoch(row)
+            improved = _update_best(run, row)
+            state.epoch, state.position, state.epoch_losses = epoch, 0, []
+            state.history.append(row)
+            save_checkpoints(run, best=improved)
+            if epoch % train_cfg["log_every"] == 0 or epoch == run.epochs:
+                reporter.epoch_end(row, run.epochs, improved)
+            if stop.requested and state.epoch < run.epochs:
+                raise Interrupted(_stopped_message(run))
+    return state
+
+
+def _check_finite(losses: list[float], epoch: int) -> None:
+    bad = next((i for i, value in enumerate(losses) if not np.isfinite(value)), None)
+    if bad is not None:
+        raise RunError(f"the loss became {losses[bad]} at epoch {epoch}, batch {bad + 1}; training "
+                       "stopped and the checkpoints of earlier epochs are unchanged",
+                       hint="Lower the learning rate, set train.grad_clip, or check the data.")
+
+
+def _update_best(run: Run, row: dict) -> bool:
+    """Track the best epoch by the monitored metric; count epochs without improvement."""
+    state, metric = run.state, run.monitor
+    value, best = row[metric], state.best["value"]
+    early = run.config["train"]["early_stop"] or {}
+    mode = early.get("mode", "auto")
+    higher = higher_is_better(metric) if mode == "auto" else mode == "max"
+    delta = early.get("min_delta", 0.0)
+    improved = best is None or (value > best + delta if higher else value < best - delta)
+    if improved:
+        state.best.update(value=value, epoch=row["epoch"])
+        state.bad_epochs = 0
+    else:
+        state.bad_epochs += 1
+        if early and state.bad_epochs >= early["patience"]:
+            state.stopped_early = True
+    return improved
+
+
+def _stopped_message(run: Run) -> str:
+    where = f"epoch {run.state.epoch + (1 if run.state.position else 0)}"
+    if run.state.position:
+        where += f", batch {run.state.position} of {len(run.batches)}"
+    return (f"stopped at {where}; saved {run.run_dir / 'last.pt'}. Resume with: "
+            f"nncli resume {run.run_dir}")
+
+
+# --- run directory and checkpoints -----------------------------------------------------------
+
+def new_run_dir(base: Path, name: str) -> Path:
+    """`<base>/<name>`, or `<name>-2`, `<name>-3`, ... so an earlier run is never overwritten."""
+    candidate, n = base / name, 1
+    while candidate.exists() and any(candidate.iterdir()):
+        n += 1
+        candidate = base / f"{name}-{n}"
+    try:
+        candidate.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunError(f"cannot create the run directory: {err.strerror or err}",
+                       file=str(candidate)) from None
+    return candidate
+
+
+def resolved_config_text(config: Config) -> str:
+    return yaml.safe_dump(to_plain(config.values), sort_keys=False)
+
+
+def checkpoint_dict(run: Run) -> dict:
+    state = run.state
+    rng = capture_rng()
+    rng["data"] = run.epoch_shuffle if state.position else run.batches.generator.get_state()
+    return {
+        "format": FORMAT,
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.schedule.scheduler.state_dict() if run.schedule else None,
+        "scaler": None,
+        "epoch": state.epoch,
+        "step": state.step,
+        "position": state.position,
+        "train_state": {k: v for k, v in asdict(state).items() if k != "history"},
+        "best": dict(state.best),
+        "rng": rng,
+        "config": to_plain(run.config.values),
+        "config_dir": str(run.config.base_dir),
+        "input_shape": list(run.plan.input_shape),
+        "normalization": run.data.normalization,
+        "metrics": list(state.history),
+        "versions": {"nncli": __version__, "torch": str(torch.__version__)},
+    }
+
+
+def save_checkpoints(run: Run, best: bool) -> None:
+    """last.pt (every `checkpoint.every` epochs, at the end, and mid-epoch), best.pt when improved,
+    epoch_<N>.pt when `keep_last` asks; then metrics.csv."""
+    cfg, state = run.config["checkpoint"], run.state
+    finished = state.epoch >= run.epochs or state.stopped_early
+    ckpt = checkpoint_dict(run)
+    if state.position or state.epoch % cfg["every"] == 0 or finished:
+        save_atomic(ckpt, run.run_dir / "last.pt")
+        write_metrics_csv(state.history, run.run_dir / "metrics.csv")  # in step with last.pt
+    if best and not state.position:
+        save_atomic(ckpt, run.run_dir / "best.pt")
+    if cfg["keep_last"] and not state.position and state.epoch % cfg["every"] == 0:
+        save_atomic(ckpt, run.run_dir / f"epoch_{state.epoch}.pt")
+        for old in sorted(run.run_dir.glob("epoch_*.pt"), key=lambda p: int(p.stem.split("_")[1]))[:-cfg["keep_last"]]:
+            old.unlink(missing_ok=True)
+
+
+def write_metrics_csv(history: list[dict], path: Path) -> None:
+    if not history:
+        return
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(history[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    write_text_atomic(out.getvalue(), path)
+
+
+def train(config: Config, reporter: Reporter, *, device: str | None = None,
+          out_dir: Path | None = None) -> Run:
+    """`nncli train`: prepare a run, write its directory, fit it."""
+    run = prepare_run(config, device=device)
+    run.run_dir = new_run_dir(out_dir or Path(config["checkpoint"]["dir"]), config["name"])
+    write_text_atomic(resolved_config_text(config), run.run_dir / "config.yaml")
+    reporter.print(f"run directory: {run.run_dir}   device: {run.device}   "
+                   f"train/val samples: {len(run.data.train)}/{len(run.data.val) if run.val else 0}")
+    if run.schedule and run.schedule.note:
+        reporter.print(f"schedule: {run.schedule.note}")
+    counts = {n: p.numel() for n, p in run.model.named_parameters()}
+    reporter.groups(run.groups, counts)
+    try:
+        fit(run, reporter)
+    finally:
+        reporter.close()
+    return run
+
+
+def restore(run: Run, ckpt: dict) -> None:
+    """Put a run back exactly where a checkpoint left it (model, optimizer, schedule, RNGs)."""
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    if run.schedule and ckpt.get("scheduler"):
+        run.schedule.scheduler.load_state_dict(ckpt["scheduler"])
+    saved = dict(ckpt["train_state"])
+    run.state = TrainState(**saved, history=list(ckpt["metrics"]))
+    restore_rng(ckpt["rng"])
+    run.batches.generator.set_state(ckpt["rng"]["data"])
+    run.epoch_shuffle = ckpt["rng"]["data"]
