@@ -12,6 +12,7 @@ import os
 import pickle
 import random
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -85,16 +86,26 @@ def load_file(path: Path) -> Any:
                           "checkpoint file", file=str(path))
     if path.stat().st_size == 0:
         raise ConfigError("the file is empty (0 bytes); it is not a checkpoint", file=str(path))
+    if zipfile.is_zipfile(path):  # torch's reader does not check the archive's CRCs; do it here
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as err:
+            bad = f"({err})"
+        if bad is not None:
+            raise ConfigError(f"the file is corrupted: {bad} fails its checksum", file=str(path))
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes about pickle protocols: noise here
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        reason = f"it refers to {found.group(1)}" if found else str(err).splitlines()[-1]
+        reason = f"it refers to {found.group(1)}" if found else "it uses pickle instructions beyond plain data"
         raise ConfigError(f"refused to load: the file holds objects other than tensors and plain "
                           f"containers ({reason}). nncli never loads code from a checkpoint",
                           file=str(path)) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = str(err).split(". ")[0].splitlines()[0] if str(err) else type(err).__name__
         raise ConfigError(f"not a readable checkpoint (truncated or corrupted?): {reason}",
                           file=str(path)) from None
 

@@ -167,6 +167,40 @@ def _print_result(run, reporter) -> None:
     print(f"saved: {run.run_dir}")
 
 
+@app.command()
+def resume(
+    path: Path = typer.Argument(..., help="A run directory or checkpoint; or a plain state_dict file with --config."),
+    config: Optional[Path] = typer.Option(None, "--config", help="A config: required to warm-start from a state_dict; for a run, its changes are checked."),
+    overrides: list[str] = OverridesOpt,
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Extend or shorten the run to N epochs in all."),
+    strict: bool = typer.Option(True, "--strict/--no-strict", help="Warm start: refuse weights that do not all fit."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Warm start: put the new run directory under DIR."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the result."),
+    debug: bool = DebugOpt,
+) -> None:
+    """Continue a run exactly where it stopped, or warm-start a new run from plain weights."""
+    def action() -> None:
+        from nncli.errors import ConfigError
+        from nncli.reporting import make_reporter
+        from nncli.resume import is_nncli_checkpoint, resume as resume_run, warm_start
+
+        reporter = make_reporter(quiet, 0)
+        if is_nncli_checkpoint(path):
+            run = resume_run(path, reporter, overrides=overrides, epochs=epochs, config_path=config,
+                             device=device)
+        elif config is None:
+            raise ConfigError("is not an nncli checkpoint; if it is a plain state_dict, give the "
+                              "model's config to warm-start from it: nncli resume WEIGHTS --config CONFIG",
+                              file=str(path))
+        else:
+            run = warm_start(path, config, reporter, overrides=overrides, epochs=epochs,
+                             strict=strict, device=device, out_dir=out)
+        _print_result(run, reporter)
+
+    run_command(action, debug)
+
+
 @app.command(name="eval")
 def evaluate(
     checkpoint: Path = typer.Argument(..., help="A checkpoint file or run directory."),

@@ -25,7 +25,9 @@ class NncliError(Exception):
         if self.file is not None:
             where = f"{self.file}:{self.line}: " if self.line else f"{self.file}: "
         key = f"{self.key}: " if self.key else ""
-        hint = f" {self.hint}" if self.hint else ""
+        hint = ""
+        if self.hint:  # a sentence of its own: "unknown layer 'relu'. Did you mean 'ReLU'?"
+            hint = (" " if self.message.rstrip().endswith((".", "?", "!", ":")) else ". ") + self.hint
         return f"{where}{key}{self.message}{hint}"
 
 

@@ -110,6 +110,25 @@ def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
     return size
 
 
+def _first_too_large(node: yaml.Node, sizes: dict[int, int]) -> yaml.Node:
+    """The innermost node (first in file order) that alone expands past MAX_NODES: the line to blame
+    for an alias bomb, rather than the top of the document."""
+    seen = set()
+    while id(node) not in seen:
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            break
+        big = next((c for c in children if sizes.get(id(c), 0) > MAX_NODES and id(c) not in seen), None)
+        if big is None:
+            break
+        node = big
+    return node
+
+
 def _too_deep_line(text: str) -> int | None:
     """The line where nesting first goes deeper than MAX_DEPTH (the parser itself is not recursive)."""
     depth = 0
@@ -133,10 +152,12 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
         node = loader.get_single_node()
         if node is None:
             return None
-        if _expanded_size(node, {}) > MAX_NODES:
+        sizes: dict[int, int] = {}
+        if _expanded_size(node, sizes) > MAX_NODES:
+            culprit = _first_too_large(node, sizes)
             raise ConfigError(f"the document expands to more than {MAX_NODES:,} values through "
                               "aliases (&anchor / *alias); refusing to read it",
-                              file=source, line=node.start_mark.line + 1)
+                              file=source, line=culprit.start_mark.line + 1)
         return loader.construct_document(node)
     except ConfigError as err:
         err.file = source

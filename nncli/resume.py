@@ -1,0 +1,158 @@
+"""`nncli resume`: continue a run exactly where its checkpoint left it, or warm-start a new run
+from a plain state_dict.
+
+What may change on resume: the length (`--epochs`), and settings that do not change what the
+checkpoint holds (learning rates, clipping, logging, checkpoint frequency, the device, ...).
+What may not: the model, its plugins, the data, the seed, the loss, the optimizer's type and
+groups, the schedule's type. Asking for those lists the differences and stops (exit 2).
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+from typing import Any
+
+from nncli.checkpoint import FORMAT, find_checkpoint, load_checkpoint, load_file, load_state_dict_file
+from nncli.config import Config, load_config
+from nncli.errors import ConfigError
+from nncli.inference import config_of
+from nncli.optim import LENGTH_ARGUMENT
+from nncli.reporting import Reporter
+from nncli.train import Run, fit, new_run_dir, prepare_run, resolved_config_text, restore, write_text_atomic
+from nncli.yamlio import to_plain
+
+FIXED = ("model", "plugins", "data", "seed", "loss", "optimizer.type", "optimizer.groups",
+         "schedule.type", "train.batch_size", "train.accumulate", "train.drop_last", "train.shuffle")
+
+
+def config_differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for every leaf that differs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in list(old) + [k for k in new if k not in old]:
+            out += config_differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    old, new = to_plain(old), to_plain(new)
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
+
+
+def _is_fixed(key: str) -> bool:
+    return any(key == f or key.startswith(f + ".") for f in FIXED)
+
+
+def _describe(differences: list[tuple[str, Any, Any]]) -> str:
+    return "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differences)
+
+
+def is_nncli_checkpoint(path: Path) -> bool:
+    if path.is_dir():
+        return True
+    obj = load_file(path)
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+def resume(path: Path, reporter: Reporter, *, overrides: list[str] = (), epochs: int | None = None,
+           config_path: Path | None = None, device: str | None = None) -> Run:
+    """Continue the run saved at `path` (a run directory or a checkpoint file)."""
+    file = find_checkpoint(path, prefer=("last.pt", "best.pt"))
+    ckpt = load_checkpoint(file)
+    stored = config_of(ckpt)
+    extra = [f"train.epochs={epochs}"] if epochs else []
+    if config_path is not None:
+        config = load_config(config_path, [*overrides, *extra])
+    else:
+        config = config_of(ckpt, [*overrides, *extra])
+    differences = config_differences(stored.values, config.values)
+    differences = [d for d in differences if d[0] != "name"]
+    refused = [d for d in differences if _is_fixed(d[0])]
+    if refused:
+        raise ConfigError(f"cannot resume with a different {', '.join(sorted({d[0].split('.')[0] for d in refused}))}: "
+                          f"{_describe(refused)}", file=str(config_path or file),
+                          hint="Start a new run with `nncli train`, or warm-start from the weights "
+                               "with `nncli resume WEIGHTS --config CONFIG`.")
+    run = prepare_run(config, device=device, run_dir=file.parent, epochs=config["train"]["epochs"])
+    fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
+    fresh_schedule = copy.deepcopy(run.schedule.scheduler.state_dict()) if run.schedule else None
+    restore(run, ckpt)
+    if differences:
+        reporter.print(f"changed on resume: {_describe(differences)}")
+    if config_differences(stored["optimizer"], config["optimizer"]) or \
+            config_differences(stored["schedule"], config["schedule"]) or _length_changed(stored, config):
+        _replan_schedule(run, fresh_groups, fresh_schedule, reporter)
+    state = run.state
+    if state.stopped_early or state.epoch >= run.epochs:
+        why = "stopped early" if state.stopped_early else "finished"
+        reporter.print(f"the run {why} at epoch {state.epoch} of {stored['train']['epochs']}; nothing "
+                       f"to do. Extend it with: nncli resume {path} --epochs N")
+        return run
+    if differences:
+        write_text_atomic(resolved_config_text(config), file.parent / "config.yaml")
+    where = f"epoch {state.epoch + 1} of {run.epochs}"
+    if state.position:
+        where += f", batch {state.position + 1} of {len(run.batches)}"
+    reporter.print(f"resuming {file} at {where}")
+    try:
+        fit(run, reporter)
+    finally:
+        reporter.close()
+    return run
+
+
+def _length_changed(stored: Config, config: Config) -> bool:
+    spec = config["schedule"]
+    name = spec if isinstance(spec, str) else (spec or {}).get("type")
+    return name in LENGTH_ARGUMENT and stored["train"]["epochs"] != config["train"]["epochs"]
+
+
+def _replan_schedule(run: Run, fresh_groups: list[dict], fresh_schedule: dict | None,
+                     reporter: Reporter) -> None:
+    """The new settings (lr, schedule length) replace the checkpoint's: the fresh scheduler that
+    `prepare_run` made is fast-forwarded over the steps already taken, from the new base rates."""
+    for group, settings in zip(run.optimizer.param_groups, fresh_groups):
+        group.update(settings)
+    if run.schedule is None or run.schedule.monitor is not None:
+        return  # ReduceLROnPlateau's state is its history of the metric: keep it
+    scheduler = run.schedule.scheduler
+    done = run.state.step if run.schedule.interval == "step" else run.state.epoch
+    scheduler.load_state_dict(fresh_schedule)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()"
+        for _ in range(done):
+            scheduler.step()
+    reporter.print(f"schedule re-planned over {run.epochs} epochs"
+                   + (f" ({run.schedule.note})" if run.schedule.note else "")
+                   + f"; fast-forwarded {done} {run.schedule.interval}s")
+
+
+def warm_start(weights: Path, config_path: Path, reporter: Reporter, *, overrides: list[str] = (),
+               epochs: int | None = None, strict: bool = True, device: str | None = None,
+               out_dir: Path | None = None) -> Run:
+    """A new run of `config_path` whose model starts from a plain state_dict's weights."""
+    state = load_state_dict_file(weights)
+    extra = [f"train.epochs={epochs}"] if epochs else []
+    config = load_config(config_path, [*overrides, *extra])
+    run = prepare_run(config, device=device)
+    own = run.model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    misshaped = [f"{k} {list(state[k].shape)} (model: {list(own[k].shape)})" for k in state
+                 if k in own and state[k].shape != own[k].shape]
+    problems = [f"{label}: {', '.join(keys)}" for label, keys in
+                (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)) if keys]
+    if problems and strict:
+        raise ConfigError(f"the weights do not fit the config's model: {'; '.join(problems)}",
+                          file=str(weights), hint="Pass --no-strict to load the tensors that fit.")
+    fitting = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+    run.model.load_state_dict(fitting, strict=False)
+    run.run_dir = new_run_dir(out_dir or Path(config["checkpoint"]["dir"]), config["name"])
+    write_text_atomic(resolved_config_text(config), run.run_dir / "config.yaml")
+    reporter.print(f"warm start from {weights}: loaded {len(fitting)} of {len(own)} tensors"
+                   + (f" (not loaded: {'; '.join(problems)})" if problems else "")
+                   + f"; run directory: {run.run_dir}")
+    try:
+        fit(run, reporter)
+    finally:
+        reporter.close()
+    return run
+
