@@ -138,9 +138,13 @@ def train(
     out: Optional[Path] = typer.Option(None, "--out", help="Put the run directory under DIR (replaces checkpoint.dir)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the result."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Start N DDP processes on this machine through torchrun."),
     debug: bool = DebugOpt,
 ) -> None:
     """Train the config's model; write config, metrics and checkpoints to a run directory."""
+    if nproc:
+        raise typer.Exit(_torchrun(nproc))
+
     def action() -> None:
         from nncli.config import load_config
         from nncli.reporting import make_reporter
@@ -156,6 +160,8 @@ def train(
 
 
 def _print_result(run, reporter) -> None:
+    if not run.process.is_main:
+        return
     state = run.state
     reporter.history(state.history, state.best["epoch"], run.config["train"]["log_every"])
     best = state.best
@@ -177,9 +183,13 @@ def resume(
     out: Optional[Path] = typer.Option(None, "--out", help="Warm start: put the new run directory under DIR."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the result."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Continue with N DDP processes through torchrun."),
     debug: bool = DebugOpt,
 ) -> None:
     """Continue a run exactly where it stopped, or warm-start a new run from plain weights."""
+    if nproc:
+        raise typer.Exit(_torchrun(nproc))
+
     def action() -> None:
         from nncli.errors import ConfigError
         from nncli.reporting import make_reporter
@@ -199,6 +209,26 @@ def resume(
         _print_result(run, reporter)
 
     run_command(action, debug)
+
+
+def _torchrun(nproc: int) -> int:
+    """`nncli train|resume ... --nproc N`: the same command under torchrun: N processes, parallel: ddp."""
+    import subprocess
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "nncli", *args, "--set", "parallel=ddp"]
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 130
 
 
 @app.command(name="eval")

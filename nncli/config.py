@@ -129,9 +129,13 @@ class Config:
         return line
 
     def error(self, message: str, *keys: Any, hint: str | None = None) -> ConfigError:
-        """A ConfigError at the dotted key path `keys` (e.g. "optimizer", "groups", 0, "lr")."""
-        return ConfigError(message, file=self.source, line=self.line(*keys),
-                           key=".".join(str(k) for k in keys) or None, hint=hint)
+        """A ConfigError at the dotted key path `keys` (e.g. "optimizer", "groups", 0, "lr");
+        a value that came from `--set` is blamed on it rather than on a line of the file."""
+        dotted = ".".join(str(k) for k in keys)
+        for key in getattr(self.raw, "overridden", ()):
+            if dotted == key or dotted.startswith(key + "."):
+                return ConfigError(message, file=f"--set {key}", key=dotted or None, hint=hint)
+        return ConfigError(message, file=self.source, line=self.line(*keys), key=dotted or None, hint=hint)
 
     def resolve_path(self, path: str) -> Path:
         """A path from the config, relative to the config file's folder."""
@@ -199,33 +203,34 @@ def apply_overrides(raw: YamlMap, overrides: list[str], source: str) -> None:
     """Apply `--set` overrides to the raw tree; a key path that the file cannot have is an error."""
     for text in overrides:
         path, value = parse_override(text)
-        node = raw
-        for depth, part in enumerate(path[:-1]):
-            schema = _schema_at(path[:depth + 1])
-            if part not in node or node[part] is None:
-                if schema is None and depth == 0 and part not in TOP:
-                    hint = did_you_mean(part, TOP)
-                    raise ConfigError(f"unknown key '{part}' in '{text}'", file="--set", hint=hint)
-                node[part] = YamlMap()
-            node = node[part]
-            if isinstance(node, list) and path[depth + 1].isdigit():
+        node: Any = raw
+        for depth, part in enumerate(path):
+            where = ".".join(path[:depth]) or "the config"
+            last = depth == len(path) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"'{text}': {where} is a list of {len(node)}; use an index "
+                                      f"from 0 to {len(node) - 1}", file="--set")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
                 continue
             if not isinstance(node, dict):
-                raise ConfigError(f"'{'.'.join(path[:depth + 1])}' is not a mapping, so "
-                                  f"'{text}' cannot set a key inside it", file="--set")
-        last = path[-1]
-        if isinstance(node, list):
-            index = int(last)
-            if index >= len(node):
-                raise ConfigError(f"'{text}': the list has {len(node)} items", file="--set")
-            node[index] = value
-            continue
-        schema = _schema_at(path[:-1]) if len(path) > 1 else TOP
-        if schema is not None and last not in schema:
-            hint = did_you_mean(last, schema)
-            raise ConfigError(f"unknown key '{'.'.join(path)}' in '{text}'; expected one of: "
-                              f"{', '.join(schema)}", file="--set", hint=hint)
-        node[last] = value
+                raise ConfigError(f"'{text}': {where} is not a mapping, so it has no key '{part}'",
+                                  file="--set")
+            schema = _schema_at(path[:depth])
+            if schema is not None and part not in schema:
+                hint = did_you_mean(part, schema)
+                raise ConfigError(f"unknown key '{'.'.join(path[:depth + 1])}' in '{text}'; expected "
+                                  f"one of: {', '.join(schema)}", file="--set", hint=hint)
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = YamlMap()
+                node = node[part]
+        raw.overridden = [*getattr(raw, "overridden", []), ".".join(path)]
 
 
 def _schema_at(path: list[str]) -> dict | None:

@@ -24,6 +24,10 @@ class Metric:
     def compute(self) -> float:
         return float(self.total / self.count.clamp(min=1))
 
+    def sums(self) -> list[torch.Tensor]:
+        """The running sums, to be added across processes under DDP."""
+        return [self.total, self.count]
+
 
 class Accuracy(Metric):
     def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
@@ -74,6 +78,9 @@ class R2(Metric):
         self.sum += target.sum()
         self.sum_sq += (target ** 2).sum()
         self.count += target.numel()
+
+    def sums(self) -> list[torch.Tensor]:
+        return [self.sse, self.sum, self.sum_sq, self.count]
 
     def compute(self) -> float:
         n = self.count.clamp(min=1)

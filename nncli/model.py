@@ -304,7 +304,11 @@ class _Planner:
         for arg, value in bound.arguments.items():
             line = line_of(options, arg) or line_of(options, "args") or plan.line
             hint = hints.get(arg)
-            if hint is not None and not _matches(value, hint):
+            kind = params[arg].kind if arg in params else None
+            # `*dims: int` annotates each positional item, `**options: int` each keyword value
+            items = (list(value) if kind == inspect.Parameter.VAR_POSITIONAL
+                     else list(value.values()) if kind == inspect.Parameter.VAR_KEYWORD else [value])
+            if hint is not None and not all(_matches(item, hint) for item in items):
                 raise self.fail(f"argument '{arg}' expects {_describe_hint(hint)}, got {_plain(value)!r}",
                                 line, where)
             if arg in POSITIVE_SIZES and not _all_positive(value):

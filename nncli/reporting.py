@@ -6,6 +6,7 @@ from the device only every few batches, never once per step.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -116,6 +117,7 @@ class ProgressReporter(Reporter):
 
 
 def make_reporter(quiet: bool, batch_size: int) -> Reporter:
-    if quiet:
+    """Quiet for --quiet and for every DDP process but the first (RANK is torchrun's)."""
+    if quiet or int(os.environ.get("RANK", "0")) > 0:
         return Reporter(quiet=True)
     return ProgressReporter(batch_size) if sys.stdout.isatty() else Reporter()

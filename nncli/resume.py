@@ -19,7 +19,7 @@ from nncli.errors import ConfigError
 from nncli.inference import config_of
 from nncli.optim import LENGTH_ARGUMENT
 from nncli.reporting import Reporter
-from nncli.train import Run, fit, new_run_dir, prepare_run, resolved_config_text, restore, write_text_atomic
+from nncli.train import Run, new_run_dir, prepare_run, resolved_config_text, restore, run_fit, write_text_atomic
 from nncli.yamlio import to_plain
 
 FIXED = ("model", "plugins", "data", "seed", "loss", "optimizer.type", "optimizer.groups",
@@ -71,7 +71,8 @@ def resume(path: Path, reporter: Reporter, *, overrides: list[str] = (), epochs:
                           f"{_describe(refused)}", file=str(config_path or file),
                           hint="Start a new run with `nncli train`, or warm-start from the weights "
                                "with `nncli resume WEIGHTS --config CONFIG`.")
-    run = prepare_run(config, device=device, run_dir=file.parent, epochs=config["train"]["epochs"])
+    run = prepare_run(config, device=device, run_dir=file.parent, epochs=config["train"]["epochs"],
+                      notice=reporter.print)
     fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
     fresh_schedule = copy.deepcopy(run.schedule.scheduler.state_dict()) if run.schedule else None
     restore(run, ckpt)
@@ -86,16 +87,13 @@ def resume(path: Path, reporter: Reporter, *, overrides: list[str] = (), epochs:
         reporter.print(f"the run {why} at epoch {state.epoch} of {stored['train']['epochs']}; nothing "
                        f"to do. Extend it with: nncli resume {path} --epochs N")
         return run
-    if differences:
+    if differences and run.process.is_main:
         write_text_atomic(resolved_config_text(config), file.parent / "config.yaml")
     where = f"epoch {state.epoch + 1} of {run.epochs}"
     if state.position:
         where += f", batch {state.position + 1} of {len(run.batches)}"
     reporter.print(f"resuming {file} at {where}")
-    try:
-        fit(run, reporter)
-    finally:
-        reporter.close()
+    run_fit(run, reporter)
     return run
 
 
@@ -132,7 +130,7 @@ def warm_start(weights: Path, config_path: Path, reporter: Reporter, *, override
     state = load_state_dict_file(weights)
     extra = [f"train.epochs={epochs}"] if epochs else []
     config = load_config(config_path, [*overrides, *extra])
-    run = prepare_run(config, device=device)
+    run = prepare_run(config, device=device, notice=reporter.print)
     own = run.model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -145,14 +143,12 @@ def warm_start(weights: Path, config_path: Path, reporter: Reporter, *, override
                           file=str(weights), hint="Pass --no-strict to load the tensors that fit.")
     fitting = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
     run.model.load_state_dict(fitting, strict=False)
-    run.run_dir = new_run_dir(out_dir or Path(config["checkpoint"]["dir"]), config["name"])
-    write_text_atomic(resolved_config_text(config), run.run_dir / "config.yaml")
+    if run.process.is_main:
+        run.run_dir = new_run_dir(out_dir or Path(config["checkpoint"]["dir"]), config["name"])
+        write_text_atomic(resolved_config_text(config), run.run_dir / "config.yaml")
     reporter.print(f"warm start from {weights}: loaded {len(fitting)} of {len(own)} tensors"
                    + (f" (not loaded: {'; '.join(problems)})" if problems else "")
                    + f"; run directory: {run.run_dir}")
-    try:
-        fit(run, reporter)
-    finally:
-        reporter.close()
+    run_fit(run, reporter)
     return run
 

@@ -14,7 +14,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -25,7 +25,8 @@ from nncli import __version__
 from nncli.checkpoint import FORMAT, capture_rng, restore_rng, save_atomic, write_text_atomic
 from nncli.config import Config
 from nncli.data import Batches, Data, TensorPair, check_targets, load_data
-from nncli.devices import autocast, resolve_device
+from nncli.devices import (Process, all_reduce_sum, autocast, configure_determinism, end_process,
+                           grad_scaler, resolve_device, start_process, weights_in_sync, wrap_model)
 from nncli.errors import ConfigError, Interrupted, RunError
 from nncli.metrics import check_metric_name, create_metric, higher_is_better
 from nncli.model import ModelPlan, materialize, plan_model
@@ -66,6 +67,9 @@ class Run:
     device: torch.device
     run_dir: Path
     epochs: int
+    step_model: nn.Module  # what the step calls: the model, or DataParallel / DDP / compiled around it
+    scaler: torch.amp.GradScaler | None  # fp16 loss scaling
+    process: Process
     state: TrainState = field(default_factory=TrainState)
     epoch_shuffle: torch.Tensor | None = None  # the shuffle generator's state when this epoch began
 
@@ -125,30 +129,42 @@ def _input_shape(config: Config, data: Data) -> tuple:
 
 
 def prepare_run(config: Config, *, device: str | None = None, run_dir: Path | None = None,
-                epochs: int | None = None) -> Run:
+                epochs: int | None = None, notice: Callable[[str], None] = print) -> Run:
     """Load the data, build the model, loss, optimizer and schedule; nothing is trained yet."""
+    try:
+        target_device = resolve_device(device or config["device"])
+        process = start_process(config["parallel"], target_device)
+    except ConfigError as err:  # say where the setting came from: --device or the config's line
+        if device and err.key == "device":
+            raise ConfigError(err.message, key="--device", hint=err.hint) from None
+        raise config.error(err.message, err.key, hint=err.hint) from None
+    configure_determinism(config["deterministic"], target_device)
     seed_everything(config["seed"])
     data = load_data(config)
     check_training_config(config, data.val is not None)
     plan = plan_model(config, input_shape=_input_shape(config, data))
     check_targets(data, plan.output_shape[1:], config)
-    target_device = resolve_device(device or config["device"])
     seed_everything(config["seed"])  # the weights depend on the seed alone, as in a hand-written script
     model = materialize(plan, target_device)
+    step_model = wrap_model(model, parallel=config["parallel"], device=target_device,
+                            device_ids=config["device_ids"], compile_mode=config["compile"],
+                            channels_last=config["channels_last"], process=process, notice=notice)
     loss_fn = create_loss(config).to(target_device)
     optimizer, groups = create_optimizer(model, config)
     train_cfg = config["train"]
     batches = Batches(data.train.to(target_device), train_cfg["batch_size"], shuffle=train_cfg["shuffle"],
-                      seed=config["seed"], drop_last=train_cfg["drop_last"])
+                      seed=config["seed"], drop_last=train_cfg["drop_last"],
+                      rank=process.rank, world_size=process.world_size)
     if len(batches) == 0:
-        raise config.error(f"batch_size {train_cfg['batch_size']} with drop_last leaves no batch of "
-                           f"{len(data.train)} training samples", "train", "batch_size")
+        raise config.error(f"batch_size {train_cfg['batch_size']} leaves no full batch of the "
+                           f"{batches.samples} training samples per process", "train", "batch_size")
     epochs = epochs or train_cfg["epochs"]
     optimizer_steps = -(-len(batches) // train_cfg["accumulate"])
     schedule = create_schedule(optimizer, config, optimizer_steps, epochs)
     val = data.val.to(target_device) if data.val is not None else None
     run = Run(config, plan, model, data, batches, val, loss_fn, optimizer, groups, schedule,
-              target_device, run_dir or Path(config["checkpoint"]["dir"]) / config["name"], epochs)
+              target_device, run_dir or Path(config["checkpoint"]["dir"]) / config["name"], epochs,
+              step_model, grad_scaler(config["amp"], target_device), process)
     run.state.best["metric"] = run.monitor
     return run
 
@@ -159,9 +175,20 @@ class StopRequest:
     """SIGINT / SIGTERM ask the loop to stop after the current optimizer step and save;
     a second Ctrl-C stops at once (KeyboardInterrupt) without touching saved files."""
 
-    def __init__(self) -> None:
+    def __init__(self, process: Process = Process()) -> None:
         self.requested = False
+        self.process = process
         self._previous = {}
+
+    def agreed(self) -> bool:
+        """Whether to stop now. Under DDP every process must stop at the same step, so the
+        processes agree (one tiny all-reduce per optimizer step); alone, a flag check."""
+        if self.process.world_size == 1:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        all_reduce_sum(flag)
+        self.requested = bool(flag.item())
+        return self.requested
 
     def __enter__(self) -> StopRequest:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -182,13 +209,18 @@ class StopRequest:
 
 
 def evaluate(model: nn.Module, data: TensorPair, loss_fn: nn.Module, metric_names: list[str],
-             batch_size: int, amp: str = "off") -> dict[str, float]:
-    """Loss and metrics over `data` under eval() and no_grad(), read from the device once."""
+             batch_size: int, amp: str = "off", process: Process = Process()) -> dict[str, float]:
+    """Loss and metrics over `data` under eval() and no_grad(), read from the device once.
+
+    Under DDP each process takes its share of the data and the sums are added across processes."""
     was_training = model.training
     model.eval()
     device = data.x.device
+    if process.world_size > 1:
+        data = TensorPair(data.x[process.rank::process.world_size], data.y[process.rank::process.world_size])
     metrics = {name: create_metric(name, device) for name in metric_names}
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    count = torch.full((), float(len(data)), device=device, dtype=torch.float64)
     with torch.no_grad(), autocast(device, amp):
         for start in range(0, len(data), batch_size):
             xb, yb = data.x[start:start + batch_size], data.y[start:start + batch_size]
@@ -196,21 +228,22 @@ def evaluate(model: nn.Module, data: TensorPair, loss_fn: nn.Module, metric_name
             loss_sum += loss_fn(out, yb).double() * len(xb)
             for metric in metrics.values():
                 metric.update(out.float(), yb)
+    all_reduce_sum(loss_sum, count, *(t for m in metrics.values() for t in m.sums()))
     model.train(was_training)
-    return {"loss": float(loss_sum) / len(data), **{k: m.compute() for k, m in metrics.items()}}
+    return {"loss": float(loss_sum / count), **{k: m.compute() for k, m in metrics.items()}}
 
 
 def fit(run: Run, reporter: Reporter) -> TrainState:
     """Train from `run.state` to `run.epochs`; checkpoints and metrics.csv go to `run.run_dir`."""
-    config, model, optimizer, state = run.config, run.model, run.optimizer, run.state
+    config, model, optimizer, state, scaler = run.config, run.step_model, run.optimizer, run.state, run.scaler
     train_cfg = config["train"]
     accumulate, grad_clip = train_cfg["accumulate"], train_cfg["grad_clip"]
     params = [p for p in model.parameters() if p.requires_grad]
     steps = len(run.batches)
     batch_sizes = run.batches.batch_sizes().to(run.device)
     every_steps = config["checkpoint"]["every_steps"]
-    amp = config["amp"]
-    with StopRequest() as stop:
+    amp, channels_last = config["amp"], config["channels_last"]
+    with StopRequest(run.process) as stop:
         while state.epoch < run.epochs and not state.stopped_early:
             epoch = state.epoch + 1
             model.train()
@@ -221,32 +254,44 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
             reporter.epoch_start(epoch, run.epochs, steps, state.position, state.epoch_lrs[0])
             started = time.perf_counter()
             for i, (xb, yb) in enumerate(run.batches.epoch(skip=state.position), start=state.position):
+                if channels_last and xb.dim() == 4:
+                    xb = xb.contiguous(memory_format=torch.channels_last)
                 with autocast(run.device, amp):
                     loss = run.loss_fn(model(xb), yb)
-                (loss / accumulate if accumulate > 1 else loss).backward()
-                losses.append(loss.detach().reshape(1))
+                scaled = loss / accumulate if accumulate > 1 else loss
+                (scaler.scale(scaled) if scaler else scaled).backward()
+                losses.append(loss.detach().float().reshape(1))
                 if (i + 1) % accumulate == 0 or i + 1 == steps:
+                    if scaler:
+                        scaler.unscale_(optimizer)
                     if grad_clip:
                         nn.utils.clip_grad_norm_(params, grad_clip)
-                    optimizer.step()
+                    if scaler:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     state.step += 1
                     if run.schedule:
                         run.schedule.step_batch()
-                    if i + 1 < steps and (stop.requested or (every_steps and state.step % every_steps == 0)):
+                    if i + 1 < steps and (stop.agreed() or (every_steps and state.step % every_steps == 0)):
                         state.position, state.epoch_losses = i + 1, torch.cat(losses).tolist()
                         _check_finite(state.epoch_losses, epoch)
                         save_checkpoints(run, best=False)
-                        if stop.requested:
+                        if stop.agreed():
                             raise Interrupted(_stopped_message(run))
                 reporter.batch(i + 1, losses)
             epoch_losses = torch.cat(losses)
+            if run.process.world_size > 1:  # every process gets the mean over processes, NaNs included
+                all_reduce_sum(epoch_losses)
+                epoch_losses /= run.process.world_size
             train_loss = float((epoch_losses * batch_sizes).sum() / batch_sizes.sum())
             _check_finite(epoch_losses.tolist(), epoch)
             row = {"epoch": epoch, "train_loss": train_loss}
             if run.val is not None:
-                results = evaluate(model, run.val, run.loss_fn, config["metrics"],
-                                   max(train_cfg["batch_size"], 1024), amp)
+                results = evaluate(run.model, run.val, run.loss_fn, config["metrics"],
+                                   max(train_cfg["batch_size"], 1024), amp, run.process)
                 row.update({f"val_{k}": v for k, v in results.items()})
             row.update({f"lr_{i}": lr for i, lr in enumerate(state.epoch_lrs)})
             row["time_s"] = time.perf_counter() - started
@@ -258,7 +303,7 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
             save_checkpoints(run, best=improved)
             if epoch % train_cfg["log_every"] == 0 or epoch == run.epochs:
                 reporter.epoch_end(row, run.epochs, improved)
-            if stop.requested and state.epoch < run.epochs:
+            if stop.agreed() and state.epoch < run.epochs:
                 raise Interrupted(_stopped_message(run))
     return state
 
@@ -327,7 +372,7 @@ def checkpoint_dict(run: Run) -> dict:
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.schedule.scheduler.state_dict() if run.schedule else None,
-        "scaler": None,
+        "scaler": run.scaler.state_dict() if run.scaler else None,
         "epoch": state.epoch,
         "step": state.step,
         "position": state.position,
@@ -346,6 +391,8 @@ def checkpoint_dict(run: Run) -> dict:
 def save_checkpoints(run: Run, best: bool) -> None:
     """last.pt (every `checkpoint.every` epochs, at the end, and mid-epoch), best.pt when improved,
     epoch_<N>.pt when `keep_last` asks; then metrics.csv."""
+    if not run.process.is_main:
+        return
     cfg, state = run.config["checkpoint"], run.state
     finished = state.epoch >= run.epochs or state.stopped_early
     ckpt = checkpoint_dict(run)
@@ -372,27 +419,41 @@ def write_metrics_csv(history: list[dict], path: Path) -> None:
 
 def train(config: Config, reporter: Reporter, *, device: str | None = None,
           out_dir: Path | None = None) -> Run:
-    """`nncli train`: prepare a run, write its directory, fit it."""
-    run = prepare_run(config, device=device)
-    run.run_dir = new_run_dir(out_dir or Path(config["checkpoint"]["dir"]), config["name"])
-    write_text_atomic(resolved_config_text(config), run.run_dir / "config.yaml")
-    reporter.print(f"run directory: {run.run_dir}   device: {run.device}   "
+    """`nncli train`: prepare a run, write its directory (the main process only), fit it."""
+    run = prepare_run(config, device=device, notice=reporter.print)
+    if run.process.is_main:
+        run.run_dir = new_run_dir(out_dir or Path(config["checkpoint"]["dir"]), config["name"])
+        write_text_atomic(resolved_config_text(config), run.run_dir / "config.yaml")
+    processes = f" x {run.process.world_size} processes" if run.process.world_size > 1 else ""
+    reporter.print(f"run directory: {run.run_dir}   device: {run.device}{processes}   "
                    f"train/val samples: {len(run.data.train)}/{len(run.data.val) if run.val else 0}")
     if run.schedule and run.schedule.note:
         reporter.print(f"schedule: {run.schedule.note}")
     counts = {n: p.numel() for n, p in run.model.named_parameters()}
     reporter.groups(run.groups, counts)
+    run_fit(run, reporter)
+    return run
+
+
+def run_fit(run: Run, reporter: Reporter) -> None:
+    """`fit`, then close the progress display and leave the process group whatever happened."""
     try:
         fit(run, reporter)
+        if run.process.world_size > 1:
+            same = weights_in_sync(run.model)
+            reporter.print(f"DDP: weights identical on all {run.process.world_size} processes" if same
+                           else "warning: DDP processes ended with different weights")
     finally:
         reporter.close()
-    return run
+        end_process(run.process)
 
 
 def restore(run: Run, ckpt: dict) -> None:
     """Put a run back exactly where a checkpoint left it (model, optimizer, schedule, RNGs)."""
     run.model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
+    if run.scaler and ckpt.get("scaler"):
+        run.scaler.load_state_dict(ckpt["scaler"])
     if run.schedule and ckpt.get("scheduler"):
         run.schedule.scheduler.load_state_dict(ckpt["scheduler"])
     saved = dict(ckpt["train_state"])
