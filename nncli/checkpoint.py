@@ -104,10 +104,44 @@ def load_file(path: Path) -> Any:
         raise ConfigError(f"refused to load: the file holds objects other than tensors and plain "
                           f"containers ({reason}). nncli never loads code from a checkpoint",
                           file=str(path)) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
-        reason = str(err).split(". ")[0].splitlines()[0] if str(err) else type(err).__name__
+    except Exception as err:  # on bytes that are not a checkpoint the unpickler fails in many ways
+        if isinstance(err, (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError)) and str(err):
+            reason = str(err).split(". ")[0].splitlines()[0]
+        else:  # KeyError: 101, IndexError: pop from empty list, ...: say what the file is not
+            reason = "it is not a file written by torch.save"
         raise ConfigError(f"not a readable checkpoint (truncated or corrupted?): {reason}",
                           file=str(path)) from None
+
+
+_TEMPORARY = re.compile(r"^\..+\.(\d+)\.tmp$")  # save_atomic's `.<name>.<pid>.tmp`
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files that a writer killed mid-write (kill -9, power loss) left in
+    `folder`; files of a process still running, and every finished file, are left alone."""
+    removed = []
+    for path in Path(folder).glob(".*.tmp"):
+        found = _TEMPORARY.match(path.name)
+        if found is None or not path.is_file() or _process_exists(int(found.group(1))):
+            continue
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        removed.append(path)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    if pid == os.getpid() or os.name == "nt":  # on Windows os.kill(pid, 0) would end the process
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, under another user
+        return True
+    return True
 
 
 def find_checkpoint(path: str | Path, prefer: tuple[str, ...] = ("last.pt", "best.pt")) -> Path:

@@ -161,15 +161,18 @@ def _numeric_tensor(array: np.ndarray, ctx: SourceContext, key: str) -> torch.Te
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
-@source("synthetic", kind=Key((str,), "classification", one_of("classification", "regression")),
+@source("synthetic", kind=Key((str,), "classification", one_of("classification", "regression", "images")),
         n=Key((int,), 1000, positive), features=Key((int,), 16, positive),
-        classes=Key((int,), 2, positive), noise=Key(NUMBER, 0.5))
+        classes=Key((int,), 2, positive), noise=Key(NUMBER, 0.5), shape=Key((list,), [3, 32, 32]))
 def load_synthetic(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.Tensor]:
     """Random Gaussian inputs and a noisy linear target, generated from the run's seed.
 
-    Two classes are `x @ w + noise > 0`, the same data as reference_loop.py's synthetic set."""
+    Two classes are `x @ w + noise > 0`, the same data as reference_loop.py's synthetic set;
+    `kind: images` gives random images of `shape` with random labels (for throughput only)."""
     g = torch.Generator().manual_seed(ctx.seed)
     n, features, noise = options["n"], options["features"], options["noise"]
+    if options["kind"] == "images":
+        return torch.randn(n, *options["shape"], generator=g), torch.randint(0, options["classes"], (n,), generator=g)
     x = torch.randn(n, features, generator=g)
     if options["kind"] == "regression":
         w = torch.randn(features, generator=g)
@@ -290,7 +293,7 @@ def split_data(data: TensorPair, val_split: float, config: Config) -> tuple[Tens
     """A seeded split: the first `val_split` of a random permutation is the validation set."""
     if val_split == 0:
         return data, None
-    n_val = int(len(data) * val_split)
+    n_val = round(len(data) * val_split)  # 0.999 of 10 samples is all 10, not 9
     if n_val == 0 or n_val == len(data):
         raise config.error(f"a split of {val_split} leaves the {'validation' if n_val == 0 else 'training'} "
                            f"side empty ({len(data)} samples)", "data", "val_split",

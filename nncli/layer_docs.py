@@ -26,8 +26,10 @@ def print_layer(name: str, console: Console) -> None:
     entry = LAYERS.get(name)
     doc = inspect.getdoc(entry.factory) or ""
     console.print(f"{entry.name} ({entry.category}, from {entry.source})")
-    if doc:
-        console.print(doc.split("\n\n", 1)[0])
+    # the first paragraph that is prose (torch's RNN docstrings open with an `__init__(...)` line)
+    intro = next((part for part in doc.split("\n\n") if part.strip() and not part.startswith("__init__(")), "")
+    if intro:
+        console.print(intro)
     if entry.is_block:
         console.print("A block: give its layers with `layers:` (list or mapping), like `model.layers`.")
         return

@@ -423,6 +423,9 @@ def plan_model(config: Config, input_shape: tuple | list | None = None, batch_si
     if shape is None:
         raise config.error("missing; give one sample's shape, e.g. input_shape: [1, 8, 8], or a "
                            "data section that tells it", "model", "input_shape")
+    if len(shape) == 0:  # [] would reach the layers as a batch of scalars, which none accepts
+        raise config.error("is empty; give one sample's shape, e.g. input_shape: [1, 8, 8] (no batch "
+                           "dimension)", "model", "input_shape")
     shape = tuple(int(d) for d in shape)
     planner = _Planner(config)
     x = torch.empty(batch_size, *shape, device="meta")

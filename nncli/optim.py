@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from nncli.config import Config, Key, check_section, one_of
+from nncli.errors import did_you_mean
 from nncli.registry import Registry, create
 
 
@@ -172,6 +173,13 @@ def create_schedule(optimizer: torch.optim.Optimizer, config: Config, steps_per_
     monitor = None
     if name == "ReduceLROnPlateau":
         monitor = spec.get("monitor", "val_loss")
+        recorded = recorded_metrics(config)
+        if monitor not in recorded:
+            raise config.error(f"monitor '{monitor}' is not recorded; expected one of: "
+                               f"{', '.join(recorded)}", "schedule",
+                               *(["monitor"] if "monitor" in spec else []),
+                               hint=did_you_mean(str(monitor), recorded) if "monitor" in spec else
+                               "The run has no validation data: set monitor: train_loss.")
         if warmup_len:
             raise config.error("warmup does not combine with ReduceLROnPlateau", "schedule", "warmup")
     main = create(SCHEDULERS, spec, config.error, "schedule", positional=(optimizer,),
@@ -181,6 +189,17 @@ def create_schedule(optimizer: torch.optim.Optimizer, config: Config, steps_per_
                                                  total_iters=warmup_len)
         main = torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, main], milestones=[warmup_len])
     return Schedule(main, interval, monitor, note)
+
+
+def recorded_metrics(config: Config) -> list[str]:
+    """The per-epoch values a run records (metrics.csv's columns a schedule can follow)."""
+    section = config["data"] or {}
+    if "train" in section:
+        has_val = bool(section.get("val"))
+    else:
+        has_val = section.get("val_split", 0.2) != 0
+    val = ["val_loss", *(f"val_{m}" for m in config["metrics"] or [])] if has_val else []
+    return ["train_loss", *val]
 
 
 def optimizer_settings(group: ParamGroup) -> str:

@@ -131,7 +131,12 @@ CATEGORY_ORDER = ["convolution", "pooling", "normalization", "activation", "line
                   "recurrent", "embedding", "transformer", "padding", "reshape", "distance",
                   "blocks", "other", "plugins"]
 NOT_LAYERS = {"Module", "Container", "ModuleList", "ModuleDict", "ParameterList",
-              "ParameterDict", "Sequential"}
+              "ParameterDict", "Sequential",
+              # wrappers and abstract bases, not layers: DataParallel wraps a whole model
+              # (`parallel: dp` does that), RNNBase / RNNCellBase need a `mode` and have no forward
+              "DataParallel", "RNNBase", "RNNCellBase"}
+# Layers whose torch.nn source file does not say what they are.
+CATEGORY_BY_NAME = {"MultiheadAttention": "transformer"}
 
 
 def _argument_names(factory: Callable[..., Any]) -> set[str]:
@@ -178,7 +183,8 @@ def _load_builtin_layers(registry: Registry) -> None:
             obj = _recurrent_factory(obj)
         infer = {arg: rule for arg, rule in INFER_BY_ARGUMENT.items() if arg in _argument_names(obj)}
         defaults = {"batch_first": True} if submodule == "rnn" and "batch_first" in _argument_names(obj) else {}
-        registry.add(name, LayerEntry(name, obj, CATEGORY_BY_TORCH_MODULE.get(submodule, "other"),
+        category = CATEGORY_BY_NAME.get(name) or CATEGORY_BY_TORCH_MODULE.get(submodule, "other")
+        registry.add(name, LayerEntry(name, obj, category,
                                       "torch.nn", infer, defaults))
     registry.add("Sequential", LayerEntry("Sequential", nn.Sequential, "blocks", "torch.nn", is_block=True))
     registry.add("Residual", LayerEntry("Residual", blocks.Residual, "blocks", "nncli", is_block=True))
@@ -267,7 +273,8 @@ def create(registry: Registry, spec: str | dict, error: Callable[..., ConfigErro
     """
     name = spec if isinstance(spec, str) else spec.get("type")
     if not isinstance(name, str):
-        raise error(f"needs 'type:' naming a {registry.kind}", *where)
+        article = "an" if registry.kind[:1] in "aeiou" else "a"
+        raise error(f"needs 'type:' naming {article} {registry.kind}", *where)
     try:
         factory = registry.get(name)
     except ConfigError as err:

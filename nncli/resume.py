@@ -9,11 +9,14 @@ groups, the schedule's type. Asking for those lists the differences and stops (e
 from __future__ import annotations
 
 import copy
+import csv
+import io
 import warnings
 from pathlib import Path
 from typing import Any
 
-from nncli.checkpoint import FORMAT, find_checkpoint, load_checkpoint, load_file, load_state_dict_file
+from nncli.checkpoint import (FORMAT, find_checkpoint, load_checkpoint, load_file, load_state_dict_file,
+                              remove_stale_temporaries)
 from nncli.config import Config, load_config
 from nncli.errors import ConfigError
 from nncli.inference import config_of
@@ -26,12 +29,29 @@ FIXED = ("model", "plugins", "data", "seed", "loss", "optimizer.type", "optimize
          "schedule.type", "train.batch_size", "train.accumulate", "train.drop_last", "train.shuffle")
 
 
+class _Absent:
+    """An item that one of two lists lacks."""
+
+    def __repr__(self) -> str:
+        return "(none)"
+
+
+ABSENT = _Absent()
+
+
 def config_differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """(dotted key, old value, new value) for every leaf that differs."""
-    if isinstance(old, dict) and isinstance(new, dict):
+    """(dotted key, old value, new value) for every leaf that differs; lists are compared item by
+    item (`model.layers.0.out_features: 32 -> 7`), and an item whose `type` changed as a whole."""
+    if isinstance(old, dict) and isinstance(new, dict) and old.get("type") == new.get("type"):
         out = []
         for key in list(old) + [k for k in new if k not in old]:
             out += config_differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    if isinstance(old, list) and isinstance(new, list):
+        out = []
+        for i in range(max(len(old), len(new))):
+            out += config_differences(old[i] if i < len(old) else ABSENT,
+                                      new[i] if i < len(new) else ABSENT, f"{prefix}{i}.")
         return out
     old, new = to_plain(old), to_plain(new)
     return [] if old == new else [(prefix.rstrip("."), old, new)]
@@ -76,6 +96,9 @@ def resume(path: Path, reporter: Reporter, *, overrides: list[str] = (), epochs:
     fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
     fresh_schedule = copy.deepcopy(run.schedule.scheduler.state_dict()) if run.schedule else None
     restore(run, ckpt)
+    remove_stale_temporaries(file.parent)  # what a writer killed mid-write left behind
+    if file.name == "last.pt":  # a kill between last.pt and metrics.csv leaves the csv behind
+        _sync_metrics_csv(run.state.history, file.parent / "metrics.csv")
     if differences:
         reporter.print(f"changed on resume: {_describe(differences)}")
     if config_differences(stored["optimizer"], config["optimizer"]) or \
@@ -95,6 +118,22 @@ def resume(path: Path, reporter: Reporter, *, overrides: list[str] = (), epochs:
     reporter.print(f"resuming {file} at {where}")
     run_fit(run, reporter)
     return run
+
+
+def _sync_metrics_csv(history: list[dict], path: Path) -> None:
+    """Rewrite metrics.csv from the checkpoint's history when the two disagree."""
+    if not history:
+        return
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(history[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    try:
+        current = path.read_text(encoding="utf-8")
+    except OSError:
+        current = None
+    if current != out.getvalue():
+        write_text_atomic(out.getvalue(), path)
 
 
 def _length_changed(stored: Config, config: Config) -> bool:

@@ -250,7 +250,7 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
             if state.position == 0:
                 state.epoch_lrs = [g["lr"] for g in optimizer.param_groups]
                 run.epoch_shuffle = run.batches.generator.get_state()  # to replay this epoch on resume
-            losses = [torch.tensor(state.epoch_losses, device=run.device)] if state.epoch_losses else []
+            losses = list(torch.tensor(state.epoch_losses, device=run.device).unbind())  # resumed mid-epoch
             reporter.epoch_start(epoch, run.epochs, steps, state.position, state.epoch_lrs[0])
             started = time.perf_counter()
             for i, (xb, yb) in enumerate(run.batches.epoch(skip=state.position), start=state.position):
@@ -260,7 +260,7 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
                     loss = run.loss_fn(model(xb), yb)
                 scaled = loss / accumulate if accumulate > 1 else loss
                 (scaler.scale(scaled) if scaler else scaled).backward()
-                losses.append(loss.detach().float().reshape(1))
+                losses.append(loss.detach())
                 if (i + 1) % accumulate == 0 or i + 1 == steps:
                     if scaler:
                         scaler.unscale_(optimizer)
@@ -276,13 +276,13 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
                     if run.schedule:
                         run.schedule.step_batch()
                     if i + 1 < steps and (stop.agreed() or (every_steps and state.step % every_steps == 0)):
-                        state.position, state.epoch_losses = i + 1, torch.cat(losses).tolist()
+                        state.position, state.epoch_losses = i + 1, torch.stack(losses).tolist()
                         _check_finite(state.epoch_losses, epoch)
                         save_checkpoints(run, best=False)
                         if stop.agreed():
                             raise Interrupted(_stopped_message(run))
                 reporter.batch(i + 1, losses)
-            epoch_losses = torch.cat(losses)
+            epoch_losses = torch.stack(losses).float()
             if run.process.world_size > 1:  # every process gets the mean over processes, NaNs included
                 all_reduce_sum(epoch_losses)
                 epoch_losses /= run.process.world_size

@@ -1,0 +1,93 @@
+"""nncli against the hand-written reference loops on CPU, in one run, alternating, medians.
+
+For each case it runs, `--repeats` times and alternating:
+  - reference_loop.py (fit_s: the epochs only) and bench/nncli_fit.py (the same measure for
+    nncli's `fit`), and
+  - the whole processes: `python reference_loop.py ...` and `nncli train CONFIG --quiet`
+    (imports, data, model, training, nncli's per-epoch validation and checkpoint writes).
+Writes bench/results/cpu.json and prints a markdown table of medians and ratios (nncli / reference;
+below 1 means nncli is faster).
+
+  python bench/compare_cpu.py [--repeats 5] [--cases mlp,cnn,synthetic]
+"""
+import argparse
+import json
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT.parent / "shared" / "bench" / "reference_loop.py"
+CASES = {
+    "mlp": (["--model", "mlp", "--loader", "slice", "--epochs", "20"], "bench/configs/mlp_reference.yaml"),
+    "cnn": (["--model", "cnn", "--loader", "slice", "--epochs", "20"], "bench/configs/cnn_reference.yaml"),
+    "synthetic": (["--data", "synthetic", "--loader", "slice", "--epochs", "2", "--batch", "256"],
+                  "bench/configs/synthetic_reference.yaml"),
+}
+
+
+def timed(command: list[str]) -> tuple[float, str]:
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(f"failed: {' '.join(command)}\n{done.stderr}")
+    return elapsed, done.stdout
+
+
+def field(output: str, key: str) -> float:
+    return float(re.search(rf"\b{key}=([0-9.]+)", output).group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cases", default=",".join(CASES))
+    args = parser.parse_args()
+    results = {}
+    for case in args.cases.split(","):
+        ref_args, config = CASES[case]
+        samples = {"ref_fit": [], "nncli_fit": [], "ref_process": [], "nncli_process": [],
+                   "ref_acc": [], "nncli_acc": []}
+        for _ in range(args.repeats):
+            _, out = timed([sys.executable, str(REFERENCE), *ref_args])
+            samples["ref_fit"].append(field(out, "fit_s"))
+            samples["ref_acc"].append(field(out, "val_acc"))
+            _, out = timed([sys.executable, "bench/nncli_fit.py", config])
+            samples["nncli_fit"].append(field(out, "fit_s"))
+            samples["nncli_acc"].append(field(out, "val_acc"))
+            elapsed, _ = timed([sys.executable, str(REFERENCE), *ref_args])
+            samples["ref_process"].append(elapsed)
+            with tempfile.TemporaryDirectory() as out_dir:
+                elapsed, _ = timed([sys.executable, "-m", "nncli", "train", config, "--quiet", "--out", out_dir])
+            samples["nncli_process"].append(elapsed)
+        med = {k: statistics.median(v) for k, v in samples.items()}
+        results[case] = {"median": med, "samples": samples,
+                         "fit_ratio": med["nncli_fit"] / med["ref_fit"],
+                         "process_ratio": med["nncli_process"] / med["ref_process"]}
+        print(f"{case}: fit {med['nncli_fit']:.3f}s vs {med['ref_fit']:.3f}s "
+              f"(x{results[case]['fit_ratio']:.3f}); process {med['nncli_process']:.2f}s vs "
+              f"{med['ref_process']:.2f}s (x{results[case]['process_ratio']:.3f})", flush=True)
+    device = {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+              "cpus": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+    out = ROOT / "bench" / "results" / "cpu.json"
+    out.write_text(json.dumps({"device": device, "repeats": args.repeats, "results": results}, indent=2))
+    print(f"\ndevice: {device}\n")
+    print("| case | reference fit_s | nncli fit_s | ratio | reference process s | nncli train process s | ratio | val acc (ref / nncli) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for case, r in results.items():
+        m = r["median"]
+        print(f"| {case} | {m['ref_fit']:.3f} | {m['nncli_fit']:.3f} | {r['fit_ratio']:.3f} | "
+              f"{m['ref_process']:.2f} | {m['nncli_process']:.2f} | {r['process_ratio']:.3f} | "
+              f"{m['ref_acc']:.4f} / {m['nncli_acc']:.4f} |")
+
+
+if __name__ == "__main__":
+    main()

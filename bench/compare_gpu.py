@@ -1,0 +1,66 @@
+"""nncli against the hand-written ResNet-9 loop on a GPU, in one run, alternating, medians.
+
+Runs reference_loop.py (--data images --model resnet9 --batch 512 --amp bf16 --channels-last,
+with and without --compile) and nncli's loop on bench/configs/resnet9.yaml (with and without
+compile), `--repeats` times each, and compares steady throughput (images/s after the first
+epoch, which carries compilation and autotuning). Prints a markdown table; ratios are
+nncli / the best reference (above 1: nncli is faster).
+
+  python bench/compare_gpu.py [--repeats 2] [--epochs 3] [--device cuda] [--n-train N]
+"""
+import argparse
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT.parent / "shared" / "bench" / "reference_loop.py"
+
+
+def run(command: list[str]) -> dict[str, str]:
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"failed: {' '.join(command)}\n{done.stderr[-3000:]}")
+    line = done.stdout.strip().splitlines()[-1]
+    return dict(re.findall(r"(\w+)=(\S+)", line))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--n-train", type=int, default=None, help="fewer images (a quick check)")
+    args = parser.parse_args()
+    n_train = args.n_train or 50_000
+    ref = [sys.executable, str(REFERENCE), "--data", "images", "--model", "resnet9", "--batch", "512",
+           "--epochs", str(args.epochs), "--device", args.device, "--amp", "bf16", "--channels-last",
+           "--n-train", str(n_train)]
+    ours = [sys.executable, "bench/nncli_fit.py", "bench/configs/resnet9.yaml", "--epochs", str(args.epochs),
+            "--set", f"device={args.device}", "--set", f"data.n={n_train * 6 // 5}"]
+    variants = {
+        "reference eager": ref, "reference compile": [*ref, "--compile"],
+        "nncli eager": [*ours, "--set", "compile=false"], "nncli compile": ours,
+    }
+    speeds: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.repeats):
+        for name, command in variants.items():
+            speeds[name].append(float(run(command)["steady_samples_per_s"]))
+            print(f"{name}: {speeds[name][-1]:,.0f} images/s", flush=True)
+    med = {name: statistics.median(v) for name, v in speeds.items()}
+    best_ref = max(med["reference eager"], med["reference compile"])
+    device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device
+    print(f"\ndevice: {device}, torch {torch.__version__}, {n_train} images, batch 512, bf16, "
+          f"channels_last, {args.epochs} epochs, {args.repeats} repeats\n")
+    print("| variant | steady images/s (median) | / best reference |")
+    print("|---|---|---|")
+    for name, value in med.items():
+        print(f"| {name} | {value:,.0f} | {value / best_ref:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
