@@ -48,7 +48,7 @@ def run_command(action: Callable[[], Optional[int]], debug: bool) -> None:
 def _console():
     from rich.console import Console
 
-    return Console(highlight=False)
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 120)  # logs: no wrapping at 80
 
 
 @app.command()

@@ -98,6 +98,7 @@ TOP = {
 }
 MODEL = {
     "input_shape": Key((list, type(None)), None),
+    "input_dtype": Key((str,), "float32", one_of("float32", "float64", "int64")),  # int64: token ids
     "layers": Key((list, dict), REQUIRED),
 }
 
@@ -134,7 +135,8 @@ class Config:
         dotted = ".".join(str(k) for k in keys)
         for key in getattr(self.raw, "overridden", ()):
             if dotted == key or dotted.startswith(key + "."):
-                return ConfigError(message, file=f"--set {key}", key=dotted or None, hint=hint)
+                return ConfigError(message, file=f"--set {key}", key=None if dotted == key else dotted,
+                                   hint=hint)
         return ConfigError(message, file=self.source, line=self.line(*keys), key=dotted or None, hint=hint)
 
     def resolve_path(self, path: str) -> Path:
@@ -166,7 +168,8 @@ def check_section(mapping: dict, schema: dict[str, Key], error: Callable[..., Co
             continue
         value = mapping[key]
         if not _is_a(value, spec.types):
-            raise error(f"expected {spec.describe()}, got {_kind(value)} {value!r}", *where, key)
+            shown = "" if value is None or isinstance(value, (dict, list)) else f" {value!r}"
+            raise error(f"expected {spec.describe()}, got {_kind(value)}{shown}", *where, key)
         if spec.check is not None and (problem := spec.check(value)):
             raise error(f"{problem}, got {value!r}", *where, key)
         if spec.schema is not None and isinstance(value, dict):
@@ -227,8 +230,10 @@ def apply_overrides(raw: YamlMap, overrides: list[str], source: str) -> None:
             if last:
                 node[part] = value
             else:
-                if node.get(part) is None:
-                    node[part] = YamlMap()
+                if node.get(part) is None:  # start from the section's default, if it has one
+                    default = schema[part].default if schema is not None and part in schema else None
+                    node[part] = parse_yaml(__import__("yaml").safe_dump(default), "--set") \
+                        if isinstance(default, dict) and default else YamlMap()
                 node = node[part]
         raw.overridden = [*getattr(raw, "overridden", []), ".".join(path)]
 
@@ -268,8 +273,8 @@ def config_from_mapping(raw: Any, *, path: Path | None = None, overrides: list[s
         if not isinstance(plugin, str):
             raise config.error(f"expected a Python file or module name, got {plugin!r}", "plugins", i)
     shape = values["model"]["input_shape"]
-    if shape is not None and not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
-                                     for d in shape):
+    if shape is not None and not (shape and all(isinstance(d, int) and not isinstance(d, bool) and d > 0
+                                                for d in shape)):
         raise config.error(f"expected a list of positive integers (one sample's shape, no batch "
                            f"dimension), got {to_plain(shape)}", "model", "input_shape")
     config.values = values

@@ -254,7 +254,9 @@ def read_source(options: dict, config: Config, where: tuple) -> TensorPair:
         raise ctx.error(f"x has {len(x)} samples but y has {len(y)}; they must match")
     if len(x) == 0:
         raise ctx.error("has no samples")
-    return TensorPair(x.float(), y)
+    if x.dim() == 1:  # x: [1, 2, 3] means three samples of one feature
+        x = x.unsqueeze(1)
+    return TensorPair(x.to(getattr(torch, config["model"]["input_dtype"])), y)
 
 
 def load_data(config: Config) -> Data:

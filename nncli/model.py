@@ -121,6 +121,8 @@ class _Planner:
             raw = []
             for i, spec in enumerate(layers):
                 named = isinstance(spec, dict) and "name" in spec
+                if named and not isinstance(spec["name"], (str, int)):
+                    raise self.fail(f"name must be a text, got {spec['name']!r}", line_of(spec, "name"), where)
                 raw.append((str(spec["name"]) if named else None, spec, line_of(layers, i), named))
         else:
             raise self.fail("expected a list of layers or a mapping from name to layer",
@@ -423,12 +425,9 @@ def plan_model(config: Config, input_shape: tuple | list | None = None, batch_si
     if shape is None:
         raise config.error("missing; give one sample's shape, e.g. input_shape: [1, 8, 8], or a "
                            "data section that tells it", "model", "input_shape")
-    if len(shape) == 0:  # [] would reach the layers as a batch of scalars, which none accepts
-        raise config.error("is empty; give one sample's shape, e.g. input_shape: [1, 8, 8] (no batch "
-                           "dimension)", "model", "input_shape")
     shape = tuple(int(d) for d in shape)
     planner = _Planner(config)
-    x = torch.empty(batch_size, *shape, device="meta")
+    x = torch.empty(batch_size, *shape, device="meta", dtype=getattr(torch, config["model"]["input_dtype"]))
     layers, modules, _ = planner.plan_sequence(config["model"]["layers"], config.line("model", "layers"),
                                                "", 0, x)
     meta_model = nn.Sequential(OrderedDict((p.name, m) for p, m in zip(layers, modules)))

@@ -1,0 +1,147 @@
+"""Every broken config is refused by `nncli validate` and `nncli summary` with exit status 2 and one
+paragraph on stderr naming the file, the line and what is wrong; no traceback unless --debug.
+
+Each file in tests/broken/ starts with two comment lines:
+    # expect: <a substring of the error message>
+    # line: <the line the message must name, or `none` when the error has no line>
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import BROKEN, CONFIGS, write_config
+
+CASES = sorted(BROKEN.glob("*.yaml"))
+
+
+def _header(path: Path) -> tuple[str, int | None]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    expect = re.fullmatch(r"# expect: (.+)", lines[0])
+    line = re.fullmatch(r"# line: (\d+|none)", lines[1])
+    assert expect and line, f"{path.name}: the first two lines must be '# expect: ...' and '# line: N'"
+    return expect.group(1), None if line.group(1) == "none" else int(line.group(1))
+
+
+def test_corpus_is_large_enough():
+    assert len(CASES) >= 22
+    for path in CASES:
+        _header(path)  # every file has a well-formed header
+
+
+def _check_refused(result, path: Path, expect: str, line: int | None) -> None:
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
+    err = result.stderr
+    assert "Traceback" not in err
+    assert result.stdout == ""
+    where = f"{path}:{line}: " if line is not None else f"{path}: "
+    assert where in err, f"expected {where!r} in {err!r}"
+    assert expect in err, f"expected {expect!r} in {err!r}"
+    assert err.startswith("error: ")
+    assert len(err.strip().splitlines()) == 1  # one paragraph, one line
+
+
+@pytest.mark.parametrize("command", ["validate", "summary"])
+@pytest.mark.parametrize("path", CASES, ids=[p.stem for p in CASES])
+def test_broken_config_is_refused(cli, path, command):
+    expect, line = _header(path)
+    _check_refused(cli(command, path), path, expect, line)
+
+
+def test_debug_shows_traceback(cli):
+    path = BROKEN / next(p.name for p in CASES if "unknown_layer_Conv2D" in p.name)
+    result = cli("validate", path, "--debug")
+    assert result.exit_code == 2
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "ConfigError" in result.stderr
+    assert "Did you mean 'Conv2d'?" in result.stderr
+
+
+def test_binary_file_is_refused(cli, tmp_path):
+    path = tmp_path / "weights.yaml"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe\x00binary")
+    result = cli("validate", path)
+    assert result.exit_code == 2
+    assert f"{path}:1: " in result.stderr
+    assert "not a text file" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_nul_bytes_are_refused(cli, tmp_path):
+    path = tmp_path / "nul.yaml"
+    path.write_bytes(b"model:\n  input_shape: [4]\x00\n")
+    result = cli("validate", path)
+    assert result.exit_code == 2
+    assert f"{path}:2: " in result.stderr and "NUL" in result.stderr
+
+
+def test_missing_file_is_refused(cli, tmp_path):
+    result = cli("validate", tmp_path / "nope.yaml")
+    assert result.exit_code == 2
+    assert "file not found" in result.stderr and "nope.yaml" in result.stderr
+
+
+def test_directory_is_refused(cli, tmp_path):
+    result = cli("summary", tmp_path)
+    assert result.exit_code == 2
+    assert "is a directory" in result.stderr
+
+
+def test_recursive_alias_is_refused(cli, tmp_path):
+    path = write_config(tmp_path, """
+        a: &a [*a]
+        model: {input_shape: [4], layers: [{type: Linear, out_features: 2}]}
+    """)
+    result = cli("validate", path)
+    assert result.exit_code == 2
+    assert "Traceback" not in result.stderr and f"{path}:1: " in result.stderr
+
+
+def test_deep_nesting_is_refused(cli, tmp_path):
+    path = write_config(tmp_path, "model: " + "[" * 5000 + "]" * 5000 + "\n")
+    result = cli("validate", path)
+    assert result.exit_code == 2
+    assert "nested too deeply" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("override, expect", [
+    ("optimiser.lr=0.1", ["--set", "unknown key 'optimiser' in 'optimiser.lr=0.1'",
+                          "Did you mean 'optimizer'?"]),
+    ("train.epoch=3", ["--set", "unknown key 'train.epoch' in 'train.epoch=3'", "Did you mean 'epochs'?"]),
+    ("trian.epochs=3", ["--set", "Did you mean 'train'?"]),
+    ("train.epochs", ["is not KEY=VALUE"]),
+    ("train.epochs=0", ["must be greater than 0, got 0"]),
+])
+def test_set_with_bad_key_is_refused(cli, override, expect):
+    for command in ("validate", "summary"):
+        result = cli(command, CONFIGS / "seed_positional.yaml", "--set", override)
+        assert result.exit_code == 2, result.stderr
+        for text in expect:
+            assert text in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_set_changes_the_model(cli):
+    result = cli("validate", CONFIGS / "seed_ordered_dict.yaml", "--set", "model.input_shape=[3, 10, 10]")
+    assert result.exit_code == 0, result.stderr
+    assert "output [3, 8, 8]" in result.stdout
+
+
+def test_error_line_points_inside_nested_block(cli, tmp_path):
+    path = write_config(tmp_path, """
+        model:
+          input_shape: [8]
+          layers:
+            body:
+              type: Sequential
+              layers:
+                - {type: Linear, out_features: 8}
+                - {type: Linear, out_feature: 8}
+    """)
+    result = cli("validate", path)
+    assert result.exit_code == 2
+    assert f"{path}:8: body.1 (Linear): Linear has no argument 'out_feature'" in result.stderr
+    assert "Did you mean 'out_features'?" in result.stderr

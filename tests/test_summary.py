@@ -1,0 +1,325 @@
+"""`nncli summary`, `validate`, `layers` and `--help`: the numbers they print are the model's own."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import nncli
+from conftest import CONFIGS, DATA, REPO, run_nncli, write_config
+from nncli.summary import human_count, summarize
+
+ALEXNET = DATA / "alexnet.yaml"
+
+CNN = """
+    model:
+      input_shape: [3, 16, 16]
+      layers:
+        - {type: Conv2d, out_channels: 8, kernel_size: 3, padding: 1}
+        - ReLU
+        - {type: MaxPool2d, kernel_size: 2}
+        - {type: Conv2d, out_channels: 4, kernel_size: 3, stride: 2, groups: 2, bias: false}
+        - Flatten
+        - {type: Linear, out_features: 10}
+"""
+
+
+def summary_json(cli, path, *args) -> dict:
+    result = cli("summary", path, "--json", *args)
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def real_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates of one real forward pass, as torch's own flop counter sees them."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops() // 2
+
+
+# --- parameters and MACs ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")) + [ALEXNET], ids=lambda p: p.stem)
+def test_total_params_equal_built_model(cli, path):
+    data = summary_json(cli, path)
+    config = nncli.load_config(path)
+    model = nncli.build_model(config, input_shape=tuple(data["input_shape"]))
+    assert data["total_params"] == sum(p.numel() for p in model.parameters())
+    assert data["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert data["non_trainable_params"] == data["total_params"] - data["trainable_params"]
+    # every top-level row's params add up to the total
+    assert sum(row["params"] for row in data["layers"] if row["depth"] == 0) == data["total_params"]
+
+
+def test_conv_linear_macs_by_hand(cli, tmp_path):
+    data = summary_json(cli, write_config(tmp_path, CNN))
+    rows = {row["name"]: row for row in data["layers"]}
+    conv1 = 8 * 16 * 16 * (3 * 3 * 3)         # output elements x (in_channels x kernel)
+    conv2 = 4 * 3 * 3 * ((8 // 2) * 3 * 3)    # stride 2 on 8x8 -> 3x3; groups=2 halves the inputs
+    linear = 36 * 10
+    assert rows["0"]["macs"] == conv1
+    assert rows["3"]["macs"] == conv2
+    assert rows["5"]["macs"] == linear
+    assert rows["3"]["output_shape"] == [1, 4, 3, 3]
+    assert rows["3"]["params"] == 4 * 4 * 3 * 3  # no bias
+    assert data["macs"] == conv1 + conv2 + linear
+    # ... and torch's flop counter on a real forward pass agrees
+    model = nncli.build_model(nncli.load_config(tmp_path / "config.yaml"))
+    assert real_macs(model, torch.randn(1, 3, 16, 16)) == data["macs"]
+
+
+def test_macs_of_recurrent_model_by_hand(cli, tmp_path):
+    """An LSTM does 4 gates x hidden x (input + hidden) MACs per time step. (torch's flop counter
+    cannot check this one: on the CPU the LSTM runs as one fused kernel that it does not count.)"""
+    path = write_config(tmp_path, """
+        model:
+          input_shape: [6, 5]
+          layers:
+            - {type: LSTM, hidden_size: 8}
+            - LastStep
+            - {type: Linear, out_features: 3}
+    """)
+    data = summary_json(cli, path)
+    assert data["layers"][0]["macs"] == 6 * 4 * 8 * (5 + 8)
+    assert data["layers"][2]["macs"] == 8 * 3
+    assert data["macs"] == 6 * 4 * 8 * (5 + 8) + 8 * 3
+    assert data["layers"][0]["params"] == 4 * 8 * (5 + 8) + 2 * 4 * 8
+    assert data["layers"][0]["output_shape"] == [[1, 6, 8], [[1, 1, 8], [1, 1, 8]]]
+
+
+def test_alexnet(cli):
+    data = summary_json(cli, ALEXNET)
+    assert data["total_params"] == 61_100_840
+    assert data["trainable_params"] == 61_100_840
+    assert abs(data["macs"] - 714e6) / 714e6 < 0.01
+    assert data["input_shape"] == [3, 224, 224]
+    assert data["output_shape"] == [1000]
+    rows = {row["name"]: row for row in data["layers"]}
+    assert rows["features"]["output_shape"] == [1, 256, 6, 6]
+    assert rows["classifier.1"]["params"] == 9216 * 4096 + 4096
+    assert rows["features.0"]["macs"] == 64 * 55 * 55 * 3 * 11 * 11
+    assert data["param_bytes"] == 4 * 61_100_840
+
+
+def test_alexnet_state_dict_matches_torchvision_names():
+    """The config keeps torchvision's names, so its state_dict keys are torchvision's."""
+    with torch.device("meta"):
+        model = nncli.build_model(nncli.load_config(ALEXNET))
+    assert [name for name, _ in model.named_parameters()] == [
+        "features.0.weight", "features.0.bias", "features.3.weight", "features.3.bias",
+        "features.6.weight", "features.6.bias", "features.8.weight", "features.8.bias",
+        "features.10.weight", "features.10.bias", "classifier.1.weight", "classifier.1.bias",
+        "classifier.4.weight", "classifier.4.bias", "classifier.6.weight", "classifier.6.bias"]
+
+
+def test_two_trillion_parameters_are_counted_not_allocated(tmp_path):
+    path = write_config(tmp_path, """
+        model:
+          input_shape: [1000000]
+          layers:
+            - {type: Linear, out_features: 2000000}
+    """)
+    result = run_nncli("summary", path, "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["total_params"] == 1_000_000 * 2_000_000 + 2_000_000
+    assert data["macs"] == 1_000_000 * 2_000_000
+    assert data["output_shape"] == [2_000_000]
+
+
+# --- the JSON and the options ---------------------------------------------------------------------
+
+def test_json_keys(cli):
+    data = summary_json(cli, CONFIGS / "digits_cnn.yaml")
+    for key in ("input_shape", "output_shape", "total_params", "trainable_params", "macs", "layers"):
+        assert key in data
+    assert data["input_shape"] == [1, 8, 8]  # from the data section
+    assert data["output_shape"] == [10]
+    for row in data["layers"]:
+        assert {"name", "type", "output_shape", "params", "macs"} <= set(row)
+    assert [row["name"] for row in data["layers"]][:3] == ["features", "features.0", "features.1"]
+    assert data["layers"][1]["type"] == "Conv2d"
+    assert data["layers"][1]["output_shape"] == [1, 32, 8, 8]
+    assert data["layers"][1]["params"] == 32 * 1 * 9 + 32
+
+
+def test_depth_zero_collapses_blocks(cli):
+    full = summary_json(cli, ALEXNET)
+    top = summary_json(cli, ALEXNET, "--depth", "0")
+    assert [row["name"] for row in top["layers"]] == ["features", "avgpool", "flatten", "classifier"]
+    by_name = {row["name"]: row for row in full["layers"]}
+    for row in top["layers"]:
+        assert row == by_name[row["name"]]
+        children = [r for r in full["layers"] if r["name"].startswith(row["name"] + ".")]
+        if children:
+            assert row["params"] == sum(c["params"] for c in children)
+            assert row["macs"] == sum(c["macs"] for c in children)
+    assert top["total_params"] == full["total_params"] and top["macs"] == full["macs"]
+    assert len(full["layers"]) == 4 + 13 + 7
+
+
+def test_depth_zero_table(cli):
+    result = cli("summary", ALEXNET, "--depth", "0")
+    assert result.exit_code == 0
+    assert "classifier" in result.stdout and "features" in result.stdout
+    assert "Dropout" not in result.stdout  # inside classifier: collapsed
+    assert "61,100,840" in result.stdout
+
+
+def test_batch_size_in_shapes(cli):
+    data = summary_json(cli, CONFIGS / "seed_positional.yaml", "--batch-size", "4")
+    assert data["batch_size"] == 4
+    assert [row["output_shape"] for row in data["layers"]] == [[4, 3, 6, 6]] * 3
+    one = summary_json(cli, CONFIGS / "seed_positional.yaml")
+    assert [row["output_shape"] for row in one["layers"]] == [[1, 3, 6, 6]] * 3
+    # per-sample totals do not depend on the batch
+    assert data["macs"] == one["macs"] == 3 * 6 * 6 * 3 * 3 * 3
+    assert data["activation_bytes"] == 4 * one["activation_bytes"]
+    table = cli("summary", CONFIGS / "seed_positional.yaml", "--batch-size", "4")
+    assert "[4, 3, 6, 6]" in table.stdout and "a batch of 4" in table.stdout
+
+
+def test_table(cli):
+    result = cli("summary", CONFIGS / "seed_add_module.yaml")
+    assert result.exit_code == 0 and result.stderr == ""
+    out = result.stdout
+    for text in ("conv", "Conv2d", "batchnorm", "BatchNorm2d", "active", "ReLU", "[1, 3, 6, 6]",
+                 "Total params: 90", "Input shape: [3, 8, 8]", "Output shape: [3, 6, 6]",
+                 f"({3 * 6 * 6 * 27:,})"):
+        assert text in out, text
+
+
+def test_params_lists_named_parameters(cli, tmp_path):
+    path = write_config(tmp_path, """
+        model:
+          input_shape: [4]
+          layers:
+            frozen: {type: Linear, out_features: 3, trainable: false}
+            head: {type: Linear, out_features: 2}
+    """)
+    result = cli("summary", path, "--params")
+    assert result.exit_code == 0, result.stderr
+    lines = {line.split("│")[1].strip(): line for line in result.stdout.splitlines()
+             if line.count("│") >= 4 and "." in line.split("│")[1]}
+    assert set(lines) == {"frozen.weight", "frozen.bias", "head.weight", "head.bias"}
+    assert "False" in lines["frozen.weight"] and "[3, 4]" in lines["frozen.weight"]
+    assert "True" in lines["head.weight"] and "[2, 3]" in lines["head.weight"]
+    assert "Non-trainable: 15" in result.stdout
+    assert "frozen.weight" not in cli("summary", path).stdout
+
+
+def test_summarize_api():
+    plan = nncli.plan_model(nncli.load_config(CONFIGS / "seed_ordered_dict.yaml"))
+    data = summarize(plan)
+    assert data["total_params"] == 3 * 3 * 9 + 3 + 3 + 3
+    assert [row["name"] for row in data["layers"]] == ["conv", "batchnorm", "active"]
+
+
+@pytest.mark.parametrize("n, text", [(0, "0"), (999, "999"), (1500, "1.50K"), (714_188_480, "714.19M"),
+                                     (2e12, "2.00T")])
+def test_human_count(n, text):
+    assert human_count(n) == text
+
+
+def test_summary_bad_options(cli):
+    assert cli("summary", ALEXNET, "--depth", "-1").exit_code == 2
+    assert cli("summary", ALEXNET, "--batch-size", "0").exit_code == 2
+
+
+# --- validate -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_validate_every_shipped_config(cli, path):
+    result = cli("validate", path)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.startswith(f"ok: {path}: ")
+    assert result.stderr == ""
+
+
+def test_validate_one_line_summary(cli):
+    result = cli("validate", ALEXNET)
+    assert result.stdout.strip() == (f"ok: {ALEXNET}: 24 layers, 61,100,840 parameters, "
+                                     "input [3, 224, 224] -> output [1000]")
+
+
+# --- layers ---------------------------------------------------------------------------------------
+
+def test_layers_lists_categories(cli):
+    result = cli("layers")
+    assert result.exit_code == 0
+    out = result.stdout
+    positions = []
+    for category in ("convolution", "pooling", "normalization", "activation", "linear", "dropout",
+                     "recurrent", "blocks"):
+        assert category in out
+        positions.append(out.index(category))
+    assert positions == sorted(positions)  # in CATEGORY_ORDER
+    for name in ("Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU", "Linear", "Dropout", "LSTM",
+                 "Residual", "LastStep", "SequenceOutput"):
+        assert name in out
+    assert "ModuleList" not in out and "DataParallel" not in out and "MSELoss" not in out
+
+
+def test_layers_one_layer(cli):
+    result = cli("layers", "Conv2d")
+    assert result.exit_code == 0
+    lines = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") >= 3}
+    assert "from the input" in lines["in_channels"]
+    assert "required" in lines["in_channels"]
+    assert "required" in lines["out_channels"] and "from the input" not in lines["out_channels"]
+    assert "'zeros'" in lines["padding_mode"]
+
+
+def test_layers_recurrent_default(cli):
+    result = cli("layers", "LSTM")
+    assert result.exit_code == 0
+    line = next(line for line in result.stdout.splitlines() if "batch_first" in line)
+    assert "True (nncli; torch: False)" in line
+    assert "__init__(" not in result.stdout
+
+
+def test_layers_block(cli):
+    result = cli("layers", "Residual")
+    assert result.exit_code == 0 and "layers:" in result.stdout
+
+
+@pytest.mark.parametrize("name, suggestion", [("Conv2D", "Conv2d"), ("relu", "ReLU"), ("Linaer", "Linear")])
+def test_layers_unknown_suggests(cli, name, suggestion):
+    result = cli("layers", name)
+    assert result.exit_code == 2
+    assert f"unknown layer '{name}'" in result.stderr
+    assert f"Did you mean '{suggestion}'?" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# --- help and import cost -------------------------------------------------------------------------
+
+def test_help(cli):
+    result = cli("--help")
+    assert result.exit_code == 0
+    for command in ("summary", "validate", "layers", "train"):
+        assert command in result.stdout
+
+
+def test_help_subprocess_without_torch():
+    result = run_nncli("--help")
+    assert result.returncode == 0 and "summary" in result.stdout
+    probe = ("import sys, runpy; sys.argv = ['nncli', '--help']\n"
+             "try:\n    runpy.run_module('nncli', run_name='__main__')\n"
+             "except SystemExit as e:\n    assert e.code == 0, e.code\n"
+             "assert 'torch' not in sys.modules, 'nncli --help imported torch'\n")
+    check = __import__("subprocess").run([sys.executable, "-c", probe], cwd=REPO,
+                                         capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stderr
+
+
+def test_import_does_not_import_torch():
+    check = __import__("subprocess").run(
+        [sys.executable, "-c", "import nncli, sys; assert 'torch' not in sys.modules; "
+                               "print(nncli.__version__)"],
+        capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.strip() == nncli.__version__
