@@ -86,7 +86,17 @@ def load_file(path: Path) -> Any:
                           "checkpoint file", file=str(path))
     if path.stat().st_size == 0:
         raise ConfigError("the file is empty (0 bytes); it is not a checkpoint", file=str(path))
-    if zipfile.is_zipfile(path):  # torch's reader does not check the archive's CRCs; do it here
+    is_zip = zipfile.is_zipfile(path)
+    if not is_zip:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(4)
+        except OSError as err:
+            raise ConfigError(f"cannot read the file: {err.strerror or err}", file=str(path)) from None
+        if head == b"PK\x03\x04":  # an archive's first entry, but no end: cut short
+            raise ConfigError("the file is truncated (a torch.save archive without its end; was it "
+                              "still being written or copied?)", file=str(path))
+    if is_zip:  # torch's reader does not check the archive's CRCs; do it here
         try:
             with zipfile.ZipFile(path) as archive:
                 bad = archive.testzip()

@@ -4,6 +4,7 @@ torch is imported inside the commands that need it, so `nncli --help` answers at
 """
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -280,4 +281,14 @@ def predict(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except SystemExit as done:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # A torchrun worker: every file is written and fsynced, the process group is gone.
+            # Skip the interpreter's teardown, where gloo's threads can abort the process
+            # ("terminate called without an active exception") after a successful run.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(done.code if isinstance(done.code, int) else 1)
+        raise

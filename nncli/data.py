@@ -328,8 +328,13 @@ def check_targets(data: Data, output_shape: tuple, config: Config) -> None:
                 raise config.error(f"{name} labels run from {low} to {high}, but the model's output "
                                    f"has {classes} classes (labels 0 to {classes - 1})", "data",
                                    hint="Make the last layer's out_features the number of classes.")
-        elif pair.y.dim() == 1 and tuple(output_shape) == (1,):
-            pair.y = pair.y[:, None]  # (N,) targets for an (N, 1) output: avoid silent broadcasting
+        else:
+            if pair.y.dim() == 1 and tuple(output_shape) == (1,):
+                pair.y = pair.y[:, None]  # (N,) targets for an (N, 1) output: avoid silent broadcasting
+            if tuple(pair.y.shape[1:]) != tuple(output_shape):  # the loss would broadcast, or fail
+                raise config.error(f"{name} targets have shape {list(pair.y.shape[1:])} per sample, but "
+                                   f"the model's output has shape {list(output_shape)}", "data",
+                                   hint="Make the last layer's out_features match the targets.")
 
 
 class Batches:

@@ -98,6 +98,7 @@ def end_process(process: Process) -> None:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            dist.barrier()  # leave together: gloo aborts a process whose peer tears down first
             dist.destroy_process_group()
 
 

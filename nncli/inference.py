@@ -1,6 +1,7 @@
 """`nncli eval` and `nncli predict`: a trained model from a checkpoint or run directory."""
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from torch import nn
 
 from nncli.checkpoint import find_checkpoint, load_checkpoint
 from nncli.config import Config, config_from_mapping
-from nncli.data import CLASS_INDEX_LOSSES, TensorPair, load_data, loss_name, normalize
+from nncli.data import CLASS_INDEX_LOSSES, Data, TensorPair, check_targets, load_data, loss_name, normalize
 from nncli.devices import resolve_device
 from nncli.errors import ConfigError
 from nncli.model import materialize, plan_model
@@ -48,10 +49,26 @@ def evaluate_checkpoint(path: Path, data_file: Path | None = None,
         pair, source = data.val, "validation data"
     else:
         pair, source = _read_data_file(config, Path(data_file)), str(data_file)
+        if list(pair.x.shape[1:]) != list(ckpt["input_shape"]):
+            raise ConfigError(f"its samples have shape {list(pair.x.shape[1:])}, but the model takes "
+                              f"{list(ckpt['input_shape'])}", file=str(data_file))
         pair = TensorPair(normalize(pair.x, ckpt.get("normalization")), pair.y)
+    output_shape = tuple(plan_model(config, input_shape=ckpt["input_shape"]).output_shape[1:])
+    pair = _checked_targets(pair, output_shape, config, source if data_file else str(path))
     results = evaluate(model, pair.to(target), create_loss(config).to(target), config["metrics"],
                        1024, config["amp"] if target.type != "cpu" else "off")
     return results, source
+
+
+def _checked_targets(pair: TensorPair, output_shape: tuple, config: Config, where: str) -> TensorPair:
+    """Targets shaped as in training ((N,) -> (N, 1) for a one-output regression, else the loss
+    broadcasts and reports a wrong number) and labels within the model's classes."""
+    data = Data(pair, None, tuple(pair.x.shape[1:]), None)
+    try:
+        check_targets(data, output_shape, config)
+    except ConfigError as err:
+        raise ConfigError(err.message.removeprefix("training "), file=where, hint=err.hint) from None
+    return data.train
 
 
 def _read_data_file(config: Config, path: Path) -> TensorPair:
@@ -64,10 +81,25 @@ def _read_data_file(config: Config, path: Path) -> TensorPair:
         raise ConfigError("--data takes a .csv or .npz file", file=str(path))
     if section.get("source") != kind:
         section = {"source": kind, "target": "target"} if kind == "csv" else {"source": kind}
+    elif kind == "csv" and section.get("features") is None:
+        section["features"] = _training_features(config, section)  # the columns the model learnt
     section.update(path=str(path.resolve()), val_split=0, normalize=False)
     values = dict(config.values, data=section)
     data = load_data(config_from_mapping(values, base_dir=config.base_dir))
     return data.train
+
+
+def _training_features(config: Config, section: dict) -> list[str] | None:
+    """The feature columns of the run's own CSV file (every column but the targets), so that a
+    --data file is read by column name, not by position; None when that file is gone."""
+    path = config.resolve_path(section["path"])
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f, delimiter=section.get("delimiter", ",")))
+    except (OSError, StopIteration, UnicodeDecodeError):
+        return None
+    targets = section["target"] if isinstance(section["target"], list) else [section["target"]]
+    return [h.strip() for h in header if h.strip() not in targets]
 
 
 def parse_inputs(inputs: str, config: Config, input_shape: list[int]) -> torch.Tensor:
@@ -88,7 +120,7 @@ def parse_inputs(inputs: str, config: Config, input_shape: list[int]) -> torch.T
             if suffix == ".json":
                 array = np.asarray(json.loads(path.read_text()), dtype=np.float32)
             elif suffix == ".csv":
-                array = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.float32, ndmin=2)
+                array = _read_input_csv(path, config)
             elif suffix == ".npy":
                 array = np.load(path, allow_pickle=False).astype(np.float32)
             elif suffix == ".npz":
@@ -105,7 +137,31 @@ def parse_inputs(inputs: str, config: Config, input_shape: list[int]) -> torch.T
     if array.size % per_sample or array.size == 0:
         raise ConfigError(f"{array.size} numbers given, not a whole number of samples of shape "
                           f"{input_shape} ({per_sample} numbers each)", key="--input")
+    row = int(np.prod(array.shape[1:])) if array.ndim >= 2 else 1
+    if array.size != per_sample and array.ndim >= 2 and row != per_sample:
+        raise ConfigError(f"each input has {row} numbers (shape {list(array.shape[1:])}), but the model "
+                          f"takes samples of shape {input_shape} ({per_sample} numbers each)",
+                          key="--input")
     return torch.from_numpy(np.ascontiguousarray(array)).reshape(-1, *input_shape)
+
+
+def _read_input_csv(path: Path, config: Config) -> np.ndarray:
+    """A CSV of inputs with a header row. For a run trained on a CSV, its feature columns are
+    taken by name (so the training file itself, target column and all, can be given)."""
+    section = dict(config["data"] or {})
+    section = dict(section["train"]) if "train" in section else section
+    delimiter = section.get("delimiter", ",") if section.get("source") == "csv" else ","
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.reader(f, delimiter=delimiter) if any(c.strip() for c in r)]
+    if len(rows) < 2:
+        raise ConfigError("expected a header row and at least one row of inputs", file=str(path))
+    header, body = [h.strip() for h in rows[0]], rows[1:]
+    columns = list(range(len(header)))
+    if section.get("source") == "csv":
+        features = section.get("features") or _training_features(config, section)
+        if features and all(name in header for name in features):
+            columns = [header.index(name) for name in features]
+    return np.array([[float(r[c]) for c in columns] for r in body], dtype=np.float32)
 
 
 def predict_checkpoint(path: Path, inputs: str, device: str | None = None) -> list[dict]:

@@ -15,7 +15,7 @@ from torch import nn
 
 from nncli.config import Config, Key, check_section, one_of
 from nncli.errors import did_you_mean
-from nncli.registry import Registry, create
+from nncli.registry import Registry, accepted_arguments, create
 
 
 def _load_losses(registry: Registry) -> None:
@@ -109,6 +109,17 @@ def create_optimizer(model: nn.Module, config: Config) -> tuple[torch.optim.Opti
     torch_groups = [{"params": [params[n] for n in g.param_names], **g.settings} for g in groups]
     optimizer = create(OPTIMIZERS, config["optimizer"], config.error, "optimizer",
                        positional=(torch_groups,), reserved=("groups",))
+    # torch keeps any key of a group without a word: a misspelt `lrr:` would silently train
+    # that group at the top-level lr, so check the groups' settings against the optimizer's
+    accepted = accepted_arguments(type(optimizer))
+    if accepted is not None:
+        allowed = [a for a in accepted if a not in ("self", "params")]
+        for i, group in enumerate(groups):
+            for key in group.settings:
+                if key not in allowed:
+                    raise config.error(f"{type(optimizer).__name__} has no setting '{key}'; a group may "
+                                       f"set: {', '.join(allowed)}", "optimizer", "groups", i, key,
+                                       hint=did_you_mean(str(key), allowed))
     for group, settings in zip(groups, optimizer.param_groups):
         group.settings = {k: v for k, v in settings.items() if k != "params"}
     return optimizer, groups

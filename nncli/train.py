@@ -275,11 +275,12 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
                     state.step += 1
                     if run.schedule:
                         run.schedule.step_batch()
-                    if i + 1 < steps and (stop.agreed() or (every_steps and state.step % every_steps == 0)):
+                    stopping = i + 1 < steps and stop.agreed()
+                    if stopping or (i + 1 < steps and every_steps and state.step % every_steps == 0):
                         state.position, state.epoch_losses = i + 1, torch.stack(losses).tolist()
                         _check_finite(state.epoch_losses, epoch)
-                        save_checkpoints(run, best=False)
-                        if stop.agreed():
+                        save_checkpoints(run, best=False)  # a mid-epoch checkpoint
+                        if stopping:
                             raise Interrupted(_stopped_message(run))
                 reporter.batch(i + 1, losses)
             epoch_losses = torch.stack(losses).float()
