@@ -239,8 +239,9 @@ class Data:
     normalization: dict | None  # {"mean": tensor, "std": tensor} of the training inputs
 
 
-def read_source(options: dict, config: Config, where: tuple) -> TensorPair:
-    """Check one source mapping (`source:` and that source's keys) and load it."""
+def read_source(options: dict, config: Config, where: tuple) -> tuple[TensorPair, dict]:
+    """Check one source mapping (`source:` and that source's keys) and load it; also return the
+    mapping with the source's defaults filled in."""
     if not isinstance(options, dict) or not options.get("source"):
         raise config.error(f"needs 'source:', one of: {', '.join(SOURCES)}", *where)
     try:
@@ -256,28 +257,32 @@ def read_source(options: dict, config: Config, where: tuple) -> TensorPair:
         raise ctx.error("has no samples")
     if x.dim() == 1:  # x: [1, 2, 3] means three samples of one feature
         x = x.unsqueeze(1)
-    return TensorPair(x.to(getattr(torch, config["model"]["input_dtype"])), y)
+    return TensorPair(x.to(getattr(torch, config["model"]["input_dtype"])), y), checked
 
 
 def load_data(config: Config) -> Data:
     """Read the data section: sources, split, normalization; targets as the loss needs them.
 
     Either one source (with `val_split:`, default 0.2; 0 for no validation) or `train:` and
-    optional `val:` sources."""
+    optional `val:` sources. The section, its defaults filled in, replaces `config["data"]`, so
+    the run's config.yaml records them."""
     section = config["data"]
     if section is None:
         raise config.error("the config has no 'data' section; add one, e.g. data: {source: digits}")
     if "train" in section:
         options = check_section(section, PAIR_KEYS, config.error, "data")
-        train = read_source(section["train"], config, ("data", "train"))
-        val = read_source(section["val"], config, ("data", "val")) if section.get("val") else None
+        train, options["train"] = read_source(section["train"], config, ("data", "train"))
+        val = None
+        if section.get("val"):
+            val, options["val"] = read_source(section["val"], config, ("data", "val"))
     else:
         if "val" in section:
             raise config.error("val: needs train: beside it (or use val_split:)", "data", "val")
         own = {k: v for k, v in section.items() if k in DATA_KEYS}
         options = check_section(own, DATA_KEYS, config.error, "data")
-        everything = read_source({k: v for k, v in section.items() if k not in DATA_KEYS},
-                                 config, ("data",))
+        everything, source_options = read_source({k: v for k, v in section.items() if k not in DATA_KEYS},
+                                                 config, ("data",))
+        options.update(source_options)
         train, val = split_data(everything, options["val_split"], config)
     classes = loss_name(config) in CLASS_INDEX_LOSSES
     train, val = (None if p is None else TensorPair(p.x, p.y.long() if classes else p.y.float())
@@ -288,6 +293,7 @@ def load_data(config: Config) -> Data:
         normalization = {"mean": mean, "std": torch.where(std > 0, std, torch.ones_like(std))}
         train = TensorPair(normalize(train.x, normalization), train.y)
         val = TensorPair(normalize(val.x, normalization), val.y) if val is not None else None
+    config.values["data"] = options
     return Data(train, val, tuple(train.x.shape[1:]), normalization)
 
 

@@ -7,12 +7,13 @@ model, early stopping and checkpoints. Losses stay on the device and are read on
 """
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import random
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -72,6 +73,7 @@ class Run:
     process: Process
     state: TrainState = field(default_factory=TrainState)
     epoch_shuffle: torch.Tensor | None = None  # the shuffle generator's state when this epoch began
+    pending_best: dict | None = None  # a best checkpoint not yet written (see save_checkpoints)
 
     @property
     def monitor(self) -> str:
@@ -304,7 +306,8 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
             save_checkpoints(run, best=improved)
             if epoch % train_cfg["log_every"] == 0 or epoch == run.epochs:
                 reporter.epoch_end(row, run.epochs, improved)
-            if stop.agreed() and state.epoch < run.epochs:
+            if stop.agreed() and state.epoch < run.epochs and not state.stopped_early:
+                save_checkpoints(run, best=False, force=True)
                 raise Interrupted(_stopped_message(run))
     return state
 
@@ -377,7 +380,7 @@ def checkpoint_dict(run: Run) -> dict:
         "epoch": state.epoch,
         "step": state.step,
         "position": state.position,
-        "train_state": {k: v for k, v in asdict(state).items() if k != "history"},
+        "train_state": {f.name: getattr(state, f.name) for f in fields(state) if f.name != "history"},
         "best": dict(state.best),
         "rng": rng,
         "config": to_plain(run.config.values),
@@ -389,19 +392,25 @@ def checkpoint_dict(run: Run) -> dict:
     }
 
 
-def save_checkpoints(run: Run, best: bool) -> None:
-    """last.pt (every `checkpoint.every` epochs, at the end, and mid-epoch), best.pt when improved,
-    epoch_<N>.pt when `keep_last` asks; then metrics.csv."""
+def save_checkpoints(run: Run, best: bool, force: bool = False) -> None:
+    """last.pt and metrics.csv every `checkpoint.every` epochs, at the end, mid-epoch and when
+    `force`d; best.pt when the monitored metric improved (kept in memory until the next last.pt
+    when that is not this epoch, so a long run does not rewrite it every epoch); epoch_<N>.pt
+    when `keep_last` asks. The main process only."""
     if not run.process.is_main:
         return
     cfg, state = run.config["checkpoint"], run.state
     finished = state.epoch >= run.epochs or state.stopped_early
+    write_last = force or state.position or state.epoch % cfg["every"] == 0 or finished
     ckpt = checkpoint_dict(run)
-    if state.position or state.epoch % cfg["every"] == 0 or finished:
+    if best and not state.position:
+        run.pending_best = ckpt if write_last else copy.deepcopy(ckpt)
+    if write_last:
         save_atomic(ckpt, run.run_dir / "last.pt")
         write_metrics_csv(state.history, run.run_dir / "metrics.csv")  # in step with last.pt
-    if best and not state.position:
-        save_atomic(ckpt, run.run_dir / "best.pt")
+        if run.pending_best is not None:
+            save_atomic(run.pending_best, run.run_dir / "best.pt")
+            run.pending_best = None
     if cfg["keep_last"] and not state.position and state.epoch % cfg["every"] == 0:
         save_atomic(ckpt, run.run_dir / f"epoch_{state.epoch}.pt")
         for old in sorted(run.run_dir.glob("epoch_*.pt"), key=lambda p: int(p.stem.split("_")[1]))[:-cfg["keep_last"]]:

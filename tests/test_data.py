@@ -1,0 +1,307 @@
+"""The data section: csv / npz / npy / tensors / synthetic sources, the seeded split, and
+every way the data can be wrong (exit 2, naming the config file, the line and the key)."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from helpers_train import nncli, nncli_process, write
+
+MODEL = "model:\n  layers:\n    - {type: Linear, out_features: 2}\n"
+
+
+def load(path):
+    from nncli.config import load_config
+    from nncli.data import load_data
+
+    return load_data(load_config(path))
+
+
+def data_config(tmp_path, data_lines: str, *, loss: str = "CrossEntropyLoss", out: int = 2,
+                name: str = "config.yaml"):
+    """`data:` on line 1, then `data_lines` (indented two spaces) from line 2, loss, model."""
+    text = "data:\n" + data_lines + f"loss: {loss}\nmodel:\n  layers:\n    - {{type: Linear, out_features: {out}}}\n"
+    return write(tmp_path, name, text)
+
+
+# --- sources that work ---------------------------------------------------------------------
+
+def test_csv_reads_features_and_target_by_header(tmp_path):
+    (tmp_path / "scores.csv").write_text("a, b ,label\n1,2.5,0\n\n3,-4,1\n5,6e-1,1\n")
+    data = load(data_config(tmp_path, "  source: csv\n  path: scores.csv\n  target: label\n  val_split: 0\n"))
+    assert data.val is None and data.sample_shape == (2,)
+    assert data.train.x.dtype == torch.float32
+    assert torch.allclose(data.train.x, torch.tensor([[1, 2.5], [3, -4], [5, 0.6]]))
+    assert data.train.y.dtype == torch.long and data.train.y.tolist() == [0, 1, 1]  # class labels
+
+
+def test_csv_features_subset_several_targets_and_delimiter(tmp_path):
+    (tmp_path / "table.csv").write_text("a;b;c;t1;t2\n1;2;3;0.5;1.5\n4;5;6;2.5;3.5\n")
+    config = data_config(tmp_path, "  source: csv\n  path: table.csv\n  target: [t1, t2]\n  features: [c, a]\n"
+                                   "  delimiter: ';'\n  val_split: 0\n", loss="MSELoss")
+    data = load(config)
+    assert data.train.x.tolist() == [[3, 1], [6, 4]]
+    assert data.train.y.dtype == torch.float32 and data.train.y.tolist() == [[0.5, 1.5], [2.5, 3.5]]
+
+
+def test_npz_with_named_arrays_relative_to_the_config_file(tmp_path, monkeypatch):
+    folder = tmp_path / "project"
+    folder.mkdir()
+    images = np.arange(6 * 16, dtype=np.float64).reshape(6, 1, 4, 4)
+    np.savez(folder / "train_images.npz", images=images, labels=np.array([0, 1, 0, 1, 1, 0]))
+    config = data_config(folder, "  source: npz\n  path: train_images.npz\n  x: images\n  y: labels\n"
+                                 "  val_split: 0\n")
+    monkeypatch.chdir(tmp_path)  # the path is relative to the config's folder, not the cwd
+    data = load(config)
+    assert data.sample_shape == (1, 4, 4)
+    assert data.train.x.dtype == torch.float32
+    assert torch.equal(data.train.x, torch.from_numpy(images).float())
+    assert data.train.y.tolist() == [0, 1, 0, 1, 1, 0]
+
+
+def test_npy_pair(tmp_path):
+    np.save(tmp_path / "x.npy", np.array([[1, 2], [3, 4], [5, 6]], dtype=np.int32))
+    np.save(tmp_path / "y.npy", np.array([0.5, 1.5, 2.5], dtype=np.float64))
+    data = load(data_config(tmp_path, "  source: npy\n  x: x.npy\n  y: y.npy\n  val_split: 0\n", loss="MSELoss"))
+    assert data.train.x.dtype == torch.float32 and data.train.x.tolist() == [[1, 2], [3, 4], [5, 6]]
+    assert data.train.y.dtype == torch.float32 and data.train.y.tolist() == [0.5, 1.5, 2.5]
+
+
+def test_separate_train_and_val_sources(tmp_path):
+    np.save(tmp_path / "x.npy", np.ones((4, 3), dtype=np.float32))
+    np.save(tmp_path / "y.npy", np.array([0, 1, 1, 0]))
+    np.savez(tmp_path / "val.npz", x=np.zeros((2, 3)), y=np.array([1, 1]))
+    data = load(data_config(tmp_path, "  train: {source: npy, x: x.npy, y: y.npy}\n"
+                                      "  val: {source: npz, path: val.npz}\n"))
+    assert len(data.train) == 4 and len(data.val) == 2
+    assert data.val.y.tolist() == [1, 1]
+
+
+def test_split_is_seeded_and_partitions_the_samples(tmp_path):
+    x = [[float(i)] for i in range(10)]
+    y = [[float(i)] for i in range(10)]
+    def config(seed, name):
+        return write(tmp_path, name, f"seed: {seed}\ndata: {{source: tensors, x: {x}, y: {y}, val_split: 0.3}}\n"
+                                     f"loss: MSELoss\n{MODEL}")
+    first, again, other = load(config(0, "a.yaml")), load(config(0, "b.yaml")), load(config(1, "c.yaml"))
+    assert (len(first.train), len(first.val)) == (7, 3)
+    assert torch.equal(first.val.x, again.val.x) and torch.equal(first.train.x, again.train.x)
+    assert not torch.equal(first.val.x, other.val.x)
+    together = sorted(first.train.x[:, 0].tolist() + first.val.x[:, 0].tolist())
+    assert together == [float(i) for i in range(10)]
+    perm = torch.randperm(10, generator=torch.Generator().manual_seed(0))  # the first 3 go to val
+    assert first.val.x[:, 0].tolist() == perm[:3].float().tolist()
+
+
+def test_normalize_uses_training_statistics_for_both_sides(tmp_path):
+    x = [[float(i), 100.0 + 10 * i] for i in range(10)]
+    config = write(tmp_path, "n.yaml", f"data: {{source: tensors, x: {x}, y: {[[0.0]] * 10}, val_split: 0.2, "
+                                       f"normalize: true}}\nloss: MSELoss\n{MODEL}")
+    data = load(config)
+    raw_train = data.train.x * data.normalization["std"] + data.normalization["mean"]
+    assert torch.allclose(data.train.x.mean(0), torch.zeros(2), atol=1e-5)
+    assert torch.allclose(data.train.x.std(0), torch.ones(2), atol=1e-5)
+    assert torch.allclose(data.normalization["mean"], raw_train.mean(0))
+    # the validation side uses the training statistics (so its mean is not 0)
+    raw_val = data.val.x * data.normalization["std"] + data.normalization["mean"]
+    assert set(raw_val[:, 0].round().tolist()) <= set(range(10)) - set(raw_train[:, 0].round().tolist())
+
+
+def test_synthetic_and_digits_sources():
+    from nncli.config import config_from_mapping
+    from nncli.data import load_data
+
+    model = {"layers": [{"type": "Linear", "out_features": 3}]}
+    data = load_data(config_from_mapping({"seed": 3, "model": model, "data": {
+        "source": "synthetic", "n": 50, "features": 4, "classes": 3, "val_split": 0}}))
+    assert data.train.x.shape == (50, 4) and set(data.train.y.tolist()) <= {0, 1, 2}
+    again = load_data(config_from_mapping({"seed": 3, "model": model, "data": {
+        "source": "synthetic", "n": 50, "features": 4, "classes": 3, "val_split": 0}}))
+    assert torch.equal(data.train.x, again.train.x)  # generated from the run's seed
+    digits = load_data(config_from_mapping({"model": model, "data": {"source": "digits"}}))
+    assert (len(digits.train), len(digits.val)) == (1438, 359)
+    assert digits.sample_shape == (1, 8, 8) and digits.train.y.max() == 9
+
+
+# --- bad data: exit 2 with file, line, key and a clear message -----------------------------
+
+def write_files(tmp_path):
+    (tmp_path / "scores.csv").write_text("a,b,label\n1,2,0\n3,4,1\n5,6,1\n")
+    (tmp_path / "scores_bad.csv").write_text("a,b,label\n1,2,0\n3,x,1\n5,6,1\n")
+    (tmp_path / "ragged.csv").write_text("a,b,label\n1,2,0\n3,1\n")
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "header_only.csv").write_text("a,b,label\n")
+    (tmp_path / "labels.csv").write_text("a,b,label\n1,2,0\n3,4,7\n5,6,1\n")
+    (tmp_path / "negative.csv").write_text("a,b,label\n1,2,0\n3,4,-1\n5,6,1\n")
+    np.save(tmp_path / "x3.npy", np.zeros((3, 2), np.float32))
+    np.save(tmp_path / "y4.npy", np.zeros(4, np.int64))
+    np.save(tmp_path / "words.npy", np.array(["a", "b", "c"]))
+    np.savez(tmp_path / "arrays.npz", x=np.zeros((3, 2)), y=np.array(["a", "b", "c"]))
+    (tmp_path / "fake.npz").write_text("not an archive")
+
+
+BAD_DATA = {
+    "missing file": (
+        "  source: csv\n  path: nope.csv\n  target: label\n",
+        "{cfg}:3: data.path: file {dir}/nope.csv not found (paths are relative to the config file)"),
+    "missing column": (
+        "  source: csv\n  path: scores.csv\n  target: lable\n",
+        "{cfg}:4: data.target: column 'lable' is not in scores.csv (columns: a, b, label). "
+        "Did you mean 'label'?"),
+    "missing feature column": (
+        "  source: csv\n  path: scores.csv\n  target: label\n  features: [a, bb]\n",
+        "{cfg}:5: data.features: column 'bb' is not in scores.csv (columns: a, b, label). Did you mean 'b'?"),
+    "non-numeric cell": (
+        "  source: csv\n  path: scores_bad.csv\n  target: label\n",
+        "{cfg}:3: data.path: scores_bad.csv row 3, column 'b': 'x' is not a number"),
+    "ragged row": (
+        "  source: csv\n  path: ragged.csv\n  target: label\n",
+        "{cfg}:3: data.path: ragged.csv row 3 has 2 cells, the header has 3"),
+    "empty csv": (
+        "  source: csv\n  path: empty.csv\n  target: label\n",
+        "{cfg}:3: data.path: {dir}/empty.csv is empty; expected a header row and data rows"),
+    "header only": (
+        "  source: csv\n  path: header_only.csv\n  target: label\n",
+        "{cfg}:3: data.path: {dir}/header_only.csv has a header but no data rows"),
+    "x/y length mismatch (tensors)": (
+        "  source: tensors\n  x: [[1.0], [2.0], [3.0]]\n  y: [0, 1]\n  val_split: 0\n",
+        "{cfg}:1: data: x has 3 samples but y has 2; they must match"),
+    "x/y length mismatch (npy)": (
+        "  source: npy\n  x: x3.npy\n  y: y4.npy\n  val_split: 0\n",
+        "{cfg}:1: data: x has 3 samples but y has 4; they must match"),
+    "ragged tensors": (
+        "  source: tensors\n  x: [[1.0, 2.0], [3.0]]\n  y: [0, 1]\n",
+        "{cfg}:3: data.x: expected a (nested) list of numbers with equal-length rows"),
+    "label above the classes": (
+        "  source: csv\n  path: labels.csv\n  target: label\n  val_split: 0\n",
+        "{cfg}:1: data: training labels run from 0 to 7, but the model's output has 2 classes "
+        "(labels 0 to 1). Make the last layer's out_features the number of classes."),
+    "negative label": (
+        "  source: csv\n  path: negative.csv\n  target: label\n  val_split: 0\n",
+        "{cfg}:1: data: training labels run from -1 to 1, but the model's output has 2 classes"),
+    "val_split leaves training empty": (
+        "  source: synthetic\n  n: 10\n  val_split: 0.999\n",
+        "{cfg}:4: data.val_split: a split of 0.999 leaves the training side empty (10 samples). "
+        "Use val_split: 0 to train without validation."),
+    "val_split leaves validation empty": (
+        "  source: synthetic\n  n: 10\n  val_split: 0.01\n",
+        "{cfg}:4: data.val_split: a split of 0.01 leaves the validation side empty (10 samples)"),
+    "val_split out of range": (
+        "  source: synthetic\n  n: 10\n  val_split: 1.5\n",
+        "{cfg}:4: data.val_split: must lie strictly between 0 and 1, got 1.5"),
+    "unknown source": (
+        "  source: cvs\n  path: scores.csv\n",
+        "{cfg}:2: data.source: unknown data source 'cvs'. Did you mean 'csv'?"),
+    "no source": (
+        "  path: scores.csv\n",
+        "{cfg}:1: data: needs 'source:', one of: "),
+    "unknown source key": (
+        "  source: csv\n  paht: scores.csv\n  target: label\n",
+        "{cfg}:3: data.paht: unknown key; expected one of: "),
+    "npz without the array": (
+        "  source: npz\n  path: arrays.npz\n  x: images\n",
+        "{cfg}:4: data.x: arrays.npz has no array 'images' (it has: x, y)"),
+    "npz of strings": (
+        "  source: npz\n  path: arrays.npz\n",
+        "{cfg}:1: data.y: array 'y' holds <U1, not numbers"),
+    "npy of strings": (
+        "  source: npy\n  x: words.npy\n  y: y4.npy\n",
+        "{cfg}:3: data.x: array 'x' holds <U1, not numbers"),
+    "not an npz file": (
+        "  source: npz\n  path: fake.npz\n",
+        "{cfg}:3: data.path: fake.npz is not a readable .npz file"),
+    "val without train": (
+        "  source: npy\n  x: x3.npy\n  y: y4.npy\n  val: {source: npz, path: arrays.npz}\n",
+        "{cfg}:5: data.val: val: needs train: beside it (or use val_split:)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_data_exits_2_naming_file_line_and_key(tmp_path, case):
+    write_files(tmp_path)
+    lines, expected = BAD_DATA[case]
+    config = data_config(tmp_path, lines, loss="MSELoss" if "tensors" in case and "mismatch" not in case
+                         else "CrossEntropyLoss")
+    out = tmp_path / "runs"
+    result = nncli("train", config, "--out", out, "--quiet")
+    assert result.exit_code == 2, result.stdout + result.stderr
+    assert result.stdout == ""
+    message = expected.format(cfg=config, dir=tmp_path)
+    assert result.stderr.startswith(f"error: {message}"), result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists(), "bad data must not leave a run directory"
+    validate = nncli("validate", config)  # the same check without training
+    assert validate.exit_code == 2 and validate.stderr == result.stderr
+
+
+def test_torchvision_not_installed(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision -> ImportError
+    config = data_config(tmp_path, "  source: torchvision\n  name: MNIST\n")
+    result = nncli("train", config, "--out", tmp_path / "runs")
+    assert result.exit_code == 2
+    assert result.stderr == (f"error: {config}:3: data.name: needs torchvision, which is not installed. "
+                             "Install it with: pip install 'nncli[vision]'.\n")
+
+
+def test_bad_data_exit_status_of_the_real_process(tmp_path):
+    config = data_config(tmp_path, "  source: csv\n  path: nope.csv\n  target: label\n")
+    proc = nncli_process("train", config, "--out", tmp_path / "runs")
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr == (f"error: {config}:3: data.path: file {tmp_path}/nope.csv not found "
+                           "(paths are relative to the config file)\n")
+
+
+def test_regression_targets_must_match_the_output_shape(tmp_path):
+    config = data_config(tmp_path, "  source: synthetic\n  kind: regression\n  n: 20\n  val_split: 0\n",
+                         loss="MSELoss", out=3)
+    result = nncli("train", config, "--out", tmp_path / "runs")
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {config}:1: data: training targets have shape [] per sample, "
+                                    "but the model's output has shape [3]")
+    ok = data_config(tmp_path, "  source: synthetic\n  kind: regression\n  n: 20\n  val_split: 0\n",
+                     loss="MSELoss", out=1, name="ok.yaml")
+    assert nncli("train", ok, "--out", tmp_path / "runs", "-q", "--epochs", 1).exit_code == 0
+
+
+def test_validation_labels_are_checked_too(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((4, 2), np.float32))
+    np.save(tmp_path / "y.npy", np.array([0, 1, 1, 0]))
+    np.savez(tmp_path / "val.npz", x=np.zeros((2, 2)), y=np.array([1, 5]))
+    config = data_config(tmp_path, "  train: {source: npy, x: x.npy, y: y.npy}\n"
+                                   "  val: {source: npz, path: val.npz}\n")
+    result = nncli("train", config, "--out", tmp_path / "runs")
+    assert result.exit_code == 2
+    assert "validation labels run from 1 to 5, but the model's output has 2 classes" in result.stderr
+
+
+def test_eval_data_file_is_read_by_column_name(tmp_path):
+    rows = [(i, i % 3, i % 2) for i in range(10)]
+    (tmp_path / "scores.csv").write_text("a,b,label\n" + "".join(f"{a},{b},{t}\n" for a, b, t in rows))
+    config = data_config(tmp_path, "  source: csv\n  path: scores.csv\n  target: label\n  val_split: 0.2\n")
+    assert nncli("train", config, "--out", tmp_path / "runs", "--epochs", 1, "-q").exit_code == 0
+    run = tmp_path / "runs" / "config"
+    same = nncli("eval", run, "--data", tmp_path / "scores.csv", "--json")
+    assert same.exit_code == 0, same.stderr
+    # the same samples with the columns in another order (and an extra column) give the same loss
+    (tmp_path / "shuffled.csv").write_text("label,extra,b,a\n" + "".join(f"{t},9,{b},{a}\n" for a, b, t in rows))
+    shuffled = nncli("eval", run, "--data", tmp_path / "shuffled.csv", "--json")
+    assert shuffled.exit_code == 0, shuffled.stderr
+    assert shuffled.stdout == same.stdout
+
+    (tmp_path / "other.csv").write_text("a,c,label\n1,2,0\n")
+    result = nncli("eval", run, "--data", tmp_path / "other.csv")
+    assert result.exit_code == 2
+    assert "column 'b' is not in other.csv (columns: a, c, label)" in result.stderr
+    ckpt = torch.load(run / "best.pt", weights_only=True)
+    x = torch.tensor([[float(a), float(b)] for a, b, _ in rows])
+    y = torch.tensor([t for _, _, t in rows])
+    expected = torch.nn.functional.cross_entropy(x @ ckpt["model"]["0.weight"].T + ckpt["model"]["0.bias"], y)
+    assert json.loads(same.stdout)["loss"] == pytest.approx(float(expected), abs=1e-5)
+
+    wrong_kind = nncli("eval", run, "--data", run / "config.yaml")
+    assert wrong_kind.exit_code == 2 and "--data takes a .csv or .npz file" in wrong_kind.stderr

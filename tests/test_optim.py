@@ -1,0 +1,321 @@
+"""Losses, the optimizer and its parameter groups, LR schedules with warmup, clipping and
+gradient accumulation: read back from the optimizer and from metrics.csv."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from helpers_train import CONFIGS, TINY_REGRESSION, load_checkpoint, nncli, read_metrics, write
+
+GROUPS = """
+seed: 0
+data: {source: synthetic, kind: regression, n: 64, features: 3, val_split: 0.25}
+loss: MSELoss
+optimizer:
+  type: SGD
+  lr: 0.1
+  momentum: 0.5
+  groups:
+    - name: biases
+      params: "*.bias"
+      lr: 0.5
+    - name: head
+      params: ["fc2.*"]
+      lr: 0.05
+      momentum: 0.9
+train: {epochs: 2, batch_size: 16}
+model:
+  layers:
+    fc1: {type: Linear, out_features: 4}
+    act: ReLU
+    fc2: {type: Linear, out_features: 1}
+"""
+
+
+def prepare(path, **kwargs):
+    from nncli.config import load_config
+    from nncli.train import prepare_run
+
+    return prepare_run(load_config(path), **kwargs)
+
+
+def schedule_config(tmp_path, schedule: str, *, train: str = "train: {epochs: 5, batch_size: 16}",
+                    data: str = "val_split: 0.25", name: str = "sched.yaml"):
+    text = (TINY_REGRESSION.replace("train: {epochs: 3, batch_size: 16}", train)
+            .replace("val_split: 0.25", data) + f"schedule: {schedule}\n")
+    return write(tmp_path, name, text)
+
+
+def lr_column(tmp_path, config, *args) -> list[float]:
+    result = nncli("train", config, "--out", tmp_path / "runs", "--quiet", *args)
+    assert result.exit_code == 0, result.stderr
+    runs = sorted((tmp_path / "runs").iterdir())
+    return [row["lr_0"] for row in read_metrics(runs[-1])[1]]
+
+
+# --- parameter groups ---------------------------------------------------------------------
+
+def test_each_tensor_gets_its_groups_lr_and_the_default_group_is_last(tmp_path):
+    run = prepare(write(tmp_path, "groups.yaml", GROUPS), run_dir=tmp_path / "run")
+    params = dict(run.model.named_parameters())
+    groups = run.optimizer.param_groups
+    assert [g.name for g in run.groups] == ["biases", "head", "default"]
+    assert [g.param_names for g in run.groups] == [["fc1.bias", "fc2.bias"], ["fc2.weight"], ["fc1.weight"]]
+    expected = [(["fc1.bias", "fc2.bias"], 0.5, 0.5),   # first match wins: fc2.bias is a bias
+                (["fc2.weight"], 0.05, 0.9),
+                (["fc1.weight"], 0.1, 0.5)]             # the rest: the optimizer's own settings
+    assert len(groups) == len(expected)
+    for group, (names, lr, momentum) in zip(groups, expected):
+        assert [id(p) for p in group["params"]] == [id(params[n]) for n in names]
+        assert group["lr"] == lr and group["momentum"] == momentum
+    assert run.groups[-1].patterns == ["(rest)"]
+    assert isinstance(run.optimizer, torch.optim.SGD)
+
+
+def test_shipped_lr_groups_config_gives_the_tutorials_groups(tmp_path):
+    run = prepare(CONFIGS / "perceptron_lr_groups.yaml", run_dir=tmp_path / "run")
+    params = dict(run.model.named_parameters())
+    by_name = [(g.name, [n for n, p in params.items() if any(p is q for q in group["params"])], group["lr"])
+               for g, group in zip(run.groups, run.optimizer.param_groups)]
+    # every parameter matched a pattern: no default group
+    assert by_name == [("bias", ["layer1.b", "layer2.b"], 0.1), ("weight", ["layer1.W", "layer2.W"], 1e-4)]
+
+
+def test_without_groups_one_default_group_holds_everything(tmp_path):
+    run = prepare(write(tmp_path, "tiny.yaml", TINY_REGRESSION), run_dir=tmp_path / "run")
+    assert [(g.name, g.patterns) for g in run.groups] == [("default", ["*"])]
+    assert len(run.optimizer.param_groups) == 1
+    assert len(run.optimizer.param_groups[0]["params"]) == 2
+
+
+def test_group_lrs_reach_metrics_csv_and_the_table_comes_before_epoch_1(tmp_path):
+    config = write(tmp_path, "groups.yaml", GROUPS)
+    result = nncli("train", config, "--out", tmp_path / "runs")
+    assert result.exit_code == 0, result.stderr
+    header, rows = read_metrics(tmp_path / "runs" / "groups")
+    assert [h for h in header if h.startswith("lr_")] == ["lr_0", "lr_1", "lr_2"]
+    assert all((r["lr_0"], r["lr_1"], r["lr_2"]) == (0.5, 0.05, 0.1) for r in rows)
+    out = result.stdout
+    table = out.index("Optimizer groups")
+    assert table < out.index("epoch 1/2")
+    table_text = out[table:out.index("epoch 1/2")]
+    for text in ("biases", "*.bias", "head", "fc2.*", "default", "(rest)", "lr=0.5", "lr=0.05", "lr=0.1"):
+        assert text in table_text, text
+    table_lines = table_text.splitlines()
+    biases = next(line for line in table_lines if "biases" in line)
+    assert "│ 2 " in biases and "│ 5 " in biases  # fc1.bias (4) + fc2.bias (1): 2 tensors, 5 numbers
+
+
+def test_a_pattern_matching_nothing_exits_2_with_file_and_line(tmp_path):
+    config = write(tmp_path, "groups.yaml", GROUPS.replace('["fc2.*"]', '["fc2.*", "*.gamma"]'))
+    result = nncli("train", config, "--out", tmp_path / "runs")
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"error: {config}:13: optimizer.groups.1.params: pattern '*.gamma' matches no trainable "
+        "parameter (they are named like: fc1.weight, fc1.bias, fc2.weight, fc2.bias). "
+        "Run `nncli summary --params` to list them.\n")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    (('params: "*.bias"', 'weight_decay: 0.5'), "optimizer.groups.0: each group needs 'params:'"),
+    (('params: "*.bias"', "params: []"), "optimizer.groups.0.params: params must be a glob string or a list of them"),
+    (("lr: 0.05", "lrr: 0.05"), "optimizer.groups.1.lrr: SGD has no setting 'lrr'; a group may set: lr, "
+                                "momentum, dampening, weight_decay, nesterov"),
+    (("lr: 0.1", "lr: -1"), "optimizer: SGD cannot be built: Invalid learning rate: -1"),
+    (("type: SGD", "type: SDG"), "optimizer.type: unknown optimizer 'SDG'. Did you mean 'SGD'?"),
+    (("momentum: 0.5", "momentun: 0.5"), "optimizer.momentun: SGD has no argument 'momentun'"),
+])
+def test_bad_optimizer_sections_exit_2(tmp_path, change, message):
+    config = write(tmp_path, "groups.yaml", GROUPS.replace(*change, 1))
+    result = nncli("train", config, "--out", tmp_path / "runs")
+    assert result.exit_code == 2, result.stderr
+    assert message in result.stderr
+    assert result.stderr.startswith(f"error: {config}:")
+
+
+# --- losses --------------------------------------------------------------------------------
+
+def test_loss_with_arguments_and_loss_errors(tmp_path):
+    from nncli.config import load_config
+    from nncli.optim import create_loss
+
+    config = write(tmp_path, "tiny.yaml", TINY_REGRESSION.replace("loss: MSELoss", "loss: {type: HuberLoss, delta: 0.25}"))
+    loss = create_loss(load_config(config))
+    assert isinstance(loss, torch.nn.HuberLoss) and loss.delta == 0.25
+    assert nncli("train", config, "--out", tmp_path / "runs", "-q", "--epochs", 1).exit_code == 0
+
+    typo = write(tmp_path, "typo.yaml", TINY_REGRESSION.replace("loss: MSELoss", "loss: MSELos"))
+    result = nncli("train", typo, "--out", tmp_path / "runs")
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {typo}:3: loss: unknown loss 'MSELos'")
+    assert "Did you mean 'MSELoss'?" in result.stderr
+
+    bad_arg = write(tmp_path, "arg.yaml", TINY_REGRESSION.replace("loss: MSELoss", "loss: {type: HuberLoss, delt: 1}"))
+    result = nncli("train", bad_arg, "--out", tmp_path / "runs")
+    assert result.exit_code == 2
+    assert "loss.delt: HuberLoss has no argument 'delt'" in result.stderr and "Did you mean 'delta'?" in result.stderr
+
+
+def test_sum_reduction_is_passed_to_the_loss(tmp_path):
+    """The tutorial's MSELoss(size_average=False): the epoch loss is a sum over the batch."""
+    result = nncli("train", CONFIGS / "linear_regression.yaml", "--epochs", 1, "--out", tmp_path, "-q")
+    assert result.exit_code == 0
+    run = prepare(CONFIGS / "linear_regression.yaml", run_dir=tmp_path / "x")
+    with torch.no_grad():  # the initial model on the three points, before the first step
+        out = run.model(run.data.train.x)
+    expected = float(((out - run.data.train.y) ** 2).sum())
+    assert read_metrics(tmp_path / "linear_regression")[1][0]["train_loss"] == pytest.approx(expected, rel=1e-6)
+
+
+# --- schedules -----------------------------------------------------------------------------
+
+def test_epoch_schedule_with_warmup(tmp_path):
+    """LinearLR from 0.1 x lr over 2 epochs, then StepLR halving every 2 epochs."""
+    config = schedule_config(tmp_path, "{type: StepLR, step_size: 2, gamma: 0.5, "
+                                       "warmup: {epochs: 2, start_factor: 0.1}}",
+                             train="train: {epochs: 7, batch_size: 48}")
+    assert lr_column(tmp_path, config) == pytest.approx([0.01, 0.055, 0.1, 0.1, 0.05, 0.05, 0.025])
+
+
+def test_step_schedule_with_warmup_in_steps(tmp_path):
+    """4 optimizer steps per epoch; warmup over 3 steps, then StepLR halving every 4 steps.
+    lr_0 is the learning rate at the start of each epoch (after 0, 4, 8, ... steps)."""
+    config = schedule_config(tmp_path, "{type: StepLR, step_size: 4, gamma: 0.5, interval: step, "
+                                       "warmup: {steps: 3, start_factor: 0.1}}", data="val_split: 0")
+    expected = []
+    for epoch in range(5):
+        step = 4 * epoch
+        expected.append(0.1 * (0.1 + 0.9 * step / 3) if step < 3 else 0.1 * 0.5 ** ((step - 3) // 4))
+    assert expected == pytest.approx([0.01, 0.1, 0.05, 0.025, 0.0125])
+    assert lr_column(tmp_path, config) == pytest.approx(expected)
+
+
+def test_step_schedule_matches_torch_step_by_step(tmp_path):
+    """A per-step LinearLR-then-CosineAnnealingLR, replayed with torch's own schedulers."""
+    config = schedule_config(tmp_path, "{type: CosineAnnealingLR, interval: step, warmup: {steps: 5}}",
+                             data="val_split: 0", train="train: {epochs: 4, batch_size: 16}")
+    got = lr_column(tmp_path, config)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.01, total_iters=5)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4 * 4 - 5)
+    sched = torch.optim.lr_scheduler.SequentialLR(opt, [warm, cosine], milestones=[5])
+    expected = []
+    for step in range(16):
+        if step % 4 == 0:
+            expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_warmup_in_steps_needs_a_step_interval(tmp_path):
+    config = schedule_config(tmp_path, "\n  type: StepLR\n  step_size: 2\n  warmup:\n    steps: 3")
+    result = nncli("train", config, "--out", tmp_path / "runs")
+    assert result.exit_code == 2
+    assert f"{config}:14: schedule.warmup.steps: warmup in steps needs interval: step" in result.stderr
+
+
+def test_cosine_gets_t_max_from_the_run_length(tmp_path):
+    config = schedule_config(tmp_path, "{type: CosineAnnealingLR}", train="train: {epochs: 5, batch_size: 48}")
+    run = prepare(config, run_dir=tmp_path / "r")
+    assert run.schedule.scheduler.T_max == 5
+    assert prepare(config, run_dir=tmp_path / "r", epochs=8).schedule.scheduler.T_max == 8
+    result = nncli("train", config, "--out", tmp_path / "runs")
+    assert result.exit_code == 0
+    assert "schedule: CosineAnnealingLR: T_max=5 (epochs after warmup)" in result.stdout
+    lrs = [row["lr_0"] for row in read_metrics(tmp_path / "runs" / "sched")[1]]
+    assert lrs == pytest.approx([0.05 * (1 + math.cos(math.pi * t / 5)) for t in range(5)])
+
+    explicit = schedule_config(tmp_path, "{type: CosineAnnealingLR, T_max: 3}", name="explicit.yaml")
+    assert prepare(explicit, run_dir=tmp_path / "r").schedule.scheduler.T_max == 3
+
+
+def test_cosine_after_warmup_and_onecycle_total_steps():
+    run = prepare(CONFIGS / "csv_regression.yaml")  # 60 epochs, 2 of warmup
+    assert run.schedule.note == "CosineAnnealingLR: T_max=58 (epochs after warmup)"
+    assert run.schedule.scheduler._schedulers[1].T_max == 58
+    cnn = prepare(CONFIGS / "digits_cnn.yaml")  # 15 epochs of 23 steps (1438 samples, batch 64)
+    assert cnn.schedule.interval == "step"
+    assert cnn.schedule.scheduler.total_steps == 15 * 23
+    assert cnn.schedule.note == "OneCycleLR: total_steps=345 (steps after warmup)"
+
+
+def test_reduce_on_plateau_follows_its_monitor(tmp_path):
+    """mode: max on a falling train_loss: no epoch improves on the first, so with patience 0
+    the lr halves after every epoch from the second on."""
+    config = schedule_config(tmp_path, "{type: ReduceLROnPlateau, mode: max, factor: 0.5, patience: 0, "
+                                       "monitor: train_loss}")
+    lrs = lr_column(tmp_path, config)
+    rows = read_metrics(sorted((tmp_path / "runs").iterdir())[-1])[1]
+    assert all(a["train_loss"] > b["train_loss"] for a, b in zip(rows, rows[1:]))
+    assert lrs == pytest.approx([0.1, 0.1, 0.05, 0.025, 0.0125])
+
+
+def test_reduce_on_plateau_on_val_loss_by_default(tmp_path):
+    config = schedule_config(tmp_path, "{type: ReduceLROnPlateau, factor: 0.5, patience: 0}")
+    run = prepare(config, run_dir=tmp_path / "r")
+    assert run.schedule.monitor == "val_loss"
+    lrs = lr_column(tmp_path, config)
+    rows = read_metrics(sorted((tmp_path / "runs").iterdir())[-1])[1]
+    lr, best, expected = 0.1, math.inf, []
+    for row in rows:  # torch's rule: better than best * (1 - 1e-4), else halve (patience 0)
+        expected.append(lr)
+        if row["val_loss"] < best * (1 - 1e-4):
+            best = row["val_loss"]
+        else:
+            lr *= 0.5
+    assert lrs == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("schedule, data, message", [
+    ("{type: ReduceLROnPlateau, monitor: val_acc}", "val_split: 0.25",
+     ":10: schedule.monitor: monitor 'val_acc' is not recorded; expected one of: train_loss, val_loss, "
+     "val_mae. Did you mean 'val_mae'?"),
+    ("{type: ReduceLROnPlateau}", "val_split: 0",
+     ":10: schedule: monitor 'val_loss' is not recorded; expected one of: train_loss."),
+    ("{type: ReduceLROnPlateau, warmup: {epochs: 1}}", "val_split: 0.25",
+     ":10: schedule.warmup: warmup does not combine with ReduceLROnPlateau"),
+    ("{type: StepLR}", "val_split: 0.25", ":10: schedule: StepLR cannot be built"),
+    ("{type: StepLR, step_size: 1, interval: batch}", "val_split: 0.25",
+     ":10: schedule.interval: interval must be one of epoch, step"),
+    ("{type: CosineAnealingLR}", "val_split: 0.25",
+     ":10: schedule.type: unknown schedule 'CosineAnealingLR'. Did you mean 'CosineAnnealingLR'?"),
+])
+def test_bad_schedules_exit_2_before_training(tmp_path, schedule, data, message):
+    config = schedule_config(tmp_path, schedule, data=data)
+    result = nncli("train", config, "--out", tmp_path / "runs")
+    assert result.exit_code == 2, result.stdout
+    assert result.stderr.startswith(f"error: {config}{message}"), result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+# --- the optimizer step: accumulation and clipping -----------------------------------------
+
+def test_gradient_accumulation_equals_a_larger_batch(tmp_path):
+    base = TINY_REGRESSION.replace("val_split: 0.25", "val_split: 0")
+    big = write(tmp_path, "big.yaml", base.replace("train: {epochs: 3, batch_size: 16}",
+                                                   "train: {epochs: 3, batch_size: 32, shuffle: false}"))
+    acc = write(tmp_path, "acc.yaml", base.replace("train: {epochs: 3, batch_size: 16}",
+                                                   "train: {epochs: 3, batch_size: 16, accumulate: 2, shuffle: false}"))
+    for config in (big, acc):
+        assert nncli("train", config, "--out", tmp_path / "runs", "-q").exit_code == 0
+    a, b = load_checkpoint(tmp_path / "runs" / "big" / "last.pt"), load_checkpoint(tmp_path / "runs" / "acc" / "last.pt")
+    assert a["step"] == b["step"] == 6  # 2 optimizer steps per epoch either way
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6)
+    rows_a, rows_b = read_metrics(tmp_path / "runs" / "big")[1], read_metrics(tmp_path / "runs" / "acc")[1]
+    assert [r["train_loss"] for r in rows_a] == pytest.approx([r["train_loss"] for r in rows_b], rel=1e-5)
+
+
+def test_grad_clip_bounds_each_step(tmp_path):
+    config = write(tmp_path, "clip.yaml", TINY_REGRESSION.replace("lr: 0.1", "lr: 1.0").replace(
+        "train: {epochs: 3, batch_size: 16}", "train: {epochs: 2, batch_size: 16, grad_clip: 0.001}"))
+    start = prepare(config, run_dir=tmp_path / "r").model.state_dict()
+    assert nncli("train", config, "--out", tmp_path / "runs", "-q").exit_code == 0
+    end = load_checkpoint(tmp_path / "runs" / "clip" / "last.pt")
+    assert end["step"] == 6  # 48 training samples, batch 16, 2 epochs
+    moved = torch.cat([(end["model"][k] - start[k]).flatten() for k in start])
+    assert 0 < float(moved.norm()) <= 6 * 0.001 * 1.0 + 1e-6  # steps x clip x lr

@@ -1,0 +1,536 @@
+"""`nncli train`, `eval` and `predict`: run directories, the loop, early and NaN stops, the CLI."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from helpers_train import (BAR_CHARS, CONFIGS, REPO, TINY_REGRESSION, load_checkpoint, nncli,
+                           nncli_process, only_run_dir, read_metrics, write)
+
+REFERENCE_LOOP = REPO.parent / "shared" / "bench" / "reference_loop.py"
+if not REFERENCE_LOOP.is_file():
+    REFERENCE_LOOP = Path("/work/shared/bench/reference_loop.py")
+
+# Every shipped config with a data section, and the metrics.csv header it must produce.
+SHIPPED_HEADERS = {
+    "csv_regression.yaml": "epoch,train_loss,val_loss,val_mae,val_rmse,val_r2,lr_0,time_s",
+    "digits_cnn.yaml": "epoch,train_loss,val_loss,val_accuracy,lr_0,time_s",
+    "digits_mlp.yaml": "epoch,train_loss,val_loss,val_accuracy,val_top3,lr_0,time_s",
+    "linear_regression.yaml": "epoch,train_loss,lr_0,time_s",  # val_split: 0
+    "perceptron_lr_groups.yaml": "epoch,train_loss,val_loss,val_mae,lr_0,lr_1,time_s",  # 2 groups
+    "perceptron_synthetic.yaml": "epoch,train_loss,val_loss,val_mae,val_r2,lr_0,time_s",
+}
+
+
+def tiny(tmp_path: Path, extra: str = "", name: str = "tiny.yaml") -> Path:
+    """TINY_REGRESSION with `extra` YAML lines appended (later keys are not allowed to repeat,
+    so `extra` only adds top-level sections the base lacks)."""
+    return write(tmp_path, name, TINY_REGRESSION + extra)
+
+
+def test_every_shipped_config_with_data_is_covered():
+    with_data = sorted(p.name for p in CONFIGS.glob("*.yaml") if (yaml.safe_load(p.read_text()) or {}).get("data"))
+    assert with_data == sorted(SHIPPED_HEADERS)
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_HEADERS))
+def test_shipped_config_trains(name, tmp_path):
+    epochs = 1 if name == "digits_cnn.yaml" else 2  # the CNN is the slow one on 2 CPU cores
+    result = nncli("train", CONFIGS / name, "--epochs", epochs, "--out", tmp_path, "--quiet")
+    assert result.exit_code == 0, result.stderr
+    assert not re.search(r"^epoch \d", result.stdout, re.M), "--quiet printed epoch lines"
+    run = only_run_dir(tmp_path)
+    assert run.name == Path(name).stem
+    assert f"saved: {run}" in result.stdout
+
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    original = yaml.safe_load((CONFIGS / name).read_text())
+    assert "grad_clip" in resolved["train"] and resolved["train"]["grad_clip"] is None
+    assert resolved["train"]["epochs"] == epochs  # --epochs is part of the resolved config
+    assert resolved["checkpoint"] == {"dir": "checkpoints", "every": original.get("checkpoint", {}).get("every", 1),
+                                      "every_steps": None, "keep_last": 0}
+    assert resolved["name"] == Path(name).stem and resolved["seed"] == original.get("seed", 0)
+    for key in ("amp", "device", "compile", "schedule", "metrics", "loss", "optimizer"):
+        assert key in resolved
+
+    header, rows = read_metrics(run)
+    assert ",".join(header) == SHIPPED_HEADERS[name]
+    assert [row["epoch"] for row in rows] == list(range(1, epochs + 1))
+    assert all(math.isfinite(v) for row in rows for v in row.values())
+
+    last, best = load_checkpoint(run / "last.pt"), load_checkpoint(run / "best.pt")
+    for ckpt in (last, best):
+        assert {"model", "optimizer"} <= set(ckpt)
+        assert ckpt["model"] and all(isinstance(t, torch.Tensor) for t in ckpt["model"].values())
+        lrs = [g["lr"] for g in ckpt["optimizer"]["param_groups"]]
+        assert len(lrs) == sum(h.startswith("lr_") for h in header)
+    assert last["epoch"] == epochs
+    assert last["model"].keys() == best["model"].keys()
+    best_epoch = best["epoch"]
+    monitor = "val_loss" if "val_loss" in header else "train_loss"
+    assert rows[best_epoch - 1][monitor] == min(row[monitor] for row in rows)
+
+
+def test_linear_regression_learns_y_equals_2x(tmp_path):
+    """The tutorial: 1000 epochs of SGD on three points; weight 2, prediction for x = 4 is 8."""
+    result = nncli("train", CONFIGS / "linear_regression.yaml", "--out", tmp_path, "--quiet")
+    assert result.exit_code == 0, result.stderr
+    run = tmp_path / "linear_regression"
+    weight = load_checkpoint(run / "best.pt")["model"]["linear.weight"]
+    assert weight.shape == (1, 1)
+    assert abs(float(weight) - 2.0) < 0.01
+    _, rows = read_metrics(run)
+    assert len(rows) == 1000
+
+    out = nncli("predict", run, "--input", "[[4.0]]", "--json")
+    assert out.exit_code == 0, out.stderr
+    predictions = json.loads(out.stdout)
+    assert len(predictions) == 1 and "class" not in predictions[0]
+    assert abs(predictions[0]["output"][0] - 8.0) < 0.02
+
+    plain = nncli("predict", run, "--input", "[[4.0]]")
+    value = float(re.fullmatch(r"0: \[([-\d.e]+)\]\n", plain.stdout).group(1))
+    assert abs(value - 8.0) < 0.02
+
+
+# --- the digits MLP: the reference loop, eval and predict ---------------------------------
+
+@pytest.fixture(scope="module")
+def mlp_run(tmp_path_factory) -> Path:
+    """configs/digits_mlp.yaml trained for 3 epochs (shared by the tests below)."""
+    out = tmp_path_factory.mktemp("mlp")
+    result = nncli("train", CONFIGS / "digits_mlp.yaml", "--epochs", 3, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.stderr
+    return out / "digits_mlp"
+
+
+def test_digits_mlp_matches_hand_written_reference_loop(mlp_run):
+    if not REFERENCE_LOOP.is_file():
+        pytest.skip("shared/bench/reference_loop.py is not here")
+    ref = subprocess.run([sys.executable, str(REFERENCE_LOOP), "--model", "mlp", "--epochs", "3"],
+                         capture_output=True, text=True, timeout=120)
+    assert ref.returncode == 0, ref.stderr
+    reference_acc = re.search(r"\bval_acc=([\d.]+)", ref.stdout).group(1)
+    _, rows = read_metrics(mlp_run)
+    assert len(rows) == 3
+    assert f"{rows[-1]['val_accuracy']:.4f}" == reference_acc
+
+
+def _digits_model(state_dict: dict) -> nn.Module:
+    """The digits MLP by hand, to check nncli's outputs independently of nncli's model code."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    model.load_state_dict(state_dict)
+    return model.eval()
+
+
+def _digits_val_split() -> tuple[np.ndarray, np.ndarray]:
+    """The seeded 80/20 split (seed 0), as reference_loop.py makes it."""
+    arrays = np.load(REPO / "nncli" / "datasets" / "digits.npz")
+    perm = torch.randperm(len(arrays["labels"]), generator=torch.Generator().manual_seed(0)).numpy()
+    n_val = len(perm) // 5
+    return arrays["images"][perm[:n_val]], arrays["labels"][perm[:n_val]]
+
+
+def test_eval_reports_the_best_epochs_val_loss(mlp_run):
+    _, rows = read_metrics(mlp_run)
+    best = min(rows, key=lambda r: r["val_loss"])
+    as_json = nncli("eval", mlp_run, "--json")
+    assert as_json.exit_code == 0, as_json.stderr
+    results = json.loads(as_json.stdout)
+    assert results["loss"] == pytest.approx(best["val_loss"], abs=1e-6)
+    assert results["accuracy"] == pytest.approx(best["val_accuracy"], abs=1e-9)
+    assert results["top3"] == pytest.approx(best["val_top3"], abs=1e-9)
+
+    plain = nncli("eval", mlp_run)
+    assert plain.exit_code == 0
+    assert plain.stdout.startswith("validation data: ")
+    assert f"loss={best['val_loss']:.4f}" in plain.stdout
+    assert f"accuracy={best['val_accuracy']:.4f}" in plain.stdout
+
+
+def test_eval_of_a_regression_run_matches_its_best_epoch(tmp_path):
+    """(N,) targets against an (N, 1) output: eval must not broadcast them into an (N, N) loss."""
+    config = write(tmp_path, "tiny.yaml", TINY_REGRESSION.replace("epochs: 3", "epochs: 5"))
+    assert nncli("train", config, "--out", tmp_path, "--quiet").exit_code == 0
+    _, rows = read_metrics(tmp_path / "tiny")
+    best = min(rows, key=lambda r: r["val_loss"])
+    assert best["epoch"] < rows[-1]["epoch"], "the scenario: validation loss rises after its best epoch"
+    assert load_checkpoint(tmp_path / "tiny" / "best.pt")["epoch"] == best["epoch"]
+    result = nncli("eval", tmp_path / "tiny", "--json")
+    assert result.exit_code == 0 and result.stderr == ""  # no broadcasting warning either
+    got = json.loads(result.stdout)
+    assert got["loss"] == pytest.approx(best["val_loss"], abs=1e-6)
+    assert got["mae"] == pytest.approx(best["val_mae"], abs=1e-6)
+    text = nncli("eval", tmp_path / "tiny")
+    assert text.stdout == f"validation data: loss={best['val_loss']:.4f}  mae={best['val_mae']:.4f}\n"
+
+
+def test_eval_on_a_data_file_with_labels_outside_the_classes_exits_2(mlp_run, tmp_path):
+    np.savez(tmp_path / "labels.npz", x=np.zeros((3, 1, 8, 8), np.float32), y=np.array([0, 3, 12]))
+    result = nncli("eval", mlp_run, "--data", tmp_path / "labels.npz")
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {tmp_path / 'labels.npz'}: labels run from 0 to 12, but the "
+                                    "model's output has 10 classes (labels 0 to 9)")
+
+
+def test_eval_on_a_data_file_matches_a_hand_computed_loss(mlp_run, tmp_path):
+    x, y = _digits_val_split()
+    np.savez(tmp_path / "val.npz", x=x[:100], y=y[:100])
+    result = nncli("eval", mlp_run, "--data", tmp_path / "val.npz", "--json")
+    assert result.exit_code == 0, result.stderr
+    model = _digits_model(load_checkpoint(mlp_run / "best.pt")["model"])
+    with torch.no_grad():
+        out = model(torch.from_numpy(x[:100]))
+    expected_loss = float(nn.functional.cross_entropy(out, torch.from_numpy(y[:100])))
+    expected_acc = float((out.argmax(1) == torch.from_numpy(y[:100])).float().mean())
+    got = json.loads(result.stdout)
+    assert got["loss"] == pytest.approx(expected_loss, abs=1e-5)
+    assert got["accuracy"] == pytest.approx(expected_acc, abs=1e-6)
+    text = nncli("eval", mlp_run, "--data", tmp_path / "val.npz")
+    assert text.stdout.startswith(f"{tmp_path / 'val.npz'}: loss=")
+
+
+def test_eval_on_a_data_file_of_the_wrong_shape_exits_2(mlp_run, tmp_path):
+    np.savez(tmp_path / "flat.npz", x=np.zeros((3, 64), np.float32), y=np.zeros(3, np.int64))
+    result = nncli("eval", mlp_run, "--data", tmp_path / "flat.npz")
+    assert result.exit_code == 2
+    assert result.stderr == (f"error: {tmp_path / 'flat.npz'}: its samples have shape [64], but the "
+                             "model takes [1, 8, 8]\n")
+
+
+def test_eval_on_the_validation_split_as_a_file_equals_plain_eval(mlp_run, tmp_path):
+    x, y = _digits_val_split()
+    np.savez(tmp_path / "val.npz", x=x, y=y)
+    on_file = json.loads(nncli("eval", mlp_run, "--data", tmp_path / "val.npz", "--json").stdout)
+    plain = json.loads(nncli("eval", mlp_run, "--json").stdout)
+    assert on_file == pytest.approx(plain, abs=1e-6)
+
+
+def test_predict_npy_json_one_row_per_input_with_class(mlp_run, tmp_path):
+    arrays = np.load(REPO / "nncli" / "datasets" / "digits.npz")
+    x = arrays["images"][:7]
+    np.save(tmp_path / "inputs.npy", x)
+    result = nncli("predict", mlp_run, "--input", tmp_path / "inputs.npy", "--json")
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert len(rows) == 7
+    with torch.no_grad():
+        expected = _digits_model(load_checkpoint(mlp_run / "best.pt")["model"])(torch.from_numpy(x))
+    for row, out in zip(rows, expected):
+        assert len(row["output"]) == 10
+        assert row["output"] == pytest.approx(out.tolist(), abs=2e-6)
+        assert row["class"] == int(out.argmax()) == int(np.argmax(row["output"]))
+
+    plain = nncli("predict", mlp_run, "--input", tmp_path / "inputs.npy")
+    lines = plain.stdout.splitlines()
+    assert len(lines) == 7
+    assert all(re.fullmatch(rf"{i}: \[.*\]  class={rows[i]['class']}", line) for i, line in enumerate(lines))
+
+
+@pytest.mark.parametrize("given, message", [
+    ("[[1, 2]]", "2 numbers given, not a whole number of samples of shape [1, 8, 8] (64 numbers each)"),
+    ("[[1, 2", "not a JSON list of numbers"),
+    (str([[0.5] * 32] * 4), "each input has 32 numbers (shape [32]), but the model takes samples of shape "
+                            "[1, 8, 8] (64 numbers each)"),
+    ("[]", "0 numbers given"),
+    ("missing.npy", "file not found"),
+    ("inputs.txt", "--input takes a .json, .csv, .npy or .npz file"),
+    ("broken.npy", "cannot read the inputs"),
+])
+def test_predict_bad_input_exits_2(mlp_run, tmp_path, monkeypatch, given, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "inputs.txt").write_text("1 2 3\n")
+    (tmp_path / "broken.npy").write_bytes(b"not numpy")
+    result = nncli("predict", mlp_run, "--input", given)
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_eval_and_predict_of_a_missing_run_exit_2(tmp_path):
+    for args in (("eval", tmp_path / "nope"), ("predict", tmp_path / "nope", "--input", "[[1]]")):
+        result = nncli(*args)
+        assert result.exit_code == 2, args
+        assert str(tmp_path / "nope") in result.stderr
+
+
+# --- normalization ------------------------------------------------------------------------
+
+def test_normalize_statistics_are_stored_and_used_by_predict(tmp_path):
+    rng = np.random.default_rng(0)
+    x = np.stack([rng.normal(1000, 50, 40), rng.normal(0.01, 0.002, 40)], 1).astype(np.float32)
+    y = (x[:, 0] / 100 + 300 * x[:, 1]).astype(np.float32)
+    lines = ["size,rate,target"] + [f"{a},{b},{t}" for (a, b), t in zip(x, y)]
+    (tmp_path / "train_scaled.csv").write_text("\n".join(lines) + "\n")
+    config = write(tmp_path, "norm.yaml", """
+        data: {source: csv, path: train_scaled.csv, target: target, normalize: true, val_split: 0}
+        loss: MSELoss
+        optimizer: {type: SGD, lr: 0.05}
+        train: {epochs: 5, batch_size: 8}
+        model:
+          layers:
+            - {type: Linear, out_features: 1}
+        """)
+    result = nncli("train", config, "--out", tmp_path / "runs", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    run = tmp_path / "runs" / "norm"
+    ckpt = load_checkpoint(run / "best.pt")
+    stats = ckpt["normalization"]
+    x_read = np.array([[float(v) for v in line.split(",")[:2]] for line in lines[1:]], dtype=np.float32)
+    np.testing.assert_allclose(stats["mean"].numpy(), x_read.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(stats["std"].numpy(), x_read.std(0, ddof=1), rtol=1e-4)
+    # normalized inputs are what the model learnt from: a linear model fits in 5 epochs
+    assert read_metrics(run)[1][-1]["train_loss"] < read_metrics(run)[1][0]["train_loss"]
+
+    np.save(tmp_path / "train_x.npy", x_read)
+    out = nncli("predict", run, "--input", tmp_path / "train_x.npy", "--json")
+    assert out.exit_code == 0, out.stderr
+    predicted = np.array([row["output"][0] for row in json.loads(out.stdout)])
+    w, b = ckpt["model"]["0.weight"].numpy(), ckpt["model"]["0.bias"].numpy()
+    expected = ((x_read - stats["mean"].numpy()) / stats["std"].numpy()) @ w.T + b
+    np.testing.assert_allclose(predicted, expected[:, 0], atol=1e-4)
+
+    # the training CSV itself: its feature columns are taken by name, the target left out
+    from_csv = nncli("predict", run, "--input", tmp_path / "train_scaled.csv", "--json")
+    assert from_csv.exit_code == 0, from_csv.stderr
+    assert json.loads(from_csv.stdout) == json.loads(out.stdout)
+
+
+# --- run directories, --set, --epochs, --out -----------------------------------------------
+
+def test_a_second_train_gets_a_new_run_directory(tmp_path):
+    config = tiny(tmp_path)
+    out = tmp_path / "runs"
+    assert nncli("train", config, "--out", out, "--quiet", "--epochs", 1).exit_code == 0
+    first = out / "tiny"
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in first.iterdir()}
+    assert set(before) == {"config.yaml", "metrics.csv", "last.pt", "best.pt"}
+
+    second = nncli("train", config, "--out", out, "--quiet", "--epochs", 2)
+    assert second.exit_code == 0
+    assert f"saved: {out / 'tiny-2'}" in second.stdout
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in first.iterdir()} == before
+    assert len(read_metrics(out / "tiny-2")[1]) == 2
+    assert nncli("train", config, "--out", out, "--quiet", "--epochs", 1).exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["tiny", "tiny-2", "tiny-3"]
+
+
+def test_set_epochs_and_out_reach_the_resolved_config(tmp_path):
+    config = tiny(tmp_path)
+    result = nncli("train", config, "--set", "train.batch_size=32", "--set", "optimizer.lr=0.05",
+                   "--set", "name=renamed", "--epochs", 4, "--out", tmp_path / "elsewhere", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    run = tmp_path / "elsewhere" / "renamed"
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["train"]["batch_size"] == 32
+    assert resolved["train"]["epochs"] == 4
+    assert resolved["optimizer"] == {"type": "SGD", "lr": 0.05}
+    _, rows = read_metrics(run)
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["lr_0"] == 0.05 for r in rows)
+
+
+def test_checkpoint_dir_is_used_without_out(tmp_path):
+    config = tiny(tmp_path)
+    target = tmp_path / "ckpts"
+    result = nncli("train", config, "--set", f"checkpoint.dir={target}", "--epochs", 1, "--quiet")
+    assert result.exit_code == 0, result.stderr
+    assert (target / "tiny" / "last.pt").is_file()
+
+
+@pytest.mark.parametrize("override, messages", [
+    ("train.batchsize=32", ["unknown key 'train.batchsize'", "Did you mean 'batch_size'?"]),
+    ("trian.epochs=3", ["unknown key 'trian'", "Did you mean 'train'?"]),
+    ("train.batch_size", ["'train.batch_size' is not KEY=VALUE"]),
+    ("=3", ["must be a dotted path"]),
+    ("train.batch_size=-1", ["train.batch_size", "must be greater than 0"]),
+])
+def test_set_errors_exit_2(tmp_path, override, messages):
+    out = tmp_path / "runs"
+    result = nncli("train", tiny(tmp_path), "--set", override, "--out", out, "--quiet")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: ")
+    for message in messages:
+        assert message in result.stderr
+    assert not out.exists(), "a bad --set must not create a run directory"
+
+
+def test_epochs_below_one_is_a_usage_error(tmp_path):
+    result = nncli("train", tiny(tmp_path), "--epochs", 0, "--out", tmp_path / "runs")
+    assert result.exit_code == 2
+    assert "--epochs" in result.stderr
+
+
+# --- output without a terminal, quiet -------------------------------------------------------
+
+def test_without_a_terminal_one_plain_line_per_epoch(tmp_path):
+    config = tiny(tmp_path, "schedule: {type: StepLR, step_size: 1, gamma: 0.5}\n")
+    proc = nncli_process("train", config, "--epochs", 2, "--out", tmp_path / "runs")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    for char in BAR_CHARS:
+        assert char not in proc.stdout, f"progress output {char!r} without a terminal"
+    for line in proc.stdout.splitlines():  # heavy rules only as the borders of tables
+        assert "━" not in line or line.lstrip()[0] in "┏┡└", line
+    epoch_lines = [line for line in proc.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(epoch_lines) == 2
+    number = r"\d+\.\d{4}"
+    for i, line in enumerate(epoch_lines, start=1):
+        lr = ["0.1", "0.05"][i - 1]
+        assert re.fullmatch(rf"epoch {i}/2 train_loss={number} val_loss={number} val_mae={number} "
+                            rf"lr_0={lr} time_s=\d+\.\d\d( \*)?", line), line
+    _, rows = read_metrics(tmp_path / "runs" / "tiny")
+    for line, row in zip(epoch_lines, rows):  # the line shows what metrics.csv holds
+        assert f"train_loss={row['train_loss']:.4f}" in line and f"val_loss={row['val_loss']:.4f}" in line
+    assert proc.stdout.index("Optimizer groups") < proc.stdout.index("epoch 1/2")
+    assert f"saved: {tmp_path / 'runs' / 'tiny'}" in proc.stdout
+
+
+def test_quiet_prints_no_epoch_lines(tmp_path):
+    result = nncli("train", tiny(tmp_path), "--epochs", 2, "--out", tmp_path / "runs", "-q")
+    assert result.exit_code == 0
+    assert "epoch 1/2" not in result.stdout and "Optimizer groups" not in result.stdout
+    assert result.stdout.splitlines()[-1] == f"saved: {tmp_path / 'runs' / 'tiny'}"
+
+
+def test_log_every_prints_every_nth_epoch_and_the_last(tmp_path):
+    config = write(tmp_path, "tiny.yaml", TINY_REGRESSION.replace("epochs: 3,", "epochs: 5, log_every: 2,"))
+    result = nncli("train", config, "--out", tmp_path / "runs")
+    assert result.exit_code == 0, result.stderr
+    shown = re.findall(r"^epoch (\d)/5 ", result.stdout, re.M)
+    assert shown == ["2", "4", "5"]
+
+
+# --- early stop and NaN stop ----------------------------------------------------------------
+
+def test_early_stop_stops_before_the_epoch_limit_and_says_so(tmp_path):
+    # min_delta far above any change: only epoch 1 counts as an improvement
+    config = write(tmp_path, "tiny.yaml", TINY_REGRESSION.replace(
+        "train: {epochs: 3, batch_size: 16}",
+        "train: {epochs: 20, batch_size: 16, early_stop: {metric: val_loss, patience: 2, min_delta: 1000}}"))
+    result = nncli("train", config, "--out", tmp_path / "runs", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    assert "early stop after epoch 3: no improvement in val_loss for 2 epochs" in result.stdout
+    run = tmp_path / "runs" / "tiny"
+    _, rows = read_metrics(run)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert load_checkpoint(run / "last.pt")["epoch"] == 3
+    assert load_checkpoint(run / "best.pt")["epoch"] == 1
+    assert f"best epoch 1: val_loss={rows[0]['val_loss']:.4f}" in result.stdout
+
+
+def test_early_stop_on_a_metric_that_is_not_recorded_exits_2(tmp_path):
+    config = write(tmp_path, "tiny.yaml", TINY_REGRESSION.replace(
+        "train: {epochs: 3, batch_size: 16}",
+        "train:\n  epochs: 3\n  early_stop:\n    metric: val_accuracy\n"))
+    result = nncli("train", config, "--out", tmp_path / "runs")
+    assert result.exit_code == 2
+    assert f"{config}:9: train.early_stop.metric: metric 'val_accuracy' is not recorded" in result.stderr
+    assert "val_mae" in result.stderr
+
+
+def test_a_huge_value_in_the_data_stops_with_exit_1_naming_epoch_and_batch(tmp_path):
+    rows = ["a,b,y"] + [f"{i},{i % 3},{2 * i}" for i in range(10)]
+    rows[6] = "1e30,1,3"  # the 6th sample: batch 3 of batch_size 2, unshuffled
+    (tmp_path / "train_huge.csv").write_text("\n".join(rows) + "\n")
+    config = write(tmp_path, "huge.yaml", """
+        data: {source: csv, path: train_huge.csv, target: y, val_split: 0}
+        loss: MSELoss
+        optimizer: {type: SGD, lr: 0.01}
+        train: {epochs: 3, batch_size: 2, shuffle: false}
+        model:
+          layers:
+            - {type: Linear, out_features: 1}
+        """)
+    proc = nncli_process("train", config, "--out", tmp_path / "runs", "--quiet")
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: the loss became inf at epoch 1, batch 3;")
+    assert "Traceback" not in proc.stderr
+    run = tmp_path / "runs" / "huge"
+    assert not (run / "last.pt").exists() and not (run / "best.pt").exists()
+
+
+def test_nan_stop_leaves_the_earlier_epochs_checkpoint_unchanged(tmp_path, monkeypatch):
+    """lr 0.01 in epoch 1, then 1e8 (StepLR gamma 1e10): the loss overflows after epoch 1."""
+    import nncli.train as train_module
+
+    config = tiny(tmp_path, "schedule: {type: StepLR, step_size: 1, gamma: 1.0e+10}\n")
+    config.write_text(config.read_text().replace("lr: 0.1", "lr: 0.01").replace("epochs: 3", "epochs: 6"))
+    writes: list[tuple[str, bytes, int]] = []
+    save_atomic = train_module.save_atomic
+
+    def recording_save(obj, path):
+        save_atomic(obj, path)
+        writes.append((Path(path).name, Path(path).read_bytes(), Path(path).stat().st_mtime_ns))
+
+    monkeypatch.setattr(train_module, "save_atomic", recording_save)
+    result = nncli("train", config, "--out", tmp_path / "runs", "--quiet")
+    assert result.exit_code == 1
+    match = re.match(r"error: the loss became (inf|nan) at epoch (\d+), batch ([1-3]); training stopped",
+                     result.stderr)
+    assert match, result.stderr
+    assert "Lower the learning rate" in result.stderr
+    failed = int(match.group(2))
+    assert 2 <= failed <= 3
+
+    run = tmp_path / "runs" / "tiny"
+    last_writes = [w for w in writes if w[0] == "last.pt"]
+    assert len(last_writes) == failed - 1, "last.pt is written once per finished epoch, never after"
+    assert (run / "last.pt").read_bytes() == last_writes[-1][1]
+    assert (run / "last.pt").stat().st_mtime_ns == last_writes[-1][2]
+    ckpt = load_checkpoint(run / "last.pt")
+    assert ckpt["epoch"] == failed - 1
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    _, rows = read_metrics(run)
+    assert len(rows) == failed - 1 and rows[0]["lr_0"] == pytest.approx(0.01)
+    assert "loss became" not in result.stdout
+
+
+# --- metrics -------------------------------------------------------------------------------
+
+def test_metrics_against_numpy():
+    from nncli.metrics import create_metric, higher_is_better
+
+    cpu = torch.device("cpu")
+    logits = torch.tensor([[0.1, 0.7, 0.2], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5], [0.3, 0.4, 0.3]])
+    labels = torch.tensor([1, 2, 2, 0])
+    values = {}
+    for name in ("accuracy", "top2", "top3"):
+        metric = create_metric(name, cpu)
+        metric.update(logits[:2], labels[:2])  # accumulated over two batches
+        metric.update(logits[2:], labels[2:])
+        values[name] = metric.compute()
+    assert values == {"accuracy": 0.5, "top2": 0.75, "top3": 1.0}
+
+    out = torch.tensor([[1.0], [2.0], [4.0], [3.0]])
+    target = torch.tensor([1.5, 2.0, 3.0, 5.0])  # (N,) targets against (N, 1) outputs
+    err = out[:, 0].numpy() - target.numpy()
+    expected = {"mae": np.abs(err).mean(), "rmse": np.sqrt((err ** 2).mean()),
+                "r2": 1 - (err ** 2).sum() / ((target.numpy() - target.numpy().mean()) ** 2).sum()}
+    for name, value in expected.items():
+        metric = create_metric(name, cpu)
+        metric.update(out[:3], target[:3])
+        metric.update(out[3:], target[3:])
+        assert metric.compute() == pytest.approx(float(value), rel=1e-6), name
+    assert higher_is_better("val_accuracy") and higher_is_better("val_top5") and higher_is_better("val_r2")
+    assert not higher_is_better("val_loss") and not higher_is_better("train_loss")
+    assert not higher_is_better("val_mae") and not higher_is_better("val_rmse")
+
+
+def test_unknown_metric_exits_2_with_suggestion(tmp_path):
+    config = write(tmp_path, "tiny.yaml", TINY_REGRESSION.replace("metrics: [mae]", "metrics:\n  - mae\n  - rsme"))
+    result = nncli("train", config, "--out", tmp_path / "runs")
+    assert result.exit_code == 2
+    assert f"{config}:6: metrics.1: unknown metric 'rsme'" in result.stderr
+    assert "Did you mean 'rmse'?" in result.stderr
