@@ -22,7 +22,8 @@ from nncli.errors import ConfigError
 from nncli.inference import config_of
 from nncli.optim import LENGTH_ARGUMENT
 from nncli.reporting import Reporter
-from nncli.train import Run, new_run_dir, prepare_run, resolved_config_text, restore, run_fit, write_text_atomic
+from nncli.train import (Run, new_run_dir, prepare_run, resolved_config_text, restore, run_fit,
+                         write_metrics_csv, write_text_atomic)
 from nncli.yamlio import to_plain
 
 FIXED = ("model", "plugins", "data", "seed", "loss", "optimizer.type", "optimizer.groups",
@@ -96,9 +97,10 @@ def resume(path: Path, reporter: Reporter, *, overrides: list[str] = (), epochs:
     fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
     fresh_schedule = copy.deepcopy(run.schedule.scheduler.state_dict()) if run.schedule else None
     restore(run, ckpt)
-    remove_stale_temporaries(file.parent)  # what a writer killed mid-write left behind
-    if file.name == "last.pt":  # a kill between last.pt and metrics.csv leaves the csv behind
-        _sync_metrics_csv(run.state.history, file.parent / "metrics.csv")
+    if run.process.is_main:
+        remove_stale_temporaries(file.parent)  # what a writer killed mid-write left behind
+        if file.name == "last.pt":  # a kill between last.pt and metrics.csv leaves the csv behind
+            write_metrics_csv(run.state.history, file.parent / "metrics.csv")
     if differences:
         reporter.print(f"changed on resume: {_describe(differences)}")
     if config_differences(stored["optimizer"], config["optimizer"]) or \
@@ -118,22 +120,6 @@ def resume(path: Path, reporter: Reporter, *, overrides: list[str] = (), epochs:
     reporter.print(f"resuming {file} at {where}")
     run_fit(run, reporter)
     return run
-
-
-def _sync_metrics_csv(history: list[dict], path: Path) -> None:
-    """Rewrite metrics.csv from the checkpoint's history when the two disagree."""
-    if not history:
-        return
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(history[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    try:
-        current = path.read_text(encoding="utf-8")
-    except OSError:
-        current = None
-    if current != out.getvalue():
-        write_text_atomic(out.getvalue(), path)
 
 
 def _length_changed(stored: Config, config: Config) -> bool:

@@ -405,16 +405,18 @@ def save_checkpoints(run: Run, best: bool, force: bool = False) -> None:
     ckpt = checkpoint_dict(run)
     if best and not state.position:
         run.pending_best = ckpt if write_last else copy.deepcopy(ckpt)
-    if write_last:
-        save_atomic(ckpt, run.run_dir / "last.pt")
-        write_metrics_csv(state.history, run.run_dir / "metrics.csv")  # in step with last.pt
-        if run.pending_best is not None:
-            save_atomic(run.pending_best, run.run_dir / "best.pt")
-            run.pending_best = None
+    # best.pt and epoch_<N>.pt before last.pt: a crash between the writes then replays this
+    # epoch on resume, which writes them again, instead of leaving best.pt an epoch behind.
+    if write_last and run.pending_best is not None:
+        save_atomic(run.pending_best, run.run_dir / "best.pt")
+        run.pending_best = None
     if cfg["keep_last"] and not state.position and state.epoch % cfg["every"] == 0:
         save_atomic(ckpt, run.run_dir / f"epoch_{state.epoch}.pt")
         for old in sorted(run.run_dir.glob("epoch_*.pt"), key=lambda p: int(p.stem.split("_")[1]))[:-cfg["keep_last"]]:
             old.unlink(missing_ok=True)
+    if write_last:
+        save_atomic(ckpt, run.run_dir / "last.pt")
+        write_metrics_csv(state.history, run.run_dir / "metrics.csv")  # in step with last.pt
 
 
 def write_metrics_csv(history: list[dict], path: Path) -> None:

@@ -1,0 +1,364 @@
+"""Checkpoints: what they hold, that a crash at any instant leaves a loadable one, that loading a
+bad or hostile file fails cleanly (exit 2, the file named, no traceback, nothing overwritten, no
+code run), and that an unwritable destination is a clear error.
+
+Every command runs through the command line in a subprocess (`python -m nncli ...`).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import pickle
+import random
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", COLUMNS="200")
+
+SMALL = """
+seed: 2
+data: {source: synthetic, n: 2000, features: 16, classes: 3, val_split: 0.1}
+model:
+  layers:
+    - {type: Linear, out_features: 32}
+    - ReLU
+    - {type: Dropout, p: 0.2}
+    - {type: Linear, out_features: 3}
+optimizer: {type: SGD, lr: 0.1, momentum: 0.9, weight_decay: 1.0e-4}
+schedule: {type: StepLR, step_size: 2, gamma: 0.5, warmup: {epochs: 1}}
+train: {epochs: 3, batch_size: 64, shuffle: true}
+checkpoint: {keep_last: 2}
+"""
+SMALL_STEPS = 29  # 1,800 training samples / 64, rounded up
+
+# A checkpoint of ~4.4 MB (weights and momentum) written after every optimizer step, so that
+# most of the run's time is spent writing checkpoints.
+BIG = """
+seed: 5
+data: {source: synthetic, n: 1200, features: 16, classes: 3, val_split: 0.1}
+model:
+  layers:
+    - {type: Linear, out_features: 1024}
+    - ReLU
+    - {type: Dropout, p: 0.1}
+    - {type: Linear, out_features: 512}
+    - ReLU
+    - {type: Linear, out_features: 3}
+optimizer: {type: SGD, lr: 0.01, momentum: 0.9, weight_decay: 1.0e-4}
+schedule: {type: StepLR, step_size: 2, gamma: 0.5, warmup: {epochs: 1}}
+train: {epochs: 6, batch_size: 100, shuffle: true}
+checkpoint: {every_steps: 1, keep_last: 2}
+"""
+TEMPORARY = re.compile(r"^\..+\.\d+\.tmp$")  # how save_atomic names its temporary files
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+def write(folder: Path, text: str, name: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
+    return path
+
+
+def nncli(*args, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nncli", *map(str, args)], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def load(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if k != "time_s"} for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """SMALL trained for 3 epochs: its run directory."""
+    root = tmp_path_factory.mktemp("small")
+    config = write(root, SMALL, "small.yaml")
+    ok(nncli("train", config, "--out", root / "runs", "-q", cwd=root))
+    return root / "runs" / "small"
+
+
+# --- contents ----------------------------------------------------------------------------------
+
+def test_checkpoint_contents(trained):
+    ckpt = load(trained / "last.pt")  # weights_only: plain containers and tensors only
+    for key in ("format", "model", "optimizer", "scheduler", "epoch", "step", "position", "best",
+                "rng", "config", "metrics", "versions"):
+        assert key in ckpt, key
+    assert ckpt["format"] == "nncli-checkpoint-1"
+    assert list(ckpt["model"]) == ["0.weight", "0.bias", "3.weight", "3.bias"]
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    assert all(isinstance(v, torch.Tensor) for v in ckpt["model"].values())
+    optimizer = ckpt["optimizer"]
+    assert set(optimizer) == {"state", "param_groups"}
+    assert optimizer["param_groups"][0]["momentum"] == 0.9
+    assert optimizer["param_groups"][0]["weight_decay"] == 1.0e-4
+    assert all("momentum_buffer" in s for s in optimizer["state"].values()) and len(optimizer["state"]) == 4
+    assert ckpt["scheduler"] is not None and "_milestones" in ckpt["scheduler"]  # warmup + StepLR
+    assert (ckpt["epoch"], ckpt["step"], ckpt["position"]) == (3, 3 * SMALL_STEPS, 0)
+    assert ckpt["best"]["metric"] == "val_loss" and ckpt["best"]["epoch"] in (1, 2, 3)
+    assert set(ckpt["rng"]) >= {"python", "torch", "numpy", "data"}
+    assert isinstance(ckpt["rng"]["torch"], torch.Tensor) and isinstance(ckpt["rng"]["data"], torch.Tensor)
+    assert ckpt["config"] == yaml.safe_load((trained / "config.yaml").read_text())
+    assert ckpt["config"]["checkpoint"]["keep_last"] == 2
+    assert [row["epoch"] for row in ckpt["metrics"]] == [1, 2, 3]
+    assert [int(r["epoch"]) for r in metrics_rows(trained)] == [1, 2, 3]
+    assert ckpt["versions"]["torch"] == str(torch.__version__) and ckpt["versions"]["nncli"]
+
+    best = load(trained / "best.pt")
+    assert best["epoch"] == ckpt["best"]["epoch"]
+    # keep_last: 2 keeps the last two epoch checkpoints only
+    assert sorted(p.name for p in trained.glob("epoch_*.pt")) == ["epoch_2.pt", "epoch_3.pt"]
+    assert load(trained / "epoch_2.pt")["epoch"] == 2
+    assert torch.equal(load(trained / "epoch_3.pt")["model"]["0.weight"], ckpt["model"]["0.weight"])
+    assert not [p.name for p in trained.iterdir() if p.name.endswith(".tmp")]
+
+
+# --- crash safety ------------------------------------------------------------------------------
+
+def _check_run_dir(run: Path) -> list[str]:
+    """Every finished file loads; temporary files (allowed after kill -9) never take a real name."""
+    temporaries = []
+    for path in run.iterdir():
+        if path.name.endswith(".tmp"):
+            assert TEMPORARY.match(path.name), path.name
+            temporaries.append(path.name)
+        elif path.suffix == ".pt":
+            ckpt = load(path)
+            assert ckpt["format"] == "nncli-checkpoint-1" and "model" in ckpt, path
+        elif path.name == "metrics.csv":
+            metrics_rows(run)
+    assert (run / "last.pt").is_file()
+    return temporaries
+
+
+def _start(*args, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "nncli", *map(str, args)], cwd=cwd, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
+def test_kill_9_during_checkpoint_writes(tmp_path):
+    config = write(tmp_path, BIG, "big.yaml")
+    run = tmp_path / "runs" / "big"
+    reference = _start("train", config, "--out", tmp_path / "reference", "-q", cwd=tmp_path)
+    rng = random.Random(20240611)
+    caught_writing = 0
+    for attempt in range(5):
+        if attempt == 0:
+            proc = _start("train", config, "--out", tmp_path / "runs", "-q", cwd=tmp_path)
+            deadline = time.monotonic() + 120
+            while not (run / "last.pt").exists() and proc.poll() is None:
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+        else:
+            proc = _start("resume", run, cwd=tmp_path)
+            for line in proc.stdout:  # training starts after this line
+                if line.startswith(("resuming", "the run finished")):
+                    break
+        time.sleep(rng.uniform(0.0, 0.3))
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        temporaries = _check_run_dir(run)
+        caught_writing += bool(temporaries)
+
+    result = ok(nncli("resume", run, cwd=tmp_path))
+    assert reference.wait(timeout=180) == 0
+    reference.stdout.close()
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")], "leftover temporary files"
+    _check_run_dir(run)
+    rows = metrics_rows(run)
+    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4", "5", "6"], result.stdout
+    assert rows == metrics_rows(tmp_path / "reference" / "big")
+    final, expected = load(run / "last.pt")["model"], load(tmp_path / "reference" / "big" / "last.pt")["model"]
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    assert sorted(p.name for p in run.glob("epoch_*.pt")) == ["epoch_5.pt", "epoch_6.pt"]
+    print(f"{caught_writing} of 5 kills left a temporary file behind")
+
+
+KILL_AT_BEST = """
+import os, sys
+import nncli.train
+from nncli.cli import main
+
+save_atomic = nncli.train.save_atomic
+
+def save_then_die(obj, path):  # kill -9 at one exact instant: as epoch 2's best.pt is written
+    if path.name == "best.pt" and obj["epoch"] == 2:
+        os._exit(137)
+    save_atomic(obj, path)
+
+nncli.train.save_atomic = save_then_die
+sys.argv = ["nncli", *sys.argv[1:]]
+main()
+"""
+
+
+def test_kill_between_last_and_best_keeps_best_consistent(tmp_path):
+    config = write(tmp_path, SMALL, "small.yaml")
+    run = tmp_path / "runs" / "small"
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_BEST, "train", str(config), "--out",
+                             str(tmp_path / "runs"), "--epochs", "2", "-q"], cwd=tmp_path, env=ENV,
+                            capture_output=True, text=True, timeout=180)
+    assert killed.returncode == 137, killed.stdout + killed.stderr
+    ok(nncli("resume", run, cwd=tmp_path))
+    last, best = load(run / "last.pt"), load(run / "best.pt")
+    assert last["epoch"] == 2 and last["best"]["epoch"] == 2  # epoch 2 improved on epoch 1
+    assert best["epoch"] == last["best"]["epoch"], "best.pt is not the best epoch that the run reports"
+
+
+# --- bad checkpoints ---------------------------------------------------------------------------
+
+class WritesFile:
+    """Unpickling this would create a file: open(path, "w")."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+class RunsCommand:
+    """Unpickling this would run a shell command: os.system("touch path")."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def _make_bad(kind: str, good: bytes, path: Path, marker: Path) -> None:
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        path.write_bytes(good[: len(good) // 2])
+    elif kind == "corrupted":  # 16 bytes flipped in the middle of the largest tensor's data
+        with zipfile.ZipFile(io.BytesIO(good)) as archive:
+            info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+        name_length, extra_length = struct.unpack("<HH", good[info.header_offset + 26:info.header_offset + 30])
+        middle = info.header_offset + 30 + name_length + extra_length + info.file_size // 2
+        data = bytearray(good)
+        data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
+        path.write_bytes(bytes(data))
+    elif kind == "text":
+        path.write_text("epoch: 3\nthese are notes, not a checkpoint\n")
+    elif kind == "list":
+        torch.save([torch.zeros(3), 1, 2], path)
+    elif kind == "pickle_os_system":  # in torch's zip format, next to a plausible format key
+        torch.save({"format": "nncli-checkpoint-1", "model": RunsCommand(str(marker))}, path)
+    elif kind == "pickle_open":  # a bare pickle, as torch's legacy format reads it
+        with open(path, "wb") as f:
+            pickle.dump(WritesFile(str(marker)), f, protocol=2)
+    else:
+        raise ValueError(kind)
+
+
+BAD_KINDS = ["missing", "empty", "truncated", "corrupted", "text", "list", "pickle_os_system",
+             "pickle_open"]
+EXPECTED_WORDS = {"missing": "not found", "empty": "empty", "truncated": "truncated",
+                  "corrupted": "corrupted", "text": "not a readable checkpoint",
+                  "list": "not an nncli checkpoint", "pickle_os_system": "refused",
+                  "pickle_open": "refused"}
+
+
+@pytest.fixture(scope="module")
+def bad_results(trained, tmp_path_factory) -> dict:
+    """Every bad kind through `nncli resume RUN_DIR` (last.pt bad, best.pt fine) and through
+    `nncli eval FILE`; run two at a time."""
+    root = tmp_path_factory.mktemp("bad")
+    good = (trained / "last.pt").read_bytes()
+    jobs = {}
+    for kind in BAD_KINDS:
+        for command in ("resume", "eval"):
+            folder = root / f"{command}-{kind}"
+            marker = root / f"{command}-{kind}-PWNED"
+            if kind == "missing":
+                folder.mkdir()
+                file, target = folder / "nowhere" / "last.pt", folder / "nowhere" / "last.pt"
+            else:
+                shutil.copytree(trained, folder)
+                file = folder / "last.pt"
+                _make_bad(kind, good, file, marker)
+                target = folder if command == "resume" else file
+            jobs[command, kind] = {"folder": folder, "file": file, "target": target, "marker": marker,
+                                   "before": snapshot(folder)}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {key: pool.submit(nncli, key[0], job["target"], cwd=job["folder"])
+                   for key, job in jobs.items()}
+        for key, future in futures.items():
+            jobs[key]["result"] = future.result()
+    return jobs
+
+
+@pytest.mark.parametrize("command", ["resume", "eval"])
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_bad_checkpoint_is_refused_cleanly(bad_results, command, kind):
+    job = bad_results[command, kind]
+    result = job["result"]
+    err = result.stderr
+    assert result.returncode == 2, f"exit {result.returncode}\n{result.stdout}\n{err}"
+    assert "Traceback" not in err and "Error:" not in err.replace("error:", ""), err
+    assert str(job["file"]) in err, err  # names the file
+    assert EXPECTED_WORDS[kind] in err, err
+    assert len(err.strip().splitlines()) == 1, err  # one paragraph
+    assert not job["marker"].exists(), "loading the checkpoint ran code"
+    assert snapshot(job["folder"]) == job["before"], "a file was written or changed"
+    assert not job["file"].parent.exists() or kind != "missing"
+
+
+# --- unwritable destinations -------------------------------------------------------------------
+
+def test_run_directory_inside_a_file_is_a_clear_error(tmp_path):
+    config = write(tmp_path, SMALL, "small.yaml")
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a regular file\n")
+    result = nncli("train", config, "--out", blocker / "runs", "--epochs", "1", cwd=tmp_path)
+    assert result.returncode in (1, 2), result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert str(blocker) in result.stderr and "run directory" in result.stderr, result.stderr
+    assert blocker.read_text() == "a regular file\n"
+
+
+def test_unwritable_file_in_run_directory_is_a_clear_error(trained, tmp_path):
+    run = shutil.copytree(trained, tmp_path / "run")
+    (run / "metrics.csv").unlink()
+    (run / "metrics.csv").mkdir()  # a folder where metrics.csv must go: it cannot be replaced
+    (run / "metrics.csv" / "keep").write_text("x")
+    before = (run / "last.pt").read_bytes()
+    result = nncli("resume", run, "--epochs", "4", cwd=tmp_path)
+    assert result.returncode in (1, 2), result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert str(run / "metrics.csv") in result.stderr and "cannot write" in result.stderr, result.stderr
+    load(run / "last.pt")  # whatever was written before the failure, last.pt loads
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+    assert (run / "last.pt").read_bytes() == before or load(run / "last.pt")["epoch"] == 4

@@ -1,0 +1,380 @@
+"""`nncli resume`: exact continuation after a clean stop, Ctrl-C or kill -9; warm starts from plain
+state_dicts; what may and may not change on resume.
+
+Every run goes through the command line in a subprocess (`python -m nncli ...`), as a user runs it:
+signals and exit statuses are real. Exactness means bit-identical weights (torch.equal on every
+tensor of last.pt's model) and identical metrics.csv rows, time_s aside, on CPU.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", COLUMNS="200")
+
+# Short epochs: StepLR after an epoch-wise warmup; an MLP with Dropout; SGD with momentum and decay.
+SHORT = """
+seed: 1
+data: {source: synthetic, n: 4000, features: 16, classes: 3, val_split: 0.1}
+model:
+  layers:
+    - {type: Linear, out_features: 32}
+    - ReLU
+    - {type: Dropout, p: 0.2}
+    - {type: Linear, out_features: 3}
+optimizer: {type: SGD, lr: 0.1, momentum: 0.9, weight_decay: 1.0e-4}
+schedule: {type: StepLR, step_size: 2, gamma: 0.5, warmup: {epochs: 1}}
+train: {epochs: 4, batch_size: 64, shuffle: true}
+"""
+
+# Long epochs (900 batches), so that a signal sent after the first epoch's line lands inside the
+# second; a cosine schedule stepped after every batch, after a warmup in steps.
+LONG = """
+seed: 3
+data: {source: synthetic, n: 16000, features: 16, classes: 3, val_split: 0.1}
+model:
+  layers:
+    - {type: Linear, out_features: 32}
+    - ReLU
+    - {type: Dropout, p: 0.2}
+    - {type: Linear, out_features: 3}
+optimizer: {type: SGD, lr: 0.05, momentum: 0.9, weight_decay: 1.0e-4}
+schedule: {type: CosineAnnealingLR, interval: step, warmup: {steps: 50}}
+train: {epochs: 2, batch_size: 16, shuffle: true}
+"""
+LONG_STEPS = 900  # 14,400 training samples / 16
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+def write(folder: Path, text: str, name: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
+    return path
+
+
+def nncli(*args, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nncli", *map(str, args)], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+class Background:
+    """`python -m nncli ...` running in the background; stdout read line by line."""
+
+    def __init__(self, *args, cwd: Path) -> None:
+        self.stderr_path = cwd / f"stderr-{time.monotonic_ns()}.txt"
+        self._stderr = open(self.stderr_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "nncli", *map(str, args)], cwd=cwd,
+                                     env=ENV, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
+        self.lines: queue.Queue = queue.Queue()
+        self.stdout: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for_line(self, prefix: str, timeout: float = 120) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.kill()
+                raise AssertionError(f"no line starting {prefix!r} within {timeout}s:\n{''.join(self.stdout)}")
+            if line is None:
+                raise AssertionError(f"the process ended (exit {self.proc.wait()}) before printing "
+                                     f"{prefix!r}:\n{''.join(self.stdout)}\n{self.stderr()}")
+            self.stdout.append(line)
+            if line.startswith(prefix):
+                return line
+
+    def finish(self, timeout: float = 120) -> tuple[int, str, str]:
+        code = self.proc.wait(timeout=timeout)
+        while (line := self.lines.get(timeout=10)) is not None:
+            self.stdout.append(line)
+        return code, "".join(self.stdout), self.stderr()
+
+    def stderr(self) -> str:
+        self._stderr.flush()
+        return self.stderr_path.read_text()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    ma, mb = load(a)["model"], load(b)["model"]
+    assert list(ma) == list(mb)
+    different = [k for k in ma if not torch.equal(ma[k], mb[k])]
+    assert not different, f"{a} and {b} differ in {different}"
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if k != "time_s"} for row in csv.DictReader(f)]
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    assert_same_weights(run_dir / "last.pt", reference / "last.pt")
+    rows, expected = metrics_rows(run_dir), metrics_rows(reference)
+    assert [r["epoch"] for r in rows] == [r["epoch"] for r in expected]  # none lost, none repeated
+    assert rows == expected
+
+
+def copy_run(run_dir: Path, to: Path) -> Path:
+    shutil.copytree(run_dir, to)
+    return to
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+# --- reference runs, trained once per module --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def short(tmp_path_factory) -> dict:
+    """SHORT trained for 4 epochs in one go."""
+    root = tmp_path_factory.mktemp("short")
+    config = write(root, SHORT, "short.yaml")
+    ok(nncli("train", config, "--out", root / "ref", "-q", cwd=root))
+    return {"config": config, "run": root / "ref" / "short"}
+
+
+@pytest.fixture(scope="module")
+def long(tmp_path_factory) -> dict:
+    """LONG trained for 2 epochs in one go."""
+    root = tmp_path_factory.mktemp("long")
+    config = write(root, LONG, "long.yaml")
+    ok(nncli("train", config, "--out", root / "ref", "-q", cwd=root))
+    return {"config": config, "run": root / "ref" / "long"}
+
+
+# --- exact continuation -----------------------------------------------------------------------
+
+def test_stop_at_epoch_boundary_then_resume_is_exact(short, tmp_path):
+    """A run of 2 epochs, finished, then extended to 4 with `resume --epochs 4`, is the run of 4."""
+    run = tmp_path / "out" / "short"
+    ok(nncli("train", short["config"], "--out", tmp_path / "out", "--epochs", "2", "-q", cwd=tmp_path))
+    assert [r["epoch"] for r in metrics_rows(run)] == ["1", "2"]
+    result = ok(nncli("resume", run, "--epochs", "4", cwd=tmp_path))
+    assert "resuming" in result.stdout and "epoch 3 of 4" in result.stdout
+    assert_same_run(run, short["run"])
+    ckpt = load(run / "last.pt")
+    assert (ckpt["epoch"], ckpt["position"]) == (4, 0)
+    assert ckpt["config"]["train"]["epochs"] == 4
+
+
+def _wait_for_mid_epoch_checkpoint(proc: Background, last: Path, timeout: float = 60) -> None:
+    """Wait until `last` is a checkpoint from inside epoch 2 (the run is then inside epoch 2)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        inode = os.stat(last).st_ino
+        if load(last)["position"] > 0:
+            return
+        while os.stat(last).st_ino == inode:
+            assert proc.proc.poll() is None, "the run ended before a mid-epoch checkpoint"
+            assert time.monotonic() < deadline, f"no mid-epoch checkpoint within {timeout} s"
+            time.sleep(0.002)
+
+
+def test_sigint_mid_epoch_saves_and_resume_is_exact(long, tmp_path):
+    # every_steps only tells when the run is inside epoch 2: SIGINT is sent right after the
+    # checkpoint of step 1350 (batch 450 of epoch 2), and saves its own at the next step
+    config = write(tmp_path, LONG + "checkpoint: {every_steps: 450}\n", "long.yaml")
+    run = tmp_path / "out" / "long"
+    proc = Background("train", config, "--out", tmp_path / "out", cwd=tmp_path)
+    proc.wait_for_line("epoch 1/2")
+    _wait_for_mid_epoch_checkpoint(proc, run / "last.pt")
+    proc.proc.send_signal(signal.SIGINT)
+    code, out, err = proc.finish()
+    assert code == 130, f"exit {code}\n{out}\n{err}"
+    assert "Traceback" not in err
+    assert f"nncli resume {run}" in err and str(run / "last.pt") in err, err
+    ckpt = load(run / "last.pt")
+    assert ckpt["epoch"] == 1 and 450 < ckpt["position"] < LONG_STEPS, ckpt["position"]
+    assert ckpt["position"] % 450, "the checkpoint is every_steps', not the one SIGINT asked for"
+    assert f"batch {ckpt['position']} of {LONG_STEPS}" in err
+    assert ckpt["step"] == LONG_STEPS + ckpt["position"]
+    assert len(ckpt["train_state"]["epoch_losses"]) == ckpt["position"]
+    assert [r["epoch"] for r in metrics_rows(run)] == ["1"]
+
+    result = ok(nncli("resume", run, cwd=tmp_path))
+    assert f"batch {ckpt['position'] + 1} of {LONG_STEPS}" in result.stdout
+    assert_same_run(run, long["run"])  # every_steps changes where it saves, not what it learns
+
+
+def test_kill_9_after_mid_epoch_checkpoint_then_resume_is_exact(long, tmp_path):
+    config = write(tmp_path, LONG + "checkpoint: {every_steps: 300}\n", "long.yaml")
+    run = tmp_path / "out" / "long"
+    proc = Background("train", config, "--out", tmp_path / "out", cwd=tmp_path)
+    proc.wait_for_line("epoch 1/2")
+    _wait_for_mid_epoch_checkpoint(proc, run / "last.pt")
+    proc.proc.send_signal(signal.SIGKILL)  # right after a mid-epoch checkpoint of epoch 2
+    code, out, err = proc.finish()
+    assert code == -signal.SIGKILL, f"the run ended before the kill: exit {code}\n{out}\n{err}"
+    ckpt = load(run / "last.pt")
+    assert ckpt["epoch"] == 1 and ckpt["position"] > 0 and ckpt["step"] % 300 == 0
+
+    ok(nncli("resume", run, cwd=tmp_path))
+    assert_same_run(run, long["run"])
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+# --- warm start from plain weights -------------------------------------------------------------
+
+def _built_state_dict(config: Path) -> dict[str, torch.Tensor]:
+    """The config's model, built through the nncli API, with weights that no seed would give."""
+    from nncli.config import load_config
+    from nncli.model import materialize, plan_model
+
+    model = materialize(plan_model(load_config(config), input_shape=(16,)), torch.device("cpu"))
+    g = torch.Generator().manual_seed(1234)
+    return {k: torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()}
+
+
+def test_warm_start_from_state_dict(short, tmp_path):
+    state = _built_state_dict(short["config"])
+    weights = tmp_path / "weights.pth"
+    torch.save(state, weights)
+    # lr 0: one epoch of training leaves the weights exactly as loaded
+    result = ok(nncli("resume", weights, "--config", short["config"], "--epochs", "1",
+                      "--set", "optimizer.lr=0", "--out", tmp_path / "out", cwd=tmp_path))
+    assert f"loaded {len(state)} of {len(state)} tensors" in result.stdout
+    run = tmp_path / "out" / "short"
+    assert [r["epoch"] for r in metrics_rows(run)] == ["1"]  # a new run, from epoch 1
+    ckpt = load(run / "last.pt")
+    assert ckpt["epoch"] == 1 and ckpt["config"]["optimizer"]["lr"] == 0
+    assert list(ckpt["model"]) == list(state)
+    for key, value in state.items():
+        assert torch.equal(ckpt["model"][key], value), key
+
+
+def _mismatched(short, tmp_path, prefix: str = "") -> tuple[Path, dict]:
+    """A state_dict with a key missing, one unexpected and one of the wrong shape."""
+    state = _built_state_dict(short["config"])
+    first, last = list(state)[0], list(state)[-1]  # "0.weight" ... "3.bias"
+    bad = dict(state)
+    del bad[first]
+    bad["extra.weight"] = torch.zeros(2, 2)
+    bad[last] = torch.zeros(5)
+    weights = tmp_path / "mismatched.pth"
+    torch.save({prefix + k: v for k, v in bad.items()}, weights)
+    return weights, {"missing": first, "unexpected": "extra.weight", "misshaped": last, "state": state}
+
+
+def test_warm_start_refuses_weights_that_do_not_fit(short, tmp_path):
+    weights, keys = _mismatched(short, tmp_path)
+    before = weights.read_bytes()
+    result = nncli("resume", weights, "--config", short["config"], "--epochs", "1",
+                   "--out", tmp_path / "out", cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    err = result.stderr
+    assert "Traceback" not in err and str(weights) in err
+    for word in ("missing", "unexpected", "wrong shape", keys["missing"], keys["unexpected"],
+                 keys["misshaped"], "--no-strict"):
+        assert word in err, f"{word!r} not in: {err}"
+    assert weights.read_bytes() == before
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_warm_start_dataparallel_prefix_no_strict_loads_what_fits(short, tmp_path):
+    """`module.`-prefixed keys (DataParallel, DDP) are matched without the prefix; --no-strict
+    loads the tensors that fit, says which did not, and leaves those as the seed built them."""
+    weights, keys = _mismatched(short, tmp_path, prefix="module.")
+    state = keys["state"]
+    result = ok(nncli("resume", weights, "--config", short["config"], "--epochs", "1", "--no-strict",
+                      "--set", "optimizer.lr=0", "--out", tmp_path / "out", cwd=tmp_path))
+    assert f"loaded {len(state) - 2} of {len(state)} tensors" in result.stdout
+    assert "not loaded" in result.stdout
+    for word in (keys["missing"], keys["unexpected"], keys["misshaped"]):
+        assert word in result.stdout, word
+    model = load(tmp_path / "out" / "short" / "last.pt")["model"]
+    assert list(model) == list(state)  # saved without the prefix
+    for key in state:
+        if key in (keys["missing"], keys["misshaped"]):
+            assert not torch.equal(model[key], state[key]), key
+        else:
+            assert torch.equal(model[key], state[key]), key
+
+
+# --- what may change on resume -----------------------------------------------------------------
+
+def test_resume_extends_cosine_run_and_records_changes(long, tmp_path):
+    run = copy_run(long["run"], tmp_path / "run")
+    result = ok(nncli("resume", run, "--epochs", "3", "--set", "train.grad_clip=1.0", cwd=tmp_path))
+    out = result.stdout
+    assert "schedule re-planned" in out and "T_max" in out
+    assert "changed on resume" in out and "train.grad_clip" in out and "train.epochs" in out
+    rows = metrics_rows(run)
+    assert rows[:2] == metrics_rows(long["run"])  # the finished epochs are kept as they were
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    # epoch 3 starts where a cosine over 3 epochs (after the 50-step warmup) stands after 2 epochs
+    t_max, done = 3 * LONG_STEPS - 50, 2 * LONG_STEPS - 50
+    expected = 0.05 * (1 + math.cos(math.pi * done / t_max)) / 2
+    assert float(rows[2]["lr_0"]) == pytest.approx(expected, rel=1e-4)
+    ckpt = load(run / "last.pt")
+    assert ckpt["config"]["train"]["grad_clip"] == 1.0 and ckpt["config"]["train"]["epochs"] == 3
+    assert "grad_clip: 1.0" in (run / "config.yaml").read_text()
+
+
+def test_resume_refuses_a_different_architecture(long, tmp_path):
+    run = copy_run(long["run"], tmp_path / "run")
+    before = snapshot(run)
+    result = nncli("resume", run, "--set", "model.layers.0.out_features=7", cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert "model.layers.0.out_features" in result.stderr and "32 -> 7" in result.stderr
+    assert snapshot(run) == before
+
+
+def test_resume_refuses_other_config_with_different_model(long, tmp_path):
+    run = copy_run(long["run"], tmp_path / "run")
+    other = write(tmp_path, LONG.replace("out_features: 32}", "out_features: 64}")
+                  .replace("    - {type: Dropout, p: 0.2}\n", ""), "other.yaml")
+    before = snapshot(run)
+    result = nncli("resume", run, "--config", other, cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    err = result.stderr
+    assert "Traceback" not in err and str(other) in err
+    assert "model.layers.0.out_features: 32 -> 64" in err
+    assert "model.layers.2" in err  # the Dropout that went, and the layers that moved
+    assert snapshot(run) == before
+
+
+def test_resume_finished_run_says_so(short, tmp_path):
+    """(Extending a finished run with a larger --epochs: test_stop_at_epoch_boundary_... and
+    test_resume_extends_cosine_run_... .)"""
+    run = copy_run(short["run"], tmp_path / "run")
+    before = snapshot(run)
+    result = ok(nncli("resume", run, cwd=tmp_path))
+    assert "finished" in result.stdout and "nothing to do" in result.stdout
+    assert "--epochs" in result.stdout
+    assert snapshot(run) == before
