@@ -74,7 +74,7 @@ def summary(
 
         cfg = load_config(config, overrides)
         checked, groups = check_config(cfg)
-        plan = plan_model(cfg, checked.input_shape, batch_size) if batch_size > 1 else checked
+        plan = plan_model(cfg, checked.input_shape, batch_size, count_macs=True)
         has_groups = isinstance(cfg["optimizer"], dict) and cfg["optimizer"].get("groups")
         result = summarize(plan, depth, group_of_each_parameter(groups) if has_groups and groups else None)
         if as_json:
@@ -102,7 +102,7 @@ def validate(
 
         cfg = load_config(config, overrides)
         plan, _ = check_config(cfg)
-        total = sum(p.numel() for p in plan.meta_model.parameters())
+        total = sum(p.numel() for p in plan.model.parameters())
         layers = len(list(plan.walk()))
         print(f"ok: {config}: {layers} layer{'s' if layers != 1 else ''}, {total:,} parameters, input "
               f"{list(plan.input_shape)} -> output {describe_shape(plan.output_shape[1:])}")

@@ -14,7 +14,7 @@ from nncli.config import Config, config_from_mapping
 from nncli.data import CLASS_INDEX_LOSSES, Data, TensorPair, check_targets, load_data, loss_name, normalize
 from nncli.devices import resolve_device
 from nncli.errors import ConfigError
-from nncli.model import materialize, plan_model
+from nncli.model import plan_model
 from nncli.optim import create_loss
 from nncli.train import evaluate
 
@@ -30,8 +30,7 @@ def load_trained(path: Path, device: str | None = None) -> tuple[dict, Config, n
     file = find_checkpoint(path, prefer=("best.pt", "last.pt"))
     ckpt = load_checkpoint(file)
     config = config_of(ckpt)
-    model = materialize(plan_model(config, input_shape=ckpt["input_shape"]),
-                        resolve_device(device or "cpu"))
+    model = plan_model(config, ckpt["input_shape"], device=resolve_device(device or "cpu")).model
     model.load_state_dict(ckpt["model"])
     return ckpt, config, model.eval()
 

@@ -1,13 +1,16 @@
 """From the `model:` section to a plain `torch.nn.Sequential`.
 
-Two steps. `plan_model` reads the layer specs, checks every argument against the layer's
-signature, fills in the input-size arguments from the shape flowing in, and runs each layer on
-PyTorch's `meta` device (no memory, no arithmetic) to learn its output shape, parameter count and
-multiply-accumulates. `build_model` then constructs the same layers for real, in the same order,
-so a model built with a given seed has the same weights as the same network written by hand.
+`plan_model` reads the layer specs, checks every argument against the layer's signature, fills
+in the input-size arguments from the shape flowing in, constructs each layer and runs it once to
+learn its output shape, parameter count and (on request) multiply-accumulates. By default this
+happens on PyTorch's `meta` device: no memory, no arithmetic, so `summary` and `validate` work
+for models far too big to allocate. `build_model` plans on a real device instead, where the
+constructed layers are the model: built in file order, so a model built with a given seed has
+the same weights as the same network written by hand.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import types
 import typing
@@ -62,12 +65,13 @@ class LayerPlan:
 
 @dataclass
 class ModelPlan:
-    """The checked model: its layers, shapes and costs, and a parameter-free `meta` copy."""
+    """The checked model: its layers, shapes and costs, and the model itself (on `meta`, without
+    weights, unless planned on a real device)."""
 
     input_shape: tuple  # one sample's shape
     batch_size: int
     layers: list[LayerPlan]
-    meta_model: nn.Sequential
+    model: nn.Sequential
 
     @property
     def output_shape(self) -> Any:
@@ -104,8 +108,8 @@ def _numel(value: Any) -> int:
 class _Planner:
     """Walks the layer specs once, building meta modules and LayerPlans side by side."""
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
+    def __init__(self, config: Config, count_macs: bool, device: torch.device) -> None:
+        self.config, self.count_macs, self.device = config, count_macs, device
         self.file = config.source
 
     def fail(self, message: str, line: int | None, where: str, hint: str | None = None) -> ConfigError:
@@ -238,20 +242,21 @@ class _Planner:
         bound = self.bind_arguments(plan, options, sample_shape, prev_module, source, where)
         plan.args, plan.kwargs = tuple(bound.args), dict(bound.kwargs)
         try:
-            with torch.device("meta"):
+            with self.device:
                 module = entry.factory(*plan.args, **plan.kwargs)
         except Exception as err:  # the layer's own argument checks: report them at its line
             raise self.fail(f"cannot be built with {self.describe_arguments(plan)}: "
                             f"{_first_line(err)}", plan.line, where) from None
         module.eval()  # shape pass only: BatchNorm in training mode refuses a batch of one
+        counter = FlopCounterMode(display=False) if self.count_macs else None
         try:
-            with FlopCounterMode(display=False) as counter:
+            with torch.no_grad(), counter or contextlib.nullcontext():
                 out = module(x)
         except Exception as err:
             raise self.fail(f"does not fit its input {describe_shape(_shape_of(x))} from {source}: "
                             f"{_first_line(err)}", plan.line, where) from None
         module.train()
-        plan.macs = counter.get_total_flops() // 2
+        plan.macs = counter.get_total_flops() // 2 if counter else 0
         plan.activation_numel = _numel(out)
         return module, out
 
@@ -418,36 +423,29 @@ def _describe_hint(hint: Any) -> str:
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
-def plan_model(config: Config, input_shape: tuple | list | None = None, batch_size: int = 1) -> ModelPlan:
-    """Check the model section and run the shape pass on the meta device (no weights allocated)."""
+def plan_model(config: Config, input_shape: tuple | list | None = None, batch_size: int = 1,
+               count_macs: bool = False, device: str | torch.device = "meta") -> ModelPlan:
+    """Check the model section and run the shape pass, by default on the meta device (no weights
+    allocated). On a real device the planned layers are the model, initialised as torch does.
+
+    `count_macs` also counts each layer's multiply-accumulates with torch's FlopCounterMode,
+    whose first use costs about a second of imports: `summary` asks for it, training does not."""
     load_plugins(config["plugins"], config.base_dir, config.error)
     shape = input_shape if input_shape is not None else config["model"]["input_shape"]
     if shape is None:
         raise config.error("missing; give one sample's shape, e.g. input_shape: [1, 8, 8], or a "
                            "data section that tells it", "model", "input_shape")
     shape = tuple(int(d) for d in shape)
-    planner = _Planner(config)
-    x = torch.empty(batch_size, *shape, device="meta", dtype=getattr(torch, config["model"]["input_dtype"]))
+    device = torch.device(device)
+    planner = _Planner(config, count_macs, device)
+    x = torch.zeros(batch_size, *shape, device=device, dtype=getattr(torch, config["model"]["input_dtype"]))
     layers, modules, _ = planner.plan_sequence(config["model"]["layers"], config.line("model", "layers"),
                                                "", 0, x)
-    meta_model = nn.Sequential(OrderedDict((p.name, m) for p, m in zip(layers, modules)))
-    return ModelPlan(shape, batch_size, layers, meta_model)
-
-
-def materialize(plan: ModelPlan, device: str | torch.device | None = None) -> nn.Sequential:
-    """Construct the planned layers for real, in order, on `device` (default: CPU)."""
-    def build(layer: LayerPlan) -> nn.Module:
-        if layer.children is not None:
-            module = layer.entry.factory(OrderedDict((c.name, build(c)) for c in layer.children))
-        else:
-            module = layer.entry.factory(*layer.args, **layer.kwargs)
-        return module if layer.trainable else module.requires_grad_(False)
-
-    with torch.device(device or "cpu"):
-        return nn.Sequential(OrderedDict((layer.name, build(layer)) for layer in plan.layers))
+    model = nn.Sequential(OrderedDict((p.name, m) for p, m in zip(layers, modules)))
+    return ModelPlan(shape, batch_size, layers, model)
 
 
 def build_model(config: Config, input_shape: tuple | list | None = None,
-                device: str | torch.device | None = None) -> nn.Sequential:
+                device: str | torch.device = "cpu") -> nn.Sequential:
     """The config's network as a plain `nn.Sequential`, its weights initialised as torch does."""
-    return materialize(plan_model(config, input_shape), device)
+    return plan_model(config, input_shape, device=device).model

@@ -22,7 +22,7 @@ def summarize(plan: ModelPlan, depth: int | None = None,
     A block at the depth limit stands for everything inside it. `groups` maps parameter names to
     optimizer groups, shown per layer when the config has groups.
     """
-    params = list(plan.meta_model.parameters())
+    params = list(plan.model.parameters())
     total = sum(p.numel() for p in params)
     trainable = sum(p.numel() for p in params if p.requires_grad)
     rows = []
@@ -97,6 +97,6 @@ def print_summary(summary: dict, console: Console, title: str = "") -> None:
 def print_parameters(plan: ModelPlan, console: Console) -> None:
     """Every named parameter, as the tutorial's `named_parameters()` loop prints them."""
     table = Table("Parameter", "Shape", "Numel", "requires_grad")
-    for name, param in plan.meta_model.named_parameters():
+    for name, param in plan.model.named_parameters():
         table.add_row(name, str(list(param.shape)), f"{param.numel():,}", str(param.requires_grad))
     console.print(table)

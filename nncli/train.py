@@ -7,7 +7,6 @@ model, early stopping and checkpoints. Losses stay on the device and are read on
 """
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import random
@@ -30,7 +29,7 @@ from nncli.devices import (Process, all_reduce_sum, autocast, configure_determin
                            grad_scaler, resolve_device, start_process, weights_in_sync, wrap_model)
 from nncli.errors import ConfigError, Interrupted, RunError
 from nncli.metrics import check_metric_name, create_metric, higher_is_better
-from nncli.model import ModelPlan, materialize, plan_model
+from nncli.model import ModelPlan, plan_model
 from nncli.optim import ParamGroup, Schedule, create_loss, create_optimizer, create_schedule
 from nncli.reporting import Reporter
 from nncli.yamlio import to_plain
@@ -115,7 +114,7 @@ def check_config(config: Config) -> tuple[ModelPlan, list[ParamGroup] | None]:
     plan = plan_model(config, input_shape=_input_shape(config, data))
     check_targets(data, plan.output_shape[1:], config)
     create_loss(config)
-    optimizer, groups = create_optimizer(plan.meta_model, config)
+    optimizer, groups = create_optimizer(plan.model, config)
     steps = -(-len(data.train) // config["train"]["batch_size"])
     create_schedule(optimizer, config, -(-steps // config["train"]["accumulate"]))
     return plan, groups
@@ -144,10 +143,10 @@ def prepare_run(config: Config, *, device: str | None = None, run_dir: Path | No
     seed_everything(config["seed"])
     data = load_data(config)
     check_training_config(config, data.val is not None)
-    plan = plan_model(config, input_shape=_input_shape(config, data))
-    check_targets(data, plan.output_shape[1:], config)
     seed_everything(config["seed"])  # the weights depend on the seed alone, as in a hand-written script
-    model = materialize(plan, target_device)
+    plan = plan_model(config, input_shape=_input_shape(config, data), device=target_device)
+    check_targets(data, plan.output_shape[1:], config)
+    model = plan.model
     step_model = wrap_model(model, parallel=config["parallel"], device=target_device,
                             device_ids=config["device_ids"], compile_mode=config["compile"],
                             channels_last=config["channels_last"], process=process, notice=notice)
@@ -404,7 +403,7 @@ def save_checkpoints(run: Run, best: bool, force: bool = False) -> None:
     write_last = force or state.position or state.epoch % cfg["every"] == 0 or finished
     ckpt = checkpoint_dict(run)
     if best and not state.position:
-        run.pending_best = ckpt if write_last else copy.deepcopy(ckpt)
+        run.pending_best = ckpt if write_last else _snapshot(ckpt)
     # best.pt and epoch_<N>.pt before last.pt: a crash between the writes then replays this
     # epoch on resume, which writes them again, instead of leaving best.pt an epoch behind.
     if write_last and run.pending_best is not None:
@@ -417,6 +416,21 @@ def save_checkpoints(run: Run, best: bool, force: bool = False) -> None:
     if write_last:
         save_atomic(ckpt, run.run_dir / "last.pt")
         write_metrics_csv(state.history, run.run_dir / "metrics.csv")  # in step with last.pt
+
+
+def _snapshot(ckpt: dict) -> dict:
+    """A checkpoint dict that later training steps cannot change: the states that refer to live
+    tensors are copied (cheap: tensors are cloned, not pickled as a deepcopy would)."""
+    def copy_tree(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.detach().clone()
+        if isinstance(value, dict):
+            return {k: copy_tree(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(copy_tree(v) for v in value)
+        return value
+
+    return {**ckpt, **{k: copy_tree(ckpt[k]) for k in ("model", "optimizer", "scheduler", "scaler", "rng")}}
 
 
 def write_metrics_csv(history: list[dict], path: Path) -> None:

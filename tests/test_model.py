@@ -344,7 +344,7 @@ def test_permute_and_reshape(tmp_path):
 
 def test_plan_allocates_no_weights():
     p = nncli.plan_model(nncli.load_config(CONFIGS / "digits_cnn.yaml"), input_shape=(1, 8, 8))
-    assert all(param.is_meta for param in p.meta_model.parameters())
+    assert all(param.is_meta for param in p.model.parameters())
     assert p.output_shape == (1, 10)
 
 

@@ -253,9 +253,9 @@ def test_kill_9_after_mid_epoch_checkpoint_then_resume_is_exact(long, tmp_path):
 def _built_state_dict(config: Path) -> dict[str, torch.Tensor]:
     """The config's model, built through the nncli API, with weights that no seed would give."""
     from nncli.config import load_config
-    from nncli.model import materialize, plan_model
+    from nncli.model import build_model
 
-    model = materialize(plan_model(load_config(config), input_shape=(16,)), torch.device("cpu"))
+    model = build_model(load_config(config), input_shape=(16,))
     g = torch.Generator().manual_seed(1234)
     return {k: torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()}
 
