@@ -71,6 +71,7 @@ class Run:
     scaler: torch.amp.GradScaler | None  # fp16 loss scaling
     process: Process
     state: TrainState = field(default_factory=TrainState)
+    plain_config: dict = field(default_factory=dict)  # the resolved config as plain containers
     epoch_shuffle: torch.Tensor | None = None  # the shuffle generator's state when this epoch began
     pending_best: dict | None = None  # a best checkpoint not yet written (see save_checkpoints)
 
@@ -165,7 +166,7 @@ def prepare_run(config: Config, *, device: str | None = None, run_dir: Path | No
     val = data.val.to(target_device) if data.val is not None else None
     run = Run(config, plan, model, data, batches, val, loss_fn, optimizer, groups, schedule,
               target_device, run_dir or Path(config["checkpoint"]["dir"]) / config["name"], epochs,
-              step_model, grad_scaler(config["amp"], target_device), process)
+              step_model, grad_scaler(config["amp"], target_device), process, plain_config=to_plain(config.values))
     run.state.best["metric"] = run.monitor
     return run
 
@@ -382,7 +383,7 @@ def checkpoint_dict(run: Run) -> dict:
         "train_state": {f.name: getattr(state, f.name) for f in fields(state) if f.name != "history"},
         "best": dict(state.best),
         "rng": rng,
-        "config": to_plain(run.config.values),
+        "config": run.plain_config,
         "config_dir": str(run.config.base_dir),
         "input_shape": list(run.plan.input_shape),
         "normalization": run.data.normalization,
@@ -401,6 +402,9 @@ def save_checkpoints(run: Run, best: bool, force: bool = False) -> None:
     cfg, state = run.config["checkpoint"], run.state
     finished = state.epoch >= run.epochs or state.stopped_early
     write_last = force or state.position or state.epoch % cfg["every"] == 0 or finished
+    keep = cfg["keep_last"] and not state.position and state.epoch % cfg["every"] == 0
+    if not (write_last or best or keep):
+        return
     ckpt = checkpoint_dict(run)
     if best and not state.position:
         run.pending_best = ckpt if write_last else _snapshot(ckpt)
@@ -409,7 +413,7 @@ def save_checkpoints(run: Run, best: bool, force: bool = False) -> None:
     if write_last and run.pending_best is not None:
         save_atomic(run.pending_best, run.run_dir / "best.pt")
         run.pending_best = None
-    if cfg["keep_last"] and not state.position and state.epoch % cfg["every"] == 0:
+    if keep:
         save_atomic(ckpt, run.run_dir / f"epoch_{state.epoch}.pt")
         for old in sorted(run.run_dir.glob("epoch_*.pt"), key=lambda p: int(p.stem.split("_")[1]))[:-cfg["keep_last"]]:
             old.unlink(missing_ok=True)
@@ -420,7 +424,8 @@ def save_checkpoints(run: Run, best: bool, force: bool = False) -> None:
 
 def _snapshot(ckpt: dict) -> dict:
     """A checkpoint dict that later training steps cannot change: the states that refer to live
-    tensors are copied (cheap: tensors are cloned, not pickled as a deepcopy would)."""
+    tensors are copied (tensors cloned, not pickled as a deepcopy would); the rest of
+    `checkpoint_dict` is built fresh on each call."""
     def copy_tree(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             return value.detach().clone()
@@ -430,7 +435,7 @@ def _snapshot(ckpt: dict) -> dict:
             return type(value)(copy_tree(v) for v in value)
         return value
 
-    return {**ckpt, **{k: copy_tree(ckpt[k]) for k in ("model", "optimizer", "scheduler", "scaler", "rng")}}
+    return {**ckpt, **{k: copy_tree(ckpt[k]) for k in ("model", "optimizer", "scheduler", "scaler")}}
 
 
 def write_metrics_csv(history: list[dict], path: Path) -> None:
