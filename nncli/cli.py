@@ -18,6 +18,7 @@ app = typer.Typer(help="Train PyTorch networks described in YAML.", no_args_is_h
 
 ConfigArg = typer.Argument(..., help="The YAML config file.", show_default=False)
 DebugOpt = typer.Option(False, "--debug", help="Show the Python traceback of an error.")
+OverridesOpt = typer.Option([], "--set", help="Override a config value: KEY=VALUE (dotted key, YAML value).")
 
 
 def run_command(action: Callable[[], Optional[int]], debug: bool) -> None:
@@ -59,7 +60,7 @@ def summary(
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="Shapes and memory for a batch of N."),
     params: bool = typer.Option(False, "--params", help="Also list every named parameter."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
-    overrides: list[str] = typer.Option([], "--set", help="Override a config value: KEY=VALUE."),
+    overrides: list[str] = OverridesOpt,
     debug: bool = DebugOpt,
 ) -> None:
     """Print each layer's output shape, parameters and MACs, without allocating weights."""
@@ -91,7 +92,7 @@ def summary(
 @app.command()
 def validate(
     config: Path = ConfigArg,
-    overrides: list[str] = typer.Option([], "--set", help="Override a config value: KEY=VALUE."),
+    overrides: list[str] = OverridesOpt,
     debug: bool = DebugOpt,
 ) -> None:
     """Check a config without training: prints `ok` and a one-line summary, or the error."""
@@ -126,9 +127,6 @@ def layers(
             print_registry(console)
 
     run_command(action, debug)
-
-
-OverridesOpt = typer.Option([], "--set", help="Override a config value: KEY=VALUE (dotted key, YAML value).")
 
 
 @app.command()
