@@ -18,6 +18,9 @@ _EXPORTS = {
     "plan_model": "nncli.model",
     "register_layer": "nncli.registry",
     "summarize": "nncli.summary",
+    "load_data": "nncli.data",
+    "prepare_run": "nncli.train",
+    "fit": "nncli.train",
     "ConfigError": "nncli.errors",
     "RunError": "nncli.errors",
 }

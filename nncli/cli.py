@@ -151,7 +151,7 @@ def train(
 
         extra = [f"train.epochs={epochs}"] if epochs else []
         cfg = load_config(config, [*overrides, *extra])
-        reporter = make_reporter(quiet, cfg["train"]["batch_size"])
+        reporter = make_reporter(quiet)
         run = train_run(cfg, reporter, device=device, out_dir=out)
         _print_result(run, reporter)
 
@@ -194,7 +194,7 @@ def resume(
         from nncli.reporting import make_reporter
         from nncli.resume import is_nncli_checkpoint, resume as resume_run, warm_start
 
-        reporter = make_reporter(quiet, 0)
+        reporter = make_reporter(quiet)
         if is_nncli_checkpoint(path):
             run = resume_run(path, reporter, overrides=overrides, epochs=epochs, config_path=config,
                              device=device)

@@ -38,10 +38,6 @@ class Registry:
         self._items[name] = item
         return item
 
-    def register(self, name: str | None = None) -> Callable[[Any], Any]:
-        """Decorator: `@METRICS.register("accuracy")`."""
-        return lambda item: self.add(name or item.__name__, item)
-
     def __contains__(self, name: str) -> bool:
         self._load()
         return name in self._items

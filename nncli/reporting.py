@@ -53,7 +53,8 @@ class Reporter:
                           f"{sum(params[n] for n in group.param_names):,}", optimizer_settings(group))
         self.print(table)
 
-    def epoch_start(self, epoch: int, epochs: int, steps: int, done: int, lr: float) -> None:
+    def epoch_start(self, epoch: int, epochs: int, steps: int, done: int, lr: float,
+                    batch_size: int) -> None:
         self._started = time.perf_counter()
 
     def batch(self, done: int, losses: list[torch.Tensor]) -> None:
@@ -83,9 +84,8 @@ class Reporter:
 class ProgressReporter(Reporter):
     """A rich progress bar per epoch, refreshed about 20 times per epoch."""
 
-    def __init__(self, batch_size: int, console: Console | None = None) -> None:
+    def __init__(self, console: Console | None = None) -> None:
         super().__init__(console)
-        self.batch_size = batch_size
         self.progress = Progress(
             TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
@@ -94,8 +94,10 @@ class ProgressReporter(Reporter):
         self.progress.start()
         self.task = None
 
-    def epoch_start(self, epoch: int, epochs: int, steps: int, done: int, lr: float) -> None:
-        super().epoch_start(epoch, epochs, steps, done, lr)
+    def epoch_start(self, epoch: int, epochs: int, steps: int, done: int, lr: float,
+                    batch_size: int) -> None:
+        super().epoch_start(epoch, epochs, steps, done, lr, batch_size)
+        self.batch_size = batch_size
         self.every = max(1, steps // 20)
         if self.task is not None:
             self.progress.remove_task(self.task)
@@ -116,8 +118,8 @@ class ProgressReporter(Reporter):
         self.progress.stop()
 
 
-def make_reporter(quiet: bool, batch_size: int) -> Reporter:
+def make_reporter(quiet: bool) -> Reporter:
     """Quiet for --quiet and for every DDP process but the first (RANK is torchrun's)."""
     if quiet or int(os.environ.get("RANK", "0")) > 0:
         return Reporter(quiet=True)
-    return ProgressReporter(batch_size) if sys.stdout.isatty() else Reporter()
+    return ProgressReporter() if sys.stdout.isatty() else Reporter()

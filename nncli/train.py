@@ -253,7 +253,8 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
                 state.epoch_lrs = [g["lr"] for g in optimizer.param_groups]
                 run.epoch_shuffle = run.batches.generator.get_state()  # to replay this epoch on resume
             losses = list(torch.tensor(state.epoch_losses, device=run.device).unbind())  # resumed mid-epoch
-            reporter.epoch_start(epoch, run.epochs, steps, state.position, state.epoch_lrs[0])
+            reporter.epoch_start(epoch, run.epochs, steps, state.position, state.epoch_lrs[0],
+                                 run.batches.batch_size)
             started = time.perf_counter()
             for i, (xb, yb) in enumerate(run.batches.epoch(skip=state.position), start=state.position):
                 if channels_last and xb.dim() == 4:

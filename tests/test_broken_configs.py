@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BROKEN, CONFIGS, write_config
+from helpers import BROKEN, CONFIGS, write_config
 
 CASES = sorted(BROKEN.glob("*.yaml"))
 

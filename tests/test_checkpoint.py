@@ -6,7 +6,6 @@ Every command runs through the command line in a subprocess (`python -m nncli ..
 """
 from __future__ import annotations
 
-import csv
 import io
 import os
 import pickle
@@ -15,8 +14,6 @@ import re
 import shutil
 import struct
 import subprocess
-import sys
-import textwrap
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -26,22 +23,17 @@ import pytest
 import torch
 import yaml
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", COLUMNS="200")
+from helpers import (DROPOUT_MLP, ENV, load, metrics_rows, nncli_argv, ok, run_nncli, run_python, snapshot,
+                     train_config, write_config)
 
 SMALL = """
 seed: 2
 data: {source: synthetic, n: 2000, features: 16, classes: 3, val_split: 0.1}
-model:
-  layers:
-    - {type: Linear, out_features: 32}
-    - ReLU
-    - {type: Dropout, p: 0.2}
-    - {type: Linear, out_features: 3}
 optimizer: {type: SGD, lr: 0.1, momentum: 0.9, weight_decay: 1.0e-4}
 schedule: {type: StepLR, step_size: 2, gamma: 0.5, warmup: {epochs: 1}}
 train: {epochs: 3, batch_size: 64, shuffle: true}
 checkpoint: {keep_last: 2}
-"""
+""" + DROPOUT_MLP
 SMALL_STEPS = 29  # 1,800 training samples / 64, rounded up
 
 # A checkpoint of ~4.4 MB (weights and momentum) written after every optimizer step, so that
@@ -65,45 +57,10 @@ checkpoint: {every_steps: 1, keep_last: 2}
 TEMPORARY = re.compile(r"^\..+\.\d+\.tmp$")  # how save_atomic names its temporary files
 
 
-# --- helpers -----------------------------------------------------------------------------------
-
-def write(folder: Path, text: str, name: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
-    return path
-
-
-def nncli(*args, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nncli", *map(str, args)], cwd=cwd, env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
-    return result
-
-
-def load(path: Path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
-
-
-def metrics_rows(run_dir: Path) -> list[dict]:
-    with open(run_dir / "metrics.csv", newline="") as f:
-        return [{k: v for k, v in row.items() if k != "time_s"} for row in csv.DictReader(f)]
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """SMALL trained for 3 epochs: its run directory."""
-    root = tmp_path_factory.mktemp("small")
-    config = write(root, SMALL, "small.yaml")
-    ok(nncli("train", config, "--out", root / "runs", "-q", cwd=root))
-    return root / "runs" / "small"
+    return train_config(tmp_path_factory.mktemp("small"), SMALL, "small")[1]
 
 
 # --- contents ----------------------------------------------------------------------------------
@@ -161,12 +118,12 @@ def _check_run_dir(run: Path) -> list[str]:
 
 
 def _start(*args, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "nncli", *map(str, args)], cwd=cwd, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    return subprocess.Popen(nncli_argv(*args), cwd=cwd, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
 
 
 def test_kill_9_during_checkpoint_writes(tmp_path):
-    config = write(tmp_path, BIG, "big.yaml")
+    config = write_config(tmp_path, BIG, "big.yaml")
     run = tmp_path / "runs" / "big"
     reference = _start("train", config, "--out", tmp_path / "reference", "-q", cwd=tmp_path)
     rng = random.Random(20240611)
@@ -190,7 +147,7 @@ def test_kill_9_during_checkpoint_writes(tmp_path):
         temporaries = _check_run_dir(run)
         caught_writing += bool(temporaries)
 
-    result = ok(nncli("resume", run, cwd=tmp_path))
+    result = ok(run_nncli("resume", run, cwd=tmp_path))
     assert reference.wait(timeout=180) == 0
     reference.stdout.close()
     assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")], "leftover temporary files"
@@ -223,13 +180,12 @@ main()
 
 
 def test_kill_between_last_and_best_keeps_best_consistent(tmp_path):
-    config = write(tmp_path, SMALL, "small.yaml")
+    config = write_config(tmp_path, SMALL, "small.yaml")
     run = tmp_path / "runs" / "small"
-    killed = subprocess.run([sys.executable, "-c", KILL_AT_BEST, "train", str(config), "--out",
-                             str(tmp_path / "runs"), "--epochs", "2", "-q"], cwd=tmp_path, env=ENV,
-                            capture_output=True, text=True, timeout=180)
+    killed = run_python("-c", KILL_AT_BEST, "train", config, "--out", tmp_path / "runs", "--epochs", "2", "-q",
+                        cwd=tmp_path)
     assert killed.returncode == 137, killed.stdout + killed.stderr
-    ok(nncli("resume", run, cwd=tmp_path))
+    ok(run_nncli("resume", run, cwd=tmp_path))
     last, best = load(run / "last.pt"), load(run / "best.pt")
     assert last["epoch"] == 2 and last["best"]["epoch"] == 2  # epoch 2 improved on epoch 1
     assert best["epoch"] == last["best"]["epoch"], "best.pt is not the best epoch that the run reports"
@@ -313,7 +269,7 @@ def bad_results(trained, tmp_path_factory) -> dict:
             jobs[command, kind] = {"folder": folder, "file": file, "target": target, "marker": marker,
                                    "before": snapshot(folder)}
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {key: pool.submit(nncli, key[0], job["target"], cwd=job["folder"])
+        futures = {key: pool.submit(run_nncli, key[0], job["target"], cwd=job["folder"])
                    for key, job in jobs.items()}
         for key, future in futures.items():
             jobs[key]["result"] = future.result()
@@ -339,10 +295,10 @@ def test_bad_checkpoint_is_refused_cleanly(bad_results, command, kind):
 # --- unwritable destinations -------------------------------------------------------------------
 
 def test_run_directory_inside_a_file_is_a_clear_error(tmp_path):
-    config = write(tmp_path, SMALL, "small.yaml")
+    config = write_config(tmp_path, SMALL, "small.yaml")
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a regular file\n")
-    result = nncli("train", config, "--out", blocker / "runs", "--epochs", "1", cwd=tmp_path)
+    result = run_nncli("train", config, "--out", blocker / "runs", "--epochs", "1", cwd=tmp_path)
     assert result.returncode in (1, 2), result.stdout + result.stderr
     assert "Traceback" not in result.stderr
     assert str(blocker) in result.stderr and "run directory" in result.stderr, result.stderr
@@ -355,7 +311,7 @@ def test_unwritable_file_in_run_directory_is_a_clear_error(trained, tmp_path):
     (run / "metrics.csv").mkdir()  # a folder where metrics.csv must go: it cannot be replaced
     (run / "metrics.csv" / "keep").write_text("x")
     before = (run / "last.pt").read_bytes()
-    result = nncli("resume", run, "--epochs", "4", cwd=tmp_path)
+    result = run_nncli("resume", run, "--epochs", "4", cwd=tmp_path)
     assert result.returncode in (1, 2), result.stdout + result.stderr
     assert "Traceback" not in result.stderr
     assert str(run / "metrics.csv") in result.stderr and "cannot write" in result.stderr, result.stderr

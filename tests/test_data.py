@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from helpers_train import nncli, nncli_process, write
+from helpers import invoke, load, run_nncli, write_config
 
 MODEL = "model:\n  layers:\n    - {type: Linear, out_features: 2}\n"
 
 
-def load(path):
+def load_dataset(path):
     from nncli.config import load_config
     from nncli.data import load_data
 
@@ -25,14 +25,14 @@ def data_config(tmp_path, data_lines: str, *, loss: str = "CrossEntropyLoss", ou
                 name: str = "config.yaml"):
     """`data:` on line 1, then `data_lines` (indented two spaces) from line 2, loss, model."""
     text = "data:\n" + data_lines + f"loss: {loss}\nmodel:\n  layers:\n    - {{type: Linear, out_features: {out}}}\n"
-    return write(tmp_path, name, text)
+    return write_config(tmp_path, text, name)
 
 
 # --- sources that work ---------------------------------------------------------------------
 
 def test_csv_reads_features_and_target_by_header(tmp_path):
     (tmp_path / "scores.csv").write_text("a, b ,label\n1,2.5,0\n\n3,-4,1\n5,6e-1,1\n")
-    data = load(data_config(tmp_path, "  source: csv\n  path: scores.csv\n  target: label\n  val_split: 0\n"))
+    data = load_dataset(data_config(tmp_path, "  source: csv\n  path: scores.csv\n  target: label\n  val_split: 0\n"))
     assert data.val is None and data.sample_shape == (2,)
     assert data.train.x.dtype == torch.float32
     assert torch.allclose(data.train.x, torch.tensor([[1, 2.5], [3, -4], [5, 0.6]]))
@@ -43,7 +43,7 @@ def test_csv_features_subset_several_targets_and_delimiter(tmp_path):
     (tmp_path / "table.csv").write_text("a;b;c;t1;t2\n1;2;3;0.5;1.5\n4;5;6;2.5;3.5\n")
     config = data_config(tmp_path, "  source: csv\n  path: table.csv\n  target: [t1, t2]\n  features: [c, a]\n"
                                    "  delimiter: ';'\n  val_split: 0\n", loss="MSELoss")
-    data = load(config)
+    data = load_dataset(config)
     assert data.train.x.tolist() == [[3, 1], [6, 4]]
     assert data.train.y.dtype == torch.float32 and data.train.y.tolist() == [[0.5, 1.5], [2.5, 3.5]]
 
@@ -56,7 +56,7 @@ def test_npz_with_named_arrays_relative_to_the_config_file(tmp_path, monkeypatch
     config = data_config(folder, "  source: npz\n  path: train_images.npz\n  x: images\n  y: labels\n"
                                  "  val_split: 0\n")
     monkeypatch.chdir(tmp_path)  # the path is relative to the config's folder, not the cwd
-    data = load(config)
+    data = load_dataset(config)
     assert data.sample_shape == (1, 4, 4)
     assert data.train.x.dtype == torch.float32
     assert torch.equal(data.train.x, torch.from_numpy(images).float())
@@ -66,7 +66,8 @@ def test_npz_with_named_arrays_relative_to_the_config_file(tmp_path, monkeypatch
 def test_npy_pair(tmp_path):
     np.save(tmp_path / "x.npy", np.array([[1, 2], [3, 4], [5, 6]], dtype=np.int32))
     np.save(tmp_path / "y.npy", np.array([0.5, 1.5, 2.5], dtype=np.float64))
-    data = load(data_config(tmp_path, "  source: npy\n  x: x.npy\n  y: y.npy\n  val_split: 0\n", loss="MSELoss"))
+    data = load_dataset(data_config(tmp_path, "  source: npy\n  x: x.npy\n  y: y.npy\n  val_split: 0\n",
+                                    loss="MSELoss"))
     assert data.train.x.dtype == torch.float32 and data.train.x.tolist() == [[1, 2], [3, 4], [5, 6]]
     assert data.train.y.dtype == torch.float32 and data.train.y.tolist() == [0.5, 1.5, 2.5]
 
@@ -75,7 +76,7 @@ def test_separate_train_and_val_sources(tmp_path):
     np.save(tmp_path / "x.npy", np.ones((4, 3), dtype=np.float32))
     np.save(tmp_path / "y.npy", np.array([0, 1, 1, 0]))
     np.savez(tmp_path / "val.npz", x=np.zeros((2, 3)), y=np.array([1, 1]))
-    data = load(data_config(tmp_path, "  train: {source: npy, x: x.npy, y: y.npy}\n"
+    data = load_dataset(data_config(tmp_path, "  train: {source: npy, x: x.npy, y: y.npy}\n"
                                       "  val: {source: npz, path: val.npz}\n"))
     assert len(data.train) == 4 and len(data.val) == 2
     assert data.val.y.tolist() == [1, 1]
@@ -85,9 +86,10 @@ def test_split_is_seeded_and_partitions_the_samples(tmp_path):
     x = [[float(i)] for i in range(10)]
     y = [[float(i)] for i in range(10)]
     def config(seed, name):
-        return write(tmp_path, name, f"seed: {seed}\ndata: {{source: tensors, x: {x}, y: {y}, val_split: 0.3}}\n"
-                                     f"loss: MSELoss\n{MODEL}")
-    first, again, other = load(config(0, "a.yaml")), load(config(0, "b.yaml")), load(config(1, "c.yaml"))
+        return write_config(tmp_path, f"seed: {seed}\ndata: {{source: tensors, x: {x}, y: {y}, val_split: 0.3}}\n"
+                                      f"loss: MSELoss\n{MODEL}", name)
+    first, again, other = (load_dataset(config(0, "a.yaml")), load_dataset(config(0, "b.yaml")),
+                           load_dataset(config(1, "c.yaml")))
     assert (len(first.train), len(first.val)) == (7, 3)
     assert torch.equal(first.val.x, again.val.x) and torch.equal(first.train.x, again.train.x)
     assert not torch.equal(first.val.x, other.val.x)
@@ -99,9 +101,9 @@ def test_split_is_seeded_and_partitions_the_samples(tmp_path):
 
 def test_normalize_uses_training_statistics_for_both_sides(tmp_path):
     x = [[float(i), 100.0 + 10 * i] for i in range(10)]
-    config = write(tmp_path, "n.yaml", f"data: {{source: tensors, x: {x}, y: {[[0.0]] * 10}, val_split: 0.2, "
-                                       f"normalize: true}}\nloss: MSELoss\n{MODEL}")
-    data = load(config)
+    config = write_config(tmp_path, f"data: {{source: tensors, x: {x}, y: {[[0.0]] * 10}, val_split: 0.2, "
+                                    f"normalize: true}}\nloss: MSELoss\n{MODEL}", "n.yaml")
+    data = load_dataset(config)
     raw_train = data.train.x * data.normalization["std"] + data.normalization["mean"]
     assert torch.allclose(data.train.x.mean(0), torch.zeros(2), atol=1e-5)
     assert torch.allclose(data.train.x.std(0), torch.ones(2), atol=1e-5)
@@ -227,21 +229,21 @@ def test_bad_data_exits_2_naming_file_line_and_key(tmp_path, case):
     config = data_config(tmp_path, lines, loss="MSELoss" if "tensors" in case and "mismatch" not in case
                          else "CrossEntropyLoss")
     out = tmp_path / "runs"
-    result = nncli("train", config, "--out", out, "--quiet")
+    result = invoke("train", config, "--out", out, "--quiet")
     assert result.exit_code == 2, result.stdout + result.stderr
     assert result.stdout == ""
     message = expected.format(cfg=config, dir=tmp_path)
     assert result.stderr.startswith(f"error: {message}"), result.stderr
     assert "Traceback" not in result.stderr
     assert not out.exists(), "bad data must not leave a run directory"
-    validate = nncli("validate", config)  # the same check without training
+    validate = invoke("validate", config)  # the same check without training
     assert validate.exit_code == 2 and validate.stderr == result.stderr
 
 
 def test_torchvision_not_installed(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision -> ImportError
     config = data_config(tmp_path, "  source: torchvision\n  name: MNIST\n")
-    result = nncli("train", config, "--out", tmp_path / "runs")
+    result = invoke("train", config, "--out", tmp_path / "runs")
     assert result.exit_code == 2
     assert result.stderr == (f"error: {config}:3: data.name: needs torchvision, which is not installed. "
                              "Install it with: pip install 'nncli[vision]'.\n")
@@ -249,7 +251,7 @@ def test_torchvision_not_installed(tmp_path, monkeypatch):
 
 def test_bad_data_exit_status_of_the_real_process(tmp_path):
     config = data_config(tmp_path, "  source: csv\n  path: nope.csv\n  target: label\n")
-    proc = nncli_process("train", config, "--out", tmp_path / "runs")
+    proc = run_nncli("train", config, "--out", tmp_path / "runs")
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr == (f"error: {config}:3: data.path: file {tmp_path}/nope.csv not found "
@@ -259,13 +261,13 @@ def test_bad_data_exit_status_of_the_real_process(tmp_path):
 def test_regression_targets_must_match_the_output_shape(tmp_path):
     config = data_config(tmp_path, "  source: synthetic\n  kind: regression\n  n: 20\n  val_split: 0\n",
                          loss="MSELoss", out=3)
-    result = nncli("train", config, "--out", tmp_path / "runs")
+    result = invoke("train", config, "--out", tmp_path / "runs")
     assert result.exit_code == 2
     assert result.stderr.startswith(f"error: {config}:1: data: training targets have shape [] per sample, "
                                     "but the model's output has shape [3]")
     ok = data_config(tmp_path, "  source: synthetic\n  kind: regression\n  n: 20\n  val_split: 0\n",
                      loss="MSELoss", out=1, name="ok.yaml")
-    assert nncli("train", ok, "--out", tmp_path / "runs", "-q", "--epochs", 1).exit_code == 0
+    assert invoke("train", ok, "--out", tmp_path / "runs", "-q", "--epochs", 1).exit_code == 0
 
 
 def test_validation_labels_are_checked_too(tmp_path):
@@ -274,7 +276,7 @@ def test_validation_labels_are_checked_too(tmp_path):
     np.savez(tmp_path / "val.npz", x=np.zeros((2, 2)), y=np.array([1, 5]))
     config = data_config(tmp_path, "  train: {source: npy, x: x.npy, y: y.npy}\n"
                                    "  val: {source: npz, path: val.npz}\n")
-    result = nncli("train", config, "--out", tmp_path / "runs")
+    result = invoke("train", config, "--out", tmp_path / "runs")
     assert result.exit_code == 2
     assert "validation labels run from 1 to 5, but the model's output has 2 classes" in result.stderr
 
@@ -283,25 +285,25 @@ def test_eval_data_file_is_read_by_column_name(tmp_path):
     rows = [(i, i % 3, i % 2) for i in range(10)]
     (tmp_path / "scores.csv").write_text("a,b,label\n" + "".join(f"{a},{b},{t}\n" for a, b, t in rows))
     config = data_config(tmp_path, "  source: csv\n  path: scores.csv\n  target: label\n  val_split: 0.2\n")
-    assert nncli("train", config, "--out", tmp_path / "runs", "--epochs", 1, "-q").exit_code == 0
+    assert invoke("train", config, "--out", tmp_path / "runs", "--epochs", 1, "-q").exit_code == 0
     run = tmp_path / "runs" / "config"
-    same = nncli("eval", run, "--data", tmp_path / "scores.csv", "--json")
+    same = invoke("eval", run, "--data", tmp_path / "scores.csv", "--json")
     assert same.exit_code == 0, same.stderr
     # the same samples with the columns in another order (and an extra column) give the same loss
     (tmp_path / "shuffled.csv").write_text("label,extra,b,a\n" + "".join(f"{t},9,{b},{a}\n" for a, b, t in rows))
-    shuffled = nncli("eval", run, "--data", tmp_path / "shuffled.csv", "--json")
+    shuffled = invoke("eval", run, "--data", tmp_path / "shuffled.csv", "--json")
     assert shuffled.exit_code == 0, shuffled.stderr
     assert shuffled.stdout == same.stdout
 
     (tmp_path / "other.csv").write_text("a,c,label\n1,2,0\n")
-    result = nncli("eval", run, "--data", tmp_path / "other.csv")
+    result = invoke("eval", run, "--data", tmp_path / "other.csv")
     assert result.exit_code == 2
     assert "column 'b' is not in other.csv (columns: a, c, label)" in result.stderr
-    ckpt = torch.load(run / "best.pt", weights_only=True)
+    ckpt = load(run / "best.pt")
     x = torch.tensor([[float(a), float(b)] for a, b, _ in rows])
     y = torch.tensor([t for _, _, t in rows])
     expected = torch.nn.functional.cross_entropy(x @ ckpt["model"]["0.weight"].T + ckpt["model"]["0.bias"], y)
     assert json.loads(same.stdout)["loss"] == pytest.approx(float(expected), abs=1e-5)
 
-    wrong_kind = nncli("eval", run, "--data", run / "config.yaml")
+    wrong_kind = invoke("eval", run, "--data", run / "config.yaml")
     assert wrong_kind.exit_code == 2 and "--data takes a .csv or .npz file" in wrong_kind.stderr

@@ -1,18 +1,12 @@
 """GPU checks: skipped without CUDA; `bash bench/gpu_check.sh` runs them on a GPU machine."""
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import CONFIGS, load, metrics_rows, run_nncli
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-
-
-def nncli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nncli", *args], cwd=cwd, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
 
 
 @pytest.mark.parametrize("settings", [
@@ -23,10 +17,10 @@ def nncli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 ])
 def test_digits_cnn_trains_on_the_gpu(tmp_path: Path, settings: list[str]) -> None:
     sets = [arg for s in settings for arg in ("--set", s)]
-    done = nncli("train", str(REPO / "configs/digits_cnn.yaml"), "--device", "cuda", "--epochs", "3",
-                 "--out", str(tmp_path), "--quiet", *sets, cwd=tmp_path)
+    done = run_nncli("train", CONFIGS / "digits_cnn.yaml", "--device", "cuda", "--epochs", "3",
+                     "--out", tmp_path, "--quiet", *sets, cwd=tmp_path, timeout=600)  # torch.compile may take minutes
     assert done.returncode == 0, done.stderr
-    ckpt = torch.load(tmp_path / "digits_cnn" / "last.pt", weights_only=True)
+    ckpt = load(tmp_path / "digits_cnn" / "last.pt")
     assert ckpt["metrics"][-1]["val_accuracy"] > 0.9
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
     if "amp=fp16" in settings:
@@ -34,26 +28,25 @@ def test_digits_cnn_trains_on_the_gpu(tmp_path: Path, settings: list[str]) -> No
 
 
 def test_resume_on_the_gpu_continues_the_run(tmp_path: Path) -> None:
-    config = str(REPO / "configs/digits_mlp.yaml")
-    assert nncli("train", config, "--device", "cuda", "--epochs", "2", "--out", str(tmp_path), "-q",
-                 cwd=tmp_path).returncode == 0
-    done = nncli("resume", str(tmp_path / "digits_mlp"), "--epochs", "4", "--device", "cuda", "-q", cwd=tmp_path)
+    config = CONFIGS / "digits_mlp.yaml"
+    assert run_nncli("train", config, "--device", "cuda", "--epochs", "2", "--out", tmp_path, "-q",
+                     cwd=tmp_path).returncode == 0
+    done = run_nncli("resume", tmp_path / "digits_mlp", "--epochs", "4", "--device", "cuda", "-q", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    rows = (tmp_path / "digits_mlp" / "metrics.csv").read_text().splitlines()
-    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
+    assert [r["epoch"] for r in metrics_rows(tmp_path / "digits_mlp")] == ["1", "2", "3", "4"]
 
 
 def test_dp_with_one_gpu_trains_without_the_wrapper(tmp_path: Path) -> None:
     if torch.cuda.device_count() > 1:
         pytest.skip("several GPUs: DataParallel is used")
-    done = nncli("train", str(REPO / "configs/digits_mlp.yaml"), "--device", "cuda", "--epochs", "1",
-                 "--set", "parallel=dp", "--out", str(tmp_path), cwd=tmp_path)
+    done = run_nncli("train", CONFIGS / "digits_mlp.yaml", "--device", "cuda", "--epochs", "1",
+                     "--set", "parallel=dp", "--out", tmp_path, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "without the DataParallel wrapper" in done.stdout
 
 
 def test_explicit_missing_gpu_index_is_an_error(tmp_path: Path) -> None:
     index = torch.cuda.device_count()
-    done = nncli("train", str(REPO / "configs/digits_mlp.yaml"), "--device", f"cuda:{index}", cwd=tmp_path)
+    done = run_nncli("train", CONFIGS / "digits_mlp.yaml", "--device", f"cuda:{index}", cwd=tmp_path)
     assert done.returncode == 2
     assert f"only {index} GPU" in done.stderr

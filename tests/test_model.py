@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import nncli
-from conftest import CONFIGS, write_config
+from helpers import CONFIGS, FROZEN_AND_HEAD, write_config
 from nncli.yamlio import parse_yaml
 
 
@@ -307,13 +307,7 @@ def test_repeat(tmp_path):
 
 
 def test_trainable_false(tmp_path):
-    path = write_config(tmp_path, """
-        model:
-          input_shape: [4]
-          layers:
-            frozen: {type: Linear, out_features: 3, trainable: false}
-            head: {type: Linear, out_features: 2}
-    """)
+    path = write_config(tmp_path, FROZEN_AND_HEAD)
     model = build(path)
     grads = {name: p.requires_grad for name, p in model.named_parameters()}
     assert grads == {"frozen.weight": False, "frozen.bias": False, "head.weight": True, "head.bias": True}
@@ -377,9 +371,13 @@ def test_load_config_error_is_config_error(tmp_path):
     assert str(info.value).startswith(f"{path}:2: seed: expected an integer")
 
 
-@pytest.mark.parametrize("text, value", [("1e-4", 1e-4), ("3e5", 3e5), ("1.0E-3", 1e-3),
-                                         ("-2.5e+2", -250.0), (".5", 0.5), ("1_000", 1000)])
-def test_yaml_numbers(text, value):
+@pytest.mark.parametrize("text, value", [
+    # numbers: exponents without a dot, explicit signs, underscores
+    ("1e-4", 1e-4), ("3e5", 3e5), ("1.0E-3", 1e-3), ("-2.5e+2", -250.0), (".5", 0.5), ("1_000", 1000),
+    # only true and false are booleans: off, on, yes and no stay strings
+    ("off", "off"), ("on", "on"), ("yes", "yes"), ("no", "no"), ("true", True), ("False", False), ("null", None),
+])
+def test_yaml_scalars(text, value):
     loaded = parse_yaml(f"x: {text}")["x"]
     assert loaded == value
     assert type(loaded) is type(value)
@@ -393,14 +391,6 @@ def test_yaml_numbers_in_config(tmp_path):
     opt = nncli.load_config(path)["optimizer"]
     assert (opt["lr"], opt["weight_decay"], opt["momentum"]) == (1e-4, 3e5, 1e-3)
     assert all(isinstance(opt[k], float) for k in ("lr", "weight_decay", "momentum"))
-
-
-@pytest.mark.parametrize("text, value", [("off", "off"), ("on", "on"), ("yes", "yes"), ("no", "no"),
-                                         ("true", True), ("False", False), ("null", None)])
-def test_yaml_only_true_false_are_booleans(text, value):
-    loaded = parse_yaml(f"x: {text}")["x"]
-    assert loaded == value
-    assert type(loaded) is type(value)
 
 
 def test_amp_off_stays_a_string(tmp_path):

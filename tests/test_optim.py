@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from helpers_train import CONFIGS, TINY_REGRESSION, load_checkpoint, nncli, read_metrics, write
+from helpers import CONFIGS, TINY_REGRESSION, invoke, load, read_metrics, write_config
 
 GROUPS = """
 seed: 0
@@ -45,11 +45,11 @@ def schedule_config(tmp_path, schedule: str, *, train: str = "train: {epochs: 5,
                     data: str = "val_split: 0.25", name: str = "sched.yaml"):
     text = (TINY_REGRESSION.replace("train: {epochs: 3, batch_size: 16}", train)
             .replace("val_split: 0.25", data) + f"schedule: {schedule}\n")
-    return write(tmp_path, name, text)
+    return write_config(tmp_path, text, name)
 
 
 def lr_column(tmp_path, config, *args) -> list[float]:
-    result = nncli("train", config, "--out", tmp_path / "runs", "--quiet", *args)
+    result = invoke("train", config, "--out", tmp_path / "runs", "--quiet", *args)
     assert result.exit_code == 0, result.stderr
     runs = sorted((tmp_path / "runs").iterdir())
     return [row["lr_0"] for row in read_metrics(runs[-1])[1]]
@@ -58,7 +58,7 @@ def lr_column(tmp_path, config, *args) -> list[float]:
 # --- parameter groups ---------------------------------------------------------------------
 
 def test_each_tensor_gets_its_groups_lr_and_the_default_group_is_last(tmp_path):
-    run = prepare(write(tmp_path, "groups.yaml", GROUPS), run_dir=tmp_path / "run")
+    run = prepare(write_config(tmp_path, GROUPS, "groups.yaml"), run_dir=tmp_path / "run")
     params = dict(run.model.named_parameters())
     groups = run.optimizer.param_groups
     assert [g.name for g in run.groups] == ["biases", "head", "default"]
@@ -84,15 +84,15 @@ def test_shipped_lr_groups_config_gives_the_tutorials_groups(tmp_path):
 
 
 def test_without_groups_one_default_group_holds_everything(tmp_path):
-    run = prepare(write(tmp_path, "tiny.yaml", TINY_REGRESSION), run_dir=tmp_path / "run")
+    run = prepare(write_config(tmp_path, TINY_REGRESSION, "tiny.yaml"), run_dir=tmp_path / "run")
     assert [(g.name, g.patterns) for g in run.groups] == [("default", ["*"])]
     assert len(run.optimizer.param_groups) == 1
     assert len(run.optimizer.param_groups[0]["params"]) == 2
 
 
 def test_group_lrs_reach_metrics_csv_and_the_table_comes_before_epoch_1(tmp_path):
-    config = write(tmp_path, "groups.yaml", GROUPS)
-    result = nncli("train", config, "--out", tmp_path / "runs")
+    config = write_config(tmp_path, GROUPS, "groups.yaml")
+    result = invoke("train", config, "--out", tmp_path / "runs")
     assert result.exit_code == 0, result.stderr
     header, rows = read_metrics(tmp_path / "runs" / "groups")
     assert [h for h in header if h.startswith("lr_")] == ["lr_0", "lr_1", "lr_2"]
@@ -109,8 +109,8 @@ def test_group_lrs_reach_metrics_csv_and_the_table_comes_before_epoch_1(tmp_path
 
 
 def test_a_pattern_matching_nothing_exits_2_with_file_and_line(tmp_path):
-    config = write(tmp_path, "groups.yaml", GROUPS.replace('["fc2.*"]', '["fc2.*", "*.gamma"]'))
-    result = nncli("train", config, "--out", tmp_path / "runs")
+    config = write_config(tmp_path, GROUPS.replace('["fc2.*"]', '["fc2.*", "*.gamma"]'), "groups.yaml")
+    result = invoke("train", config, "--out", tmp_path / "runs")
     assert result.exit_code == 2
     assert result.stderr == (
         f"error: {config}:13: optimizer.groups.1.params: pattern '*.gamma' matches no trainable "
@@ -129,8 +129,8 @@ def test_a_pattern_matching_nothing_exits_2_with_file_and_line(tmp_path):
     (("momentum: 0.5", "momentun: 0.5"), "optimizer.momentun: SGD has no argument 'momentun'"),
 ])
 def test_bad_optimizer_sections_exit_2(tmp_path, change, message):
-    config = write(tmp_path, "groups.yaml", GROUPS.replace(*change, 1))
-    result = nncli("train", config, "--out", tmp_path / "runs")
+    config = write_config(tmp_path, GROUPS.replace(*change, 1), "groups.yaml")
+    result = invoke("train", config, "--out", tmp_path / "runs")
     assert result.exit_code == 2, result.stderr
     assert message in result.stderr
     assert result.stderr.startswith(f"error: {config}:")
@@ -142,26 +142,28 @@ def test_loss_with_arguments_and_loss_errors(tmp_path):
     from nncli.config import load_config
     from nncli.optim import create_loss
 
-    config = write(tmp_path, "tiny.yaml", TINY_REGRESSION.replace("loss: MSELoss", "loss: {type: HuberLoss, delta: 0.25}"))
+    config = write_config(tmp_path, TINY_REGRESSION.replace("loss: MSELoss", "loss: {type: HuberLoss, delta: 0.25}"),
+                          "tiny.yaml")
     loss = create_loss(load_config(config))
     assert isinstance(loss, torch.nn.HuberLoss) and loss.delta == 0.25
-    assert nncli("train", config, "--out", tmp_path / "runs", "-q", "--epochs", 1).exit_code == 0
+    assert invoke("train", config, "--out", tmp_path / "runs", "-q", "--epochs", 1).exit_code == 0
 
-    typo = write(tmp_path, "typo.yaml", TINY_REGRESSION.replace("loss: MSELoss", "loss: MSELos"))
-    result = nncli("train", typo, "--out", tmp_path / "runs")
+    typo = write_config(tmp_path, TINY_REGRESSION.replace("loss: MSELoss", "loss: MSELos"), "typo.yaml")
+    result = invoke("train", typo, "--out", tmp_path / "runs")
     assert result.exit_code == 2
     assert result.stderr.startswith(f"error: {typo}:3: loss: unknown loss 'MSELos'")
     assert "Did you mean 'MSELoss'?" in result.stderr
 
-    bad_arg = write(tmp_path, "arg.yaml", TINY_REGRESSION.replace("loss: MSELoss", "loss: {type: HuberLoss, delt: 1}"))
-    result = nncli("train", bad_arg, "--out", tmp_path / "runs")
+    bad_arg = write_config(tmp_path, TINY_REGRESSION.replace("loss: MSELoss", "loss: {type: HuberLoss, delt: 1}"),
+                           "arg.yaml")
+    result = invoke("train", bad_arg, "--out", tmp_path / "runs")
     assert result.exit_code == 2
     assert "loss.delt: HuberLoss has no argument 'delt'" in result.stderr and "Did you mean 'delta'?" in result.stderr
 
 
 def test_sum_reduction_is_passed_to_the_loss(tmp_path):
     """The tutorial's MSELoss(size_average=False): the epoch loss is a sum over the batch."""
-    result = nncli("train", CONFIGS / "linear_regression.yaml", "--epochs", 1, "--out", tmp_path, "-q")
+    result = invoke("train", CONFIGS / "linear_regression.yaml", "--epochs", 1, "--out", tmp_path, "-q")
     assert result.exit_code == 0
     run = prepare(CONFIGS / "linear_regression.yaml", run_dir=tmp_path / "x")
     with torch.no_grad():  # the initial model on the three points, before the first step
@@ -213,7 +215,7 @@ def test_step_schedule_matches_torch_step_by_step(tmp_path):
 
 def test_warmup_in_steps_needs_a_step_interval(tmp_path):
     config = schedule_config(tmp_path, "\n  type: StepLR\n  step_size: 2\n  warmup:\n    steps: 3")
-    result = nncli("train", config, "--out", tmp_path / "runs")
+    result = invoke("train", config, "--out", tmp_path / "runs")
     assert result.exit_code == 2
     assert f"{config}:14: schedule.warmup.steps: warmup in steps needs interval: step" in result.stderr
 
@@ -223,7 +225,7 @@ def test_cosine_gets_t_max_from_the_run_length(tmp_path):
     run = prepare(config, run_dir=tmp_path / "r")
     assert run.schedule.scheduler.T_max == 5
     assert prepare(config, run_dir=tmp_path / "r", epochs=8).schedule.scheduler.T_max == 8
-    result = nncli("train", config, "--out", tmp_path / "runs")
+    result = invoke("train", config, "--out", tmp_path / "runs")
     assert result.exit_code == 0
     assert "schedule: CosineAnnealingLR: T_max=5 (epochs after warmup)" in result.stdout
     lrs = [row["lr_0"] for row in read_metrics(tmp_path / "runs" / "sched")[1]]
@@ -286,7 +288,7 @@ def test_reduce_on_plateau_on_val_loss_by_default(tmp_path):
 ])
 def test_bad_schedules_exit_2_before_training(tmp_path, schedule, data, message):
     config = schedule_config(tmp_path, schedule, data=data)
-    result = nncli("train", config, "--out", tmp_path / "runs")
+    result = invoke("train", config, "--out", tmp_path / "runs")
     assert result.exit_code == 2, result.stdout
     assert result.stderr.startswith(f"error: {config}{message}"), result.stderr
     assert not (tmp_path / "runs").exists()
@@ -296,13 +298,14 @@ def test_bad_schedules_exit_2_before_training(tmp_path, schedule, data, message)
 
 def test_gradient_accumulation_equals_a_larger_batch(tmp_path):
     base = TINY_REGRESSION.replace("val_split: 0.25", "val_split: 0")
-    big = write(tmp_path, "big.yaml", base.replace("train: {epochs: 3, batch_size: 16}",
-                                                   "train: {epochs: 3, batch_size: 32, shuffle: false}"))
-    acc = write(tmp_path, "acc.yaml", base.replace("train: {epochs: 3, batch_size: 16}",
-                                                   "train: {epochs: 3, batch_size: 16, accumulate: 2, shuffle: false}"))
+    big = write_config(tmp_path, base.replace("train: {epochs: 3, batch_size: 16}",
+                                              "train: {epochs: 3, batch_size: 32, shuffle: false}"), "big.yaml")
+    acc = write_config(tmp_path, base.replace("train: {epochs: 3, batch_size: 16}",
+                                              "train: {epochs: 3, batch_size: 16, accumulate: 2, shuffle: false}"),
+                       "acc.yaml")
     for config in (big, acc):
-        assert nncli("train", config, "--out", tmp_path / "runs", "-q").exit_code == 0
-    a, b = load_checkpoint(tmp_path / "runs" / "big" / "last.pt"), load_checkpoint(tmp_path / "runs" / "acc" / "last.pt")
+        assert invoke("train", config, "--out", tmp_path / "runs", "-q").exit_code == 0
+    a, b = load(tmp_path / "runs" / "big" / "last.pt"), load(tmp_path / "runs" / "acc" / "last.pt")
     assert a["step"] == b["step"] == 6  # 2 optimizer steps per epoch either way
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6)
@@ -311,11 +314,11 @@ def test_gradient_accumulation_equals_a_larger_batch(tmp_path):
 
 
 def test_grad_clip_bounds_each_step(tmp_path):
-    config = write(tmp_path, "clip.yaml", TINY_REGRESSION.replace("lr: 0.1", "lr: 1.0").replace(
-        "train: {epochs: 3, batch_size: 16}", "train: {epochs: 2, batch_size: 16, grad_clip: 0.001}"))
+    config = write_config(tmp_path, TINY_REGRESSION.replace("lr: 0.1", "lr: 1.0").replace(
+        "train: {epochs: 3, batch_size: 16}", "train: {epochs: 2, batch_size: 16, grad_clip: 0.001}"), "clip.yaml")
     start = prepare(config, run_dir=tmp_path / "r").model.state_dict()
-    assert nncli("train", config, "--out", tmp_path / "runs", "-q").exit_code == 0
-    end = load_checkpoint(tmp_path / "runs" / "clip" / "last.pt")
+    assert invoke("train", config, "--out", tmp_path / "runs", "-q").exit_code == 0
+    end = load(tmp_path / "runs" / "clip" / "last.pt")
     assert end["step"] == 6  # 48 training samples, batch 16, 2 epochs
     moved = torch.cat([(end["model"][k] - start[k]).flatten() for k in start])
     assert 0 < float(moved.norm()) <= 6 * 0.001 * 1.0 + 1e-6  # steps x clip x lr

@@ -7,15 +7,12 @@ tensor of last.pt's model) and identical metrics.csv rows, time_s aside, on CPU.
 """
 from __future__ import annotations
 
-import csv
 import math
 import os
 import queue
 import shutil
 import signal
 import subprocess
-import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -23,59 +20,31 @@ from pathlib import Path
 import pytest
 import torch
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", COLUMNS="200")
+from helpers import (DROPOUT_MLP, ENV, load, metrics_rows, nncli_argv, ok, run_nncli, snapshot, train_config,
+                     write_config)
 
 # Short epochs: StepLR after an epoch-wise warmup; an MLP with Dropout; SGD with momentum and decay.
 SHORT = """
 seed: 1
 data: {source: synthetic, n: 4000, features: 16, classes: 3, val_split: 0.1}
-model:
-  layers:
-    - {type: Linear, out_features: 32}
-    - ReLU
-    - {type: Dropout, p: 0.2}
-    - {type: Linear, out_features: 3}
 optimizer: {type: SGD, lr: 0.1, momentum: 0.9, weight_decay: 1.0e-4}
 schedule: {type: StepLR, step_size: 2, gamma: 0.5, warmup: {epochs: 1}}
 train: {epochs: 4, batch_size: 64, shuffle: true}
-"""
+""" + DROPOUT_MLP
 
 # Long epochs (900 batches), so that a signal sent after the first epoch's line lands inside the
 # second; a cosine schedule stepped after every batch, after a warmup in steps.
 LONG = """
 seed: 3
 data: {source: synthetic, n: 16000, features: 16, classes: 3, val_split: 0.1}
-model:
-  layers:
-    - {type: Linear, out_features: 32}
-    - ReLU
-    - {type: Dropout, p: 0.2}
-    - {type: Linear, out_features: 3}
 optimizer: {type: SGD, lr: 0.05, momentum: 0.9, weight_decay: 1.0e-4}
 schedule: {type: CosineAnnealingLR, interval: step, warmup: {steps: 50}}
 train: {epochs: 2, batch_size: 16, shuffle: true}
-"""
+""" + DROPOUT_MLP
 LONG_STEPS = 900  # 14,400 training samples / 16
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-def write(folder: Path, text: str, name: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
-    return path
-
-
-def nncli(*args, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nncli", *map(str, args)], cwd=cwd, env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
-    return result
-
 
 class Background:
     """`python -m nncli ...` running in the background; stdout read line by line."""
@@ -83,8 +52,8 @@ class Background:
     def __init__(self, *args, cwd: Path) -> None:
         self.stderr_path = cwd / f"stderr-{time.monotonic_ns()}.txt"
         self._stderr = open(self.stderr_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "nncli", *map(str, args)], cwd=cwd,
-                                     env=ENV, stdout=subprocess.PIPE, stderr=self._stderr, text=True)
+        self.proc = subprocess.Popen(nncli_argv(*args), cwd=cwd, env=ENV, stdout=subprocess.PIPE,
+                                     stderr=self._stderr, text=True)
         self.lines: queue.Queue = queue.Queue()
         self.stdout: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -125,20 +94,11 @@ class Background:
         self.proc.wait()
 
 
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def assert_same_weights(a: Path, b: Path) -> None:
     ma, mb = load(a)["model"], load(b)["model"]
     assert list(ma) == list(mb)
     different = [k for k in ma if not torch.equal(ma[k], mb[k])]
     assert not different, f"{a} and {b} differ in {different}"
-
-
-def metrics_rows(run_dir: Path) -> list[dict]:
-    with open(run_dir / "metrics.csv", newline="") as f:
-        return [{k: v for k, v in row.items() if k != "time_s"} for row in csv.DictReader(f)]
 
 
 def assert_same_run(run_dir: Path, reference: Path) -> None:
@@ -153,28 +113,20 @@ def copy_run(run_dir: Path, to: Path) -> Path:
     return to
 
 
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
-
-
 # --- reference runs, trained once per module --------------------------------------------------
 
 @pytest.fixture(scope="module")
 def short(tmp_path_factory) -> dict:
     """SHORT trained for 4 epochs in one go."""
-    root = tmp_path_factory.mktemp("short")
-    config = write(root, SHORT, "short.yaml")
-    ok(nncli("train", config, "--out", root / "ref", "-q", cwd=root))
-    return {"config": config, "run": root / "ref" / "short"}
+    config, run = train_config(tmp_path_factory.mktemp("short"), SHORT, "short")
+    return {"config": config, "run": run}
 
 
 @pytest.fixture(scope="module")
 def long(tmp_path_factory) -> dict:
     """LONG trained for 2 epochs in one go."""
-    root = tmp_path_factory.mktemp("long")
-    config = write(root, LONG, "long.yaml")
-    ok(nncli("train", config, "--out", root / "ref", "-q", cwd=root))
-    return {"config": config, "run": root / "ref" / "long"}
+    config, run = train_config(tmp_path_factory.mktemp("long"), LONG, "long")
+    return {"config": config, "run": run}
 
 
 # --- exact continuation -----------------------------------------------------------------------
@@ -182,9 +134,9 @@ def long(tmp_path_factory) -> dict:
 def test_stop_at_epoch_boundary_then_resume_is_exact(short, tmp_path):
     """A run of 2 epochs, finished, then extended to 4 with `resume --epochs 4`, is the run of 4."""
     run = tmp_path / "out" / "short"
-    ok(nncli("train", short["config"], "--out", tmp_path / "out", "--epochs", "2", "-q", cwd=tmp_path))
+    ok(run_nncli("train", short["config"], "--out", tmp_path / "out", "--epochs", "2", "-q", cwd=tmp_path))
     assert [r["epoch"] for r in metrics_rows(run)] == ["1", "2"]
-    result = ok(nncli("resume", run, "--epochs", "4", cwd=tmp_path))
+    result = ok(run_nncli("resume", run, "--epochs", "4", cwd=tmp_path))
     assert "resuming" in result.stdout and "epoch 3 of 4" in result.stdout
     assert_same_run(run, short["run"])
     ckpt = load(run / "last.pt")
@@ -205,16 +157,22 @@ def _wait_for_mid_epoch_checkpoint(proc: Background, last: Path, timeout: float 
             time.sleep(0.002)
 
 
-def test_sigint_mid_epoch_saves_and_resume_is_exact(long, tmp_path):
-    # every_steps only tells when the run is inside epoch 2: SIGINT is sent right after the
-    # checkpoint of step 1350 (batch 450 of epoch 2), and saves its own at the next step
-    config = write(tmp_path, LONG + "checkpoint: {every_steps: 450}\n", "long.yaml")
+def _signal_mid_epoch(tmp_path: Path, every_steps: int, signum: int) -> tuple[Path, int, str, str]:
+    """Train LONG with checkpoint.every_steps and send `signum` right after the first checkpoint
+    from inside epoch 2: the run directory, and the exit status, stdout and stderr."""
+    config = write_config(tmp_path, LONG + f"checkpoint: {{every_steps: {every_steps}}}\n", "long.yaml")
     run = tmp_path / "out" / "long"
     proc = Background("train", config, "--out", tmp_path / "out", cwd=tmp_path)
     proc.wait_for_line("epoch 1/2")
     _wait_for_mid_epoch_checkpoint(proc, run / "last.pt")
-    proc.proc.send_signal(signal.SIGINT)
-    code, out, err = proc.finish()
+    proc.proc.send_signal(signum)
+    return (run, *proc.finish())
+
+
+def test_sigint_mid_epoch_saves_and_resume_is_exact(long, tmp_path):
+    # every_steps only tells when the run is inside epoch 2: SIGINT is sent right after the
+    # checkpoint of step 1350 (batch 450 of epoch 2), and saves its own at the next step
+    run, code, out, err = _signal_mid_epoch(tmp_path, 450, signal.SIGINT)
     assert code == 130, f"exit {code}\n{out}\n{err}"
     assert "Traceback" not in err
     assert f"nncli resume {run}" in err and str(run / "last.pt") in err, err
@@ -226,24 +184,18 @@ def test_sigint_mid_epoch_saves_and_resume_is_exact(long, tmp_path):
     assert len(ckpt["train_state"]["epoch_losses"]) == ckpt["position"]
     assert [r["epoch"] for r in metrics_rows(run)] == ["1"]
 
-    result = ok(nncli("resume", run, cwd=tmp_path))
+    result = ok(run_nncli("resume", run, cwd=tmp_path))
     assert f"batch {ckpt['position'] + 1} of {LONG_STEPS}" in result.stdout
     assert_same_run(run, long["run"])  # every_steps changes where it saves, not what it learns
 
 
 def test_kill_9_after_mid_epoch_checkpoint_then_resume_is_exact(long, tmp_path):
-    config = write(tmp_path, LONG + "checkpoint: {every_steps: 300}\n", "long.yaml")
-    run = tmp_path / "out" / "long"
-    proc = Background("train", config, "--out", tmp_path / "out", cwd=tmp_path)
-    proc.wait_for_line("epoch 1/2")
-    _wait_for_mid_epoch_checkpoint(proc, run / "last.pt")
-    proc.proc.send_signal(signal.SIGKILL)  # right after a mid-epoch checkpoint of epoch 2
-    code, out, err = proc.finish()
+    run, code, out, err = _signal_mid_epoch(tmp_path, 300, signal.SIGKILL)  # right after a mid-epoch checkpoint
     assert code == -signal.SIGKILL, f"the run ended before the kill: exit {code}\n{out}\n{err}"
     ckpt = load(run / "last.pt")
     assert ckpt["epoch"] == 1 and ckpt["position"] > 0 and ckpt["step"] % 300 == 0
 
-    ok(nncli("resume", run, cwd=tmp_path))
+    ok(run_nncli("resume", run, cwd=tmp_path))
     assert_same_run(run, long["run"])
     assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
 
@@ -265,8 +217,8 @@ def test_warm_start_from_state_dict(short, tmp_path):
     weights = tmp_path / "weights.pth"
     torch.save(state, weights)
     # lr 0: one epoch of training leaves the weights exactly as loaded
-    result = ok(nncli("resume", weights, "--config", short["config"], "--epochs", "1",
-                      "--set", "optimizer.lr=0", "--out", tmp_path / "out", cwd=tmp_path))
+    result = ok(run_nncli("resume", weights, "--config", short["config"], "--epochs", "1",
+                          "--set", "optimizer.lr=0", "--out", tmp_path / "out", cwd=tmp_path))
     assert f"loaded {len(state)} of {len(state)} tensors" in result.stdout
     run = tmp_path / "out" / "short"
     assert [r["epoch"] for r in metrics_rows(run)] == ["1"]  # a new run, from epoch 1
@@ -293,8 +245,8 @@ def _mismatched(short, tmp_path, prefix: str = "") -> tuple[Path, dict]:
 def test_warm_start_refuses_weights_that_do_not_fit(short, tmp_path):
     weights, keys = _mismatched(short, tmp_path)
     before = weights.read_bytes()
-    result = nncli("resume", weights, "--config", short["config"], "--epochs", "1",
-                   "--out", tmp_path / "out", cwd=tmp_path)
+    result = run_nncli("resume", weights, "--config", short["config"], "--epochs", "1",
+                       "--out", tmp_path / "out", cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
     err = result.stderr
     assert "Traceback" not in err and str(weights) in err
@@ -310,8 +262,8 @@ def test_warm_start_dataparallel_prefix_no_strict_loads_what_fits(short, tmp_pat
     loads the tensors that fit, says which did not, and leaves those as the seed built them."""
     weights, keys = _mismatched(short, tmp_path, prefix="module.")
     state = keys["state"]
-    result = ok(nncli("resume", weights, "--config", short["config"], "--epochs", "1", "--no-strict",
-                      "--set", "optimizer.lr=0", "--out", tmp_path / "out", cwd=tmp_path))
+    result = ok(run_nncli("resume", weights, "--config", short["config"], "--epochs", "1", "--no-strict",
+                          "--set", "optimizer.lr=0", "--out", tmp_path / "out", cwd=tmp_path))
     assert f"loaded {len(state) - 2} of {len(state)} tensors" in result.stdout
     assert "not loaded" in result.stdout
     for word in (keys["missing"], keys["unexpected"], keys["misshaped"]):
@@ -329,7 +281,7 @@ def test_warm_start_dataparallel_prefix_no_strict_loads_what_fits(short, tmp_pat
 
 def test_resume_extends_cosine_run_and_records_changes(long, tmp_path):
     run = copy_run(long["run"], tmp_path / "run")
-    result = ok(nncli("resume", run, "--epochs", "3", "--set", "train.grad_clip=1.0", cwd=tmp_path))
+    result = ok(run_nncli("resume", run, "--epochs", "3", "--set", "train.grad_clip=1.0", cwd=tmp_path))
     out = result.stdout
     assert "schedule re-planned" in out and "T_max" in out
     assert "changed on resume" in out and "train.grad_clip" in out and "train.epochs" in out
@@ -348,7 +300,7 @@ def test_resume_extends_cosine_run_and_records_changes(long, tmp_path):
 def test_resume_refuses_a_different_architecture(long, tmp_path):
     run = copy_run(long["run"], tmp_path / "run")
     before = snapshot(run)
-    result = nncli("resume", run, "--set", "model.layers.0.out_features=7", cwd=tmp_path)
+    result = run_nncli("resume", run, "--set", "model.layers.0.out_features=7", cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
     assert "model.layers.0.out_features" in result.stderr and "32 -> 7" in result.stderr
@@ -357,10 +309,10 @@ def test_resume_refuses_a_different_architecture(long, tmp_path):
 
 def test_resume_refuses_other_config_with_different_model(long, tmp_path):
     run = copy_run(long["run"], tmp_path / "run")
-    other = write(tmp_path, LONG.replace("out_features: 32}", "out_features: 64}")
-                  .replace("    - {type: Dropout, p: 0.2}\n", ""), "other.yaml")
+    other = write_config(tmp_path, LONG.replace("out_features: 32}", "out_features: 64}")
+                         .replace("    - {type: Dropout, p: 0.2}\n", ""), "other.yaml")
     before = snapshot(run)
-    result = nncli("resume", run, "--config", other, cwd=tmp_path)
+    result = run_nncli("resume", run, "--config", other, cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
     err = result.stderr
     assert "Traceback" not in err and str(other) in err
@@ -374,7 +326,7 @@ def test_resume_finished_run_says_so(short, tmp_path):
     test_resume_extends_cosine_run_... .)"""
     run = copy_run(short["run"], tmp_path / "run")
     before = snapshot(run)
-    result = ok(nncli("resume", run, cwd=tmp_path))
+    result = ok(run_nncli("resume", run, cwd=tmp_path))
     assert "finished" in result.stdout and "nothing to do" in result.stdout
     assert "--epochs" in result.stdout
     assert snapshot(run) == before

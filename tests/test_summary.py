@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import nncli
-from conftest import CONFIGS, DATA, REPO, run_nncli, write_config
+from helpers import CONFIGS, DATA, FROZEN_AND_HEAD, run_nncli, run_python, write_config
 from nncli.summary import human_count, summarize
 
 ALEXNET = DATA / "alexnet.yaml"
@@ -193,13 +192,7 @@ def test_table(cli):
 
 
 def test_params_lists_named_parameters(cli, tmp_path):
-    path = write_config(tmp_path, """
-        model:
-          input_shape: [4]
-          layers:
-            frozen: {type: Linear, out_features: 3, trainable: false}
-            head: {type: Linear, out_features: 2}
-    """)
+    path = write_config(tmp_path, FROZEN_AND_HEAD)
     result = cli("summary", path, "--params")
     assert result.exit_code == 0, result.stderr
     lines = {line.split("│")[1].strip(): line for line in result.stdout.splitlines()
@@ -311,15 +304,12 @@ def test_help_subprocess_without_torch():
              "try:\n    runpy.run_module('nncli', run_name='__main__')\n"
              "except SystemExit as e:\n    assert e.code == 0, e.code\n"
              "assert 'torch' not in sys.modules, 'nncli --help imported torch'\n")
-    check = __import__("subprocess").run([sys.executable, "-c", probe], cwd=REPO,
-                                         capture_output=True, text=True, timeout=60)
+    check = run_python("-c", probe, timeout=60)
     assert check.returncode == 0, check.stderr
 
 
 def test_import_does_not_import_torch():
-    check = __import__("subprocess").run(
-        [sys.executable, "-c", "import nncli, sys; assert 'torch' not in sys.modules; "
-                               "print(nncli.__version__)"],
-        capture_output=True, text=True, timeout=60)
+    check = run_python("-c", "import nncli, sys; assert 'torch' not in sys.modules; print(nncli.__version__)",
+                       timeout=60)
     assert check.returncode == 0, check.stderr
     assert check.stdout.strip() == nncli.__version__

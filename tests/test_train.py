@@ -14,8 +14,8 @@ import torch
 import yaml
 from torch import nn
 
-from helpers_train import (BAR_CHARS, CONFIGS, REPO, TINY_REGRESSION, load_checkpoint, nncli,
-                           nncli_process, only_run_dir, read_metrics, write)
+from helpers import (BAR_CHARS, CONFIGS, REPO, TINY_REGRESSION, invoke, load, only_run_dir, read_metrics,
+                     run_nncli, write_config)
 
 REFERENCE_LOOP = REPO.parent / "shared" / "bench" / "reference_loop.py"
 if not REFERENCE_LOOP.is_file():
@@ -35,7 +35,7 @@ SHIPPED_HEADERS = {
 def tiny(tmp_path: Path, extra: str = "", name: str = "tiny.yaml") -> Path:
     """TINY_REGRESSION with `extra` YAML lines appended (later keys are not allowed to repeat,
     so `extra` only adds top-level sections the base lacks)."""
-    return write(tmp_path, name, TINY_REGRESSION + extra)
+    return write_config(tmp_path, TINY_REGRESSION + extra, name)
 
 
 def test_every_shipped_config_with_data_is_covered():
@@ -46,7 +46,7 @@ def test_every_shipped_config_with_data_is_covered():
 @pytest.mark.parametrize("name", sorted(SHIPPED_HEADERS))
 def test_shipped_config_trains(name, tmp_path):
     epochs = 1 if name == "digits_cnn.yaml" else 2  # the CNN is the slow one on 2 CPU cores
-    result = nncli("train", CONFIGS / name, "--epochs", epochs, "--out", tmp_path, "--quiet")
+    result = invoke("train", CONFIGS / name, "--epochs", epochs, "--out", tmp_path, "--quiet")
     assert result.exit_code == 0, result.stderr
     assert not re.search(r"^epoch \d", result.stdout, re.M), "--quiet printed epoch lines"
     run = only_run_dir(tmp_path)
@@ -68,7 +68,7 @@ def test_shipped_config_trains(name, tmp_path):
     assert [row["epoch"] for row in rows] == list(range(1, epochs + 1))
     assert all(math.isfinite(v) for row in rows for v in row.values())
 
-    last, best = load_checkpoint(run / "last.pt"), load_checkpoint(run / "best.pt")
+    last, best = load(run / "last.pt"), load(run / "best.pt")
     for ckpt in (last, best):
         assert {"model", "optimizer"} <= set(ckpt)
         assert ckpt["model"] and all(isinstance(t, torch.Tensor) for t in ckpt["model"].values())
@@ -83,22 +83,22 @@ def test_shipped_config_trains(name, tmp_path):
 
 def test_linear_regression_learns_y_equals_2x(tmp_path):
     """The tutorial: 1000 epochs of SGD on three points; weight 2, prediction for x = 4 is 8."""
-    result = nncli("train", CONFIGS / "linear_regression.yaml", "--out", tmp_path, "--quiet")
+    result = invoke("train", CONFIGS / "linear_regression.yaml", "--out", tmp_path, "--quiet")
     assert result.exit_code == 0, result.stderr
     run = tmp_path / "linear_regression"
-    weight = load_checkpoint(run / "best.pt")["model"]["linear.weight"]
+    weight = load(run / "best.pt")["model"]["linear.weight"]
     assert weight.shape == (1, 1)
     assert abs(float(weight) - 2.0) < 0.01
     _, rows = read_metrics(run)
     assert len(rows) == 1000
 
-    out = nncli("predict", run, "--input", "[[4.0]]", "--json")
+    out = invoke("predict", run, "--input", "[[4.0]]", "--json")
     assert out.exit_code == 0, out.stderr
     predictions = json.loads(out.stdout)
     assert len(predictions) == 1 and "class" not in predictions[0]
     assert abs(predictions[0]["output"][0] - 8.0) < 0.02
 
-    plain = nncli("predict", run, "--input", "[[4.0]]")
+    plain = invoke("predict", run, "--input", "[[4.0]]")
     value = float(re.fullmatch(r"0: \[([-\d.e]+)\]\n", plain.stdout).group(1))
     assert abs(value - 8.0) < 0.02
 
@@ -109,7 +109,7 @@ def test_linear_regression_learns_y_equals_2x(tmp_path):
 def mlp_run(tmp_path_factory) -> Path:
     """configs/digits_mlp.yaml trained for 3 epochs (shared by the tests below)."""
     out = tmp_path_factory.mktemp("mlp")
-    result = nncli("train", CONFIGS / "digits_mlp.yaml", "--epochs", 3, "--out", out, "--quiet")
+    result = invoke("train", CONFIGS / "digits_mlp.yaml", "--epochs", 3, "--out", out, "--quiet")
     assert result.exit_code == 0, result.stderr
     return out / "digits_mlp"
 
@@ -144,14 +144,14 @@ def _digits_val_split() -> tuple[np.ndarray, np.ndarray]:
 def test_eval_reports_the_best_epochs_val_loss(mlp_run):
     _, rows = read_metrics(mlp_run)
     best = min(rows, key=lambda r: r["val_loss"])
-    as_json = nncli("eval", mlp_run, "--json")
+    as_json = invoke("eval", mlp_run, "--json")
     assert as_json.exit_code == 0, as_json.stderr
     results = json.loads(as_json.stdout)
     assert results["loss"] == pytest.approx(best["val_loss"], abs=1e-6)
     assert results["accuracy"] == pytest.approx(best["val_accuracy"], abs=1e-9)
     assert results["top3"] == pytest.approx(best["val_top3"], abs=1e-9)
 
-    plain = nncli("eval", mlp_run)
+    plain = invoke("eval", mlp_run)
     assert plain.exit_code == 0
     assert plain.stdout.startswith("validation data: ")
     assert f"loss={best['val_loss']:.4f}" in plain.stdout
@@ -160,24 +160,24 @@ def test_eval_reports_the_best_epochs_val_loss(mlp_run):
 
 def test_eval_of_a_regression_run_matches_its_best_epoch(tmp_path):
     """(N,) targets against an (N, 1) output: eval must not broadcast them into an (N, N) loss."""
-    config = write(tmp_path, "tiny.yaml", TINY_REGRESSION.replace("epochs: 3", "epochs: 5"))
-    assert nncli("train", config, "--out", tmp_path, "--quiet").exit_code == 0
+    config = write_config(tmp_path, TINY_REGRESSION.replace("epochs: 3", "epochs: 5"), "tiny.yaml")
+    assert invoke("train", config, "--out", tmp_path, "--quiet").exit_code == 0
     _, rows = read_metrics(tmp_path / "tiny")
     best = min(rows, key=lambda r: r["val_loss"])
     assert best["epoch"] < rows[-1]["epoch"], "the scenario: validation loss rises after its best epoch"
-    assert load_checkpoint(tmp_path / "tiny" / "best.pt")["epoch"] == best["epoch"]
-    result = nncli("eval", tmp_path / "tiny", "--json")
+    assert load(tmp_path / "tiny" / "best.pt")["epoch"] == best["epoch"]
+    result = invoke("eval", tmp_path / "tiny", "--json")
     assert result.exit_code == 0 and result.stderr == ""  # no broadcasting warning either
     got = json.loads(result.stdout)
     assert got["loss"] == pytest.approx(best["val_loss"], abs=1e-6)
     assert got["mae"] == pytest.approx(best["val_mae"], abs=1e-6)
-    text = nncli("eval", tmp_path / "tiny")
+    text = invoke("eval", tmp_path / "tiny")
     assert text.stdout == f"validation data: loss={best['val_loss']:.4f}  mae={best['val_mae']:.4f}\n"
 
 
 def test_eval_on_a_data_file_with_labels_outside_the_classes_exits_2(mlp_run, tmp_path):
     np.savez(tmp_path / "labels.npz", x=np.zeros((3, 1, 8, 8), np.float32), y=np.array([0, 3, 12]))
-    result = nncli("eval", mlp_run, "--data", tmp_path / "labels.npz")
+    result = invoke("eval", mlp_run, "--data", tmp_path / "labels.npz")
     assert result.exit_code == 2
     assert result.stderr.startswith(f"error: {tmp_path / 'labels.npz'}: labels run from 0 to 12, but the "
                                     "model's output has 10 classes (labels 0 to 9)")
@@ -186,9 +186,9 @@ def test_eval_on_a_data_file_with_labels_outside_the_classes_exits_2(mlp_run, tm
 def test_eval_on_a_data_file_matches_a_hand_computed_loss(mlp_run, tmp_path):
     x, y = _digits_val_split()
     np.savez(tmp_path / "val.npz", x=x[:100], y=y[:100])
-    result = nncli("eval", mlp_run, "--data", tmp_path / "val.npz", "--json")
+    result = invoke("eval", mlp_run, "--data", tmp_path / "val.npz", "--json")
     assert result.exit_code == 0, result.stderr
-    model = _digits_model(load_checkpoint(mlp_run / "best.pt")["model"])
+    model = _digits_model(load(mlp_run / "best.pt")["model"])
     with torch.no_grad():
         out = model(torch.from_numpy(x[:100]))
     expected_loss = float(nn.functional.cross_entropy(out, torch.from_numpy(y[:100])))
@@ -196,13 +196,13 @@ def test_eval_on_a_data_file_matches_a_hand_computed_loss(mlp_run, tmp_path):
     got = json.loads(result.stdout)
     assert got["loss"] == pytest.approx(expected_loss, abs=1e-5)
     assert got["accuracy"] == pytest.approx(expected_acc, abs=1e-6)
-    text = nncli("eval", mlp_run, "--data", tmp_path / "val.npz")
+    text = invoke("eval", mlp_run, "--data", tmp_path / "val.npz")
     assert text.stdout.startswith(f"{tmp_path / 'val.npz'}: loss=")
 
 
 def test_eval_on_a_data_file_of_the_wrong_shape_exits_2(mlp_run, tmp_path):
     np.savez(tmp_path / "flat.npz", x=np.zeros((3, 64), np.float32), y=np.zeros(3, np.int64))
-    result = nncli("eval", mlp_run, "--data", tmp_path / "flat.npz")
+    result = invoke("eval", mlp_run, "--data", tmp_path / "flat.npz")
     assert result.exit_code == 2
     assert result.stderr == (f"error: {tmp_path / 'flat.npz'}: its samples have shape [64], but the "
                              "model takes [1, 8, 8]\n")
@@ -211,8 +211,8 @@ def test_eval_on_a_data_file_of_the_wrong_shape_exits_2(mlp_run, tmp_path):
 def test_eval_on_the_validation_split_as_a_file_equals_plain_eval(mlp_run, tmp_path):
     x, y = _digits_val_split()
     np.savez(tmp_path / "val.npz", x=x, y=y)
-    on_file = json.loads(nncli("eval", mlp_run, "--data", tmp_path / "val.npz", "--json").stdout)
-    plain = json.loads(nncli("eval", mlp_run, "--json").stdout)
+    on_file = json.loads(invoke("eval", mlp_run, "--data", tmp_path / "val.npz", "--json").stdout)
+    plain = json.loads(invoke("eval", mlp_run, "--json").stdout)
     assert on_file == pytest.approx(plain, abs=1e-6)
 
 
@@ -220,18 +220,18 @@ def test_predict_npy_json_one_row_per_input_with_class(mlp_run, tmp_path):
     arrays = np.load(REPO / "nncli" / "datasets" / "digits.npz")
     x = arrays["images"][:7]
     np.save(tmp_path / "inputs.npy", x)
-    result = nncli("predict", mlp_run, "--input", tmp_path / "inputs.npy", "--json")
+    result = invoke("predict", mlp_run, "--input", tmp_path / "inputs.npy", "--json")
     assert result.exit_code == 0, result.stderr
     rows = json.loads(result.stdout)
     assert len(rows) == 7
     with torch.no_grad():
-        expected = _digits_model(load_checkpoint(mlp_run / "best.pt")["model"])(torch.from_numpy(x))
+        expected = _digits_model(load(mlp_run / "best.pt")["model"])(torch.from_numpy(x))
     for row, out in zip(rows, expected):
         assert len(row["output"]) == 10
         assert row["output"] == pytest.approx(out.tolist(), abs=2e-6)
         assert row["class"] == int(out.argmax()) == int(np.argmax(row["output"]))
 
-    plain = nncli("predict", mlp_run, "--input", tmp_path / "inputs.npy")
+    plain = invoke("predict", mlp_run, "--input", tmp_path / "inputs.npy")
     lines = plain.stdout.splitlines()
     assert len(lines) == 7
     assert all(re.fullmatch(rf"{i}: \[.*\]  class={rows[i]['class']}", line) for i, line in enumerate(lines))
@@ -251,7 +251,7 @@ def test_predict_bad_input_exits_2(mlp_run, tmp_path, monkeypatch, given, messag
     monkeypatch.chdir(tmp_path)
     (tmp_path / "inputs.txt").write_text("1 2 3\n")
     (tmp_path / "broken.npy").write_bytes(b"not numpy")
-    result = nncli("predict", mlp_run, "--input", given)
+    result = invoke("predict", mlp_run, "--input", given)
     assert result.exit_code == 2
     assert result.stdout == ""
     assert result.stderr.startswith("error: ") and message in result.stderr
@@ -260,7 +260,7 @@ def test_predict_bad_input_exits_2(mlp_run, tmp_path, monkeypatch, given, messag
 
 def test_eval_and_predict_of_a_missing_run_exit_2(tmp_path):
     for args in (("eval", tmp_path / "nope"), ("predict", tmp_path / "nope", "--input", "[[1]]")):
-        result = nncli(*args)
+        result = invoke(*args)
         assert result.exit_code == 2, args
         assert str(tmp_path / "nope") in result.stderr
 
@@ -273,7 +273,7 @@ def test_normalize_statistics_are_stored_and_used_by_predict(tmp_path):
     y = (x[:, 0] / 100 + 300 * x[:, 1]).astype(np.float32)
     lines = ["size,rate,target"] + [f"{a},{b},{t}" for (a, b), t in zip(x, y)]
     (tmp_path / "train_scaled.csv").write_text("\n".join(lines) + "\n")
-    config = write(tmp_path, "norm.yaml", """
+    config = write_config(tmp_path, """
         data: {source: csv, path: train_scaled.csv, target: target, normalize: true, val_split: 0}
         loss: MSELoss
         optimizer: {type: SGD, lr: 0.05}
@@ -281,11 +281,11 @@ def test_normalize_statistics_are_stored_and_used_by_predict(tmp_path):
         model:
           layers:
             - {type: Linear, out_features: 1}
-        """)
-    result = nncli("train", config, "--out", tmp_path / "runs", "--quiet")
+        """, "norm.yaml")
+    result = invoke("train", config, "--out", tmp_path / "runs", "--quiet")
     assert result.exit_code == 0, result.stderr
     run = tmp_path / "runs" / "norm"
-    ckpt = load_checkpoint(run / "best.pt")
+    ckpt = load(run / "best.pt")
     stats = ckpt["normalization"]
     x_read = np.array([[float(v) for v in line.split(",")[:2]] for line in lines[1:]], dtype=np.float32)
     np.testing.assert_allclose(stats["mean"].numpy(), x_read.mean(0), rtol=1e-5)
@@ -294,7 +294,7 @@ def test_normalize_statistics_are_stored_and_used_by_predict(tmp_path):
     assert read_metrics(run)[1][-1]["train_loss"] < read_metrics(run)[1][0]["train_loss"]
 
     np.save(tmp_path / "train_x.npy", x_read)
-    out = nncli("predict", run, "--input", tmp_path / "train_x.npy", "--json")
+    out = invoke("predict", run, "--input", tmp_path / "train_x.npy", "--json")
     assert out.exit_code == 0, out.stderr
     predicted = np.array([row["output"][0] for row in json.loads(out.stdout)])
     w, b = ckpt["model"]["0.weight"].numpy(), ckpt["model"]["0.bias"].numpy()
@@ -302,7 +302,7 @@ def test_normalize_statistics_are_stored_and_used_by_predict(tmp_path):
     np.testing.assert_allclose(predicted, expected[:, 0], atol=1e-4)
 
     # the training CSV itself: its feature columns are taken by name, the target left out
-    from_csv = nncli("predict", run, "--input", tmp_path / "train_scaled.csv", "--json")
+    from_csv = invoke("predict", run, "--input", tmp_path / "train_scaled.csv", "--json")
     assert from_csv.exit_code == 0, from_csv.stderr
     assert json.loads(from_csv.stdout) == json.loads(out.stdout)
 
@@ -312,24 +312,24 @@ def test_normalize_statistics_are_stored_and_used_by_predict(tmp_path):
 def test_a_second_train_gets_a_new_run_directory(tmp_path):
     config = tiny(tmp_path)
     out = tmp_path / "runs"
-    assert nncli("train", config, "--out", out, "--quiet", "--epochs", 1).exit_code == 0
+    assert invoke("train", config, "--out", out, "--quiet", "--epochs", 1).exit_code == 0
     first = out / "tiny"
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in first.iterdir()}
     assert set(before) == {"config.yaml", "metrics.csv", "last.pt", "best.pt"}
 
-    second = nncli("train", config, "--out", out, "--quiet", "--epochs", 2)
+    second = invoke("train", config, "--out", out, "--quiet", "--epochs", 2)
     assert second.exit_code == 0
     assert f"saved: {out / 'tiny-2'}" in second.stdout
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in first.iterdir()} == before
     assert len(read_metrics(out / "tiny-2")[1]) == 2
-    assert nncli("train", config, "--out", out, "--quiet", "--epochs", 1).exit_code == 0
+    assert invoke("train", config, "--out", out, "--quiet", "--epochs", 1).exit_code == 0
     assert sorted(p.name for p in out.iterdir()) == ["tiny", "tiny-2", "tiny-3"]
 
 
 def test_set_epochs_and_out_reach_the_resolved_config(tmp_path):
     config = tiny(tmp_path)
-    result = nncli("train", config, "--set", "train.batch_size=32", "--set", "optimizer.lr=0.05",
-                   "--set", "name=renamed", "--epochs", 4, "--out", tmp_path / "elsewhere", "--quiet")
+    result = invoke("train", config, "--set", "train.batch_size=32", "--set", "optimizer.lr=0.05",
+                    "--set", "name=renamed", "--epochs", 4, "--out", tmp_path / "elsewhere", "--quiet")
     assert result.exit_code == 0, result.stderr
     run = tmp_path / "elsewhere" / "renamed"
     resolved = yaml.safe_load((run / "config.yaml").read_text())
@@ -344,7 +344,7 @@ def test_set_epochs_and_out_reach_the_resolved_config(tmp_path):
 def test_checkpoint_dir_is_used_without_out(tmp_path):
     config = tiny(tmp_path)
     target = tmp_path / "ckpts"
-    result = nncli("train", config, "--set", f"checkpoint.dir={target}", "--epochs", 1, "--quiet")
+    result = invoke("train", config, "--set", f"checkpoint.dir={target}", "--epochs", 1, "--quiet")
     assert result.exit_code == 0, result.stderr
     assert (target / "tiny" / "last.pt").is_file()
 
@@ -358,7 +358,7 @@ def test_checkpoint_dir_is_used_without_out(tmp_path):
 ])
 def test_set_errors_exit_2(tmp_path, override, messages):
     out = tmp_path / "runs"
-    result = nncli("train", tiny(tmp_path), "--set", override, "--out", out, "--quiet")
+    result = invoke("train", tiny(tmp_path), "--set", override, "--out", out, "--quiet")
     assert result.exit_code == 2
     assert result.stderr.startswith("error: ")
     for message in messages:
@@ -367,7 +367,7 @@ def test_set_errors_exit_2(tmp_path, override, messages):
 
 
 def test_epochs_below_one_is_a_usage_error(tmp_path):
-    result = nncli("train", tiny(tmp_path), "--epochs", 0, "--out", tmp_path / "runs")
+    result = invoke("train", tiny(tmp_path), "--epochs", 0, "--out", tmp_path / "runs")
     assert result.exit_code == 2
     assert "--epochs" in result.stderr
 
@@ -376,7 +376,7 @@ def test_epochs_below_one_is_a_usage_error(tmp_path):
 
 def test_without_a_terminal_one_plain_line_per_epoch(tmp_path):
     config = tiny(tmp_path, "schedule: {type: StepLR, step_size: 1, gamma: 0.5}\n")
-    proc = nncli_process("train", config, "--epochs", 2, "--out", tmp_path / "runs")
+    proc = run_nncli("train", config, "--epochs", 2, "--out", tmp_path / "runs")
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     for char in BAR_CHARS:
@@ -398,15 +398,16 @@ def test_without_a_terminal_one_plain_line_per_epoch(tmp_path):
 
 
 def test_quiet_prints_no_epoch_lines(tmp_path):
-    result = nncli("train", tiny(tmp_path), "--epochs", 2, "--out", tmp_path / "runs", "-q")
+    result = invoke("train", tiny(tmp_path), "--epochs", 2, "--out", tmp_path / "runs", "-q")
     assert result.exit_code == 0
     assert "epoch 1/2" not in result.stdout and "Optimizer groups" not in result.stdout
     assert result.stdout.splitlines()[-1] == f"saved: {tmp_path / 'runs' / 'tiny'}"
 
 
 def test_log_every_prints_every_nth_epoch_and_the_last(tmp_path):
-    config = write(tmp_path, "tiny.yaml", TINY_REGRESSION.replace("epochs: 3,", "epochs: 5, log_every: 2,"))
-    result = nncli("train", config, "--out", tmp_path / "runs")
+    config = write_config(tmp_path, TINY_REGRESSION.replace("epochs: 3,", "epochs: 5, log_every: 2,"),
+                          "tiny.yaml")
+    result = invoke("train", config, "--out", tmp_path / "runs")
     assert result.exit_code == 0, result.stderr
     shown = re.findall(r"^epoch (\d)/5 ", result.stdout, re.M)
     assert shown == ["2", "4", "5"]
@@ -416,25 +417,26 @@ def test_log_every_prints_every_nth_epoch_and_the_last(tmp_path):
 
 def test_early_stop_stops_before_the_epoch_limit_and_says_so(tmp_path):
     # min_delta far above any change: only epoch 1 counts as an improvement
-    config = write(tmp_path, "tiny.yaml", TINY_REGRESSION.replace(
+    config = write_config(tmp_path, TINY_REGRESSION.replace(
         "train: {epochs: 3, batch_size: 16}",
-        "train: {epochs: 20, batch_size: 16, early_stop: {metric: val_loss, patience: 2, min_delta: 1000}}"))
-    result = nncli("train", config, "--out", tmp_path / "runs", "--quiet")
+        "train: {epochs: 20, batch_size: 16, early_stop: {metric: val_loss, patience: 2, min_delta: 1000}}"),
+        "tiny.yaml")
+    result = invoke("train", config, "--out", tmp_path / "runs", "--quiet")
     assert result.exit_code == 0, result.stderr
     assert "early stop after epoch 3: no improvement in val_loss for 2 epochs" in result.stdout
     run = tmp_path / "runs" / "tiny"
     _, rows = read_metrics(run)
     assert [r["epoch"] for r in rows] == [1, 2, 3]
-    assert load_checkpoint(run / "last.pt")["epoch"] == 3
-    assert load_checkpoint(run / "best.pt")["epoch"] == 1
+    assert load(run / "last.pt")["epoch"] == 3
+    assert load(run / "best.pt")["epoch"] == 1
     assert f"best epoch 1: val_loss={rows[0]['val_loss']:.4f}" in result.stdout
 
 
 def test_early_stop_on_a_metric_that_is_not_recorded_exits_2(tmp_path):
-    config = write(tmp_path, "tiny.yaml", TINY_REGRESSION.replace(
+    config = write_config(tmp_path, TINY_REGRESSION.replace(
         "train: {epochs: 3, batch_size: 16}",
-        "train:\n  epochs: 3\n  early_stop:\n    metric: val_accuracy\n"))
-    result = nncli("train", config, "--out", tmp_path / "runs")
+        "train:\n  epochs: 3\n  early_stop:\n    metric: val_accuracy\n"), "tiny.yaml")
+    result = invoke("train", config, "--out", tmp_path / "runs")
     assert result.exit_code == 2
     assert f"{config}:9: train.early_stop.metric: metric 'val_accuracy' is not recorded" in result.stderr
     assert "val_mae" in result.stderr
@@ -444,7 +446,7 @@ def test_a_huge_value_in_the_data_stops_with_exit_1_naming_epoch_and_batch(tmp_p
     rows = ["a,b,y"] + [f"{i},{i % 3},{2 * i}" for i in range(10)]
     rows[6] = "1e30,1,3"  # the 6th sample: batch 3 of batch_size 2, unshuffled
     (tmp_path / "train_huge.csv").write_text("\n".join(rows) + "\n")
-    config = write(tmp_path, "huge.yaml", """
+    config = write_config(tmp_path, """
         data: {source: csv, path: train_huge.csv, target: y, val_split: 0}
         loss: MSELoss
         optimizer: {type: SGD, lr: 0.01}
@@ -452,8 +454,8 @@ def test_a_huge_value_in_the_data_stops_with_exit_1_naming_epoch_and_batch(tmp_p
         model:
           layers:
             - {type: Linear, out_features: 1}
-        """)
-    proc = nncli_process("train", config, "--out", tmp_path / "runs", "--quiet")
+        """, "huge.yaml")
+    proc = run_nncli("train", config, "--out", tmp_path / "runs", "--quiet")
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: the loss became inf at epoch 1, batch 3;")
     assert "Traceback" not in proc.stderr
@@ -475,7 +477,7 @@ def test_nan_stop_leaves_the_earlier_epochs_checkpoint_unchanged(tmp_path, monke
         writes.append((Path(path).name, Path(path).read_bytes(), Path(path).stat().st_mtime_ns))
 
     monkeypatch.setattr(train_module, "save_atomic", recording_save)
-    result = nncli("train", config, "--out", tmp_path / "runs", "--quiet")
+    result = invoke("train", config, "--out", tmp_path / "runs", "--quiet")
     assert result.exit_code == 1
     match = re.match(r"error: the loss became (inf|nan) at epoch (\d+), batch ([1-3]); training stopped",
                      result.stderr)
@@ -489,7 +491,7 @@ def test_nan_stop_leaves_the_earlier_epochs_checkpoint_unchanged(tmp_path, monke
     assert len(last_writes) == failed - 1, "last.pt is written once per finished epoch, never after"
     assert (run / "last.pt").read_bytes() == last_writes[-1][1]
     assert (run / "last.pt").stat().st_mtime_ns == last_writes[-1][2]
-    ckpt = load_checkpoint(run / "last.pt")
+    ckpt = load(run / "last.pt")
     assert ckpt["epoch"] == failed - 1
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
     _, rows = read_metrics(run)
@@ -529,8 +531,9 @@ def test_metrics_against_numpy():
 
 
 def test_unknown_metric_exits_2_with_suggestion(tmp_path):
-    config = write(tmp_path, "tiny.yaml", TINY_REGRESSION.replace("metrics: [mae]", "metrics:\n  - mae\n  - rsme"))
-    result = nncli("train", config, "--out", tmp_path / "runs")
+    config = write_config(tmp_path, TINY_REGRESSION.replace("metrics: [mae]", "metrics:\n  - mae\n  - rsme"),
+                          "tiny.yaml")
+    result = invoke("train", config, "--out", tmp_path / "runs")
     assert result.exit_code == 2
     assert f"{config}:6: metrics.1: unknown metric 'rsme'" in result.stderr
     assert "Did you mean 'rmse'?" in result.stderr
