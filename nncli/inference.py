@@ -7,14 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from nncli.checkpoint import find_checkpoint, load_checkpoint
 from nncli.config import Config, config_from_mapping
 from nncli.data import CLASS_INDEX_LOSSES, Data, TensorPair, check_targets, load_data, loss_name, normalize
 from nncli.devices import resolve_device
 from nncli.errors import ConfigError
-from nncli.model import plan_model
+from nncli.model import ModelPlan, plan_model
 from nncli.optim import create_loss
 from nncli.train import evaluate
 
@@ -25,20 +24,23 @@ def config_of(ckpt: dict, overrides: list[str] = ()) -> Config:
                                base_dir=Path(ckpt.get("config_dir", ".")))
 
 
-def load_trained(path: Path, device: str | None = None) -> tuple[dict, Config, nn.Module]:
-    """The checkpoint (best.pt first in a run directory), its config, and its model in eval mode."""
+def load_trained(path: Path, device: str | None = None) -> tuple[dict, Config, ModelPlan]:
+    """The checkpoint (best.pt first in a run directory), its config, and the plan whose model
+    holds the checkpoint's weights, in eval mode."""
     file = find_checkpoint(path, prefer=("best.pt", "last.pt"))
     ckpt = load_checkpoint(file)
     config = config_of(ckpt)
-    model = plan_model(config, ckpt["input_shape"], device=resolve_device(device or "cpu")).model
-    model.load_state_dict(ckpt["model"])
-    return ckpt, config, model.eval()
+    plan = plan_model(config, ckpt["input_shape"], device=resolve_device(device or "cpu"))
+    plan.model.load_state_dict(ckpt["model"])
+    plan.model.eval()
+    return ckpt, config, plan
 
 
 def evaluate_checkpoint(path: Path, data_file: Path | None = None,
                         device: str | None = None) -> tuple[dict[str, float], str]:
     """Loss and metrics on the run's validation data, or on `data_file` read with its settings."""
-    ckpt, config, model = load_trained(path, device)
+    ckpt, config, plan = load_trained(path, device)
+    model = plan.model
     target = next(model.parameters()).device
     if data_file is None:
         data = load_data(config)
@@ -52,7 +54,7 @@ def evaluate_checkpoint(path: Path, data_file: Path | None = None,
             raise ConfigError(f"its samples have shape {list(pair.x.shape[1:])}, but the model takes "
                               f"{list(ckpt['input_shape'])}", file=str(data_file))
         pair = TensorPair(normalize(pair.x, ckpt.get("normalization")), pair.y)
-    output_shape = tuple(plan_model(config, input_shape=ckpt["input_shape"]).output_shape[1:])
+    output_shape = tuple(plan.output_shape[1:])
     pair = _checked_targets(pair, output_shape, config, source if data_file else str(path))
     results = evaluate(model, pair.to(target), create_loss(config).to(target), config["metrics"],
                        1024, config["amp"] if target.type != "cpu" else "off")
@@ -165,7 +167,8 @@ def _read_input_csv(path: Path, config: Config) -> np.ndarray:
 
 def predict_checkpoint(path: Path, inputs: str, device: str | None = None) -> list[dict]:
     """One row per input: the model's output (and the class, for a classifier)."""
-    ckpt, config, model = load_trained(path, device)
+    ckpt, config, plan = load_trained(path, device)
+    model = plan.model
     x = normalize(parse_inputs(inputs, config, ckpt["input_shape"]), ckpt.get("normalization"))
     with torch.no_grad():
         out = model(x.to(next(model.parameters()).device)).float().cpu()
