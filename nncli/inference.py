@@ -30,9 +30,9 @@ def load_trained(path: Path, device: str | None = None) -> tuple[dict, Config, M
     file = find_checkpoint(path, prefer=("best.pt", "last.pt"))
     ckpt = load_checkpoint(file)
     config = config_of(ckpt)
-    plan = plan_model(config, ckpt["input_shape"], device=resolve_device(device or "cpu"))
+    plan = plan_model(config, ckpt["input_shape"], device="cpu")
     plan.model.load_state_dict(ckpt["model"])
-    plan.model.eval()
+    plan.model.to(resolve_device(device or "cpu")).eval()
     return ckpt, config, plan
 
 

@@ -144,10 +144,12 @@ def prepare_run(config: Config, *, device: str | None = None, run_dir: Path | No
     seed_everything(config["seed"])
     data = load_data(config)
     check_training_config(config, data.val is not None)
-    seed_everything(config["seed"])  # the weights depend on the seed alone, as in a hand-written script
-    plan = plan_model(config, input_shape=_input_shape(config, data), device=target_device)
+    # The weights depend on the seed alone, as in a hand-written script: built on the CPU with
+    # torch's CPU generator whatever the device, then moved.
+    seed_everything(config["seed"])
+    plan = plan_model(config, input_shape=_input_shape(config, data), device="cpu")
     check_targets(data, plan.output_shape[1:], config)
-    model = plan.model
+    model = plan.model.to(target_device)
     step_model = wrap_model(model, parallel=config["parallel"], device=target_device,
                             device_ids=config["device_ids"], compile_mode=config["compile"],
                             channels_last=config["channels_last"], process=process, notice=notice)
