@@ -91,15 +91,16 @@ class ProgressReporter(Reporter):
             TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
             TextColumn("{task.fields[speed]} samples/s"), TimeElapsedColumn(), TimeRemainingColumn(),
             console=self.console, transient=True)
-        self.progress.start()
-        self.task = None
+        self.task = None  # the bar starts with the first epoch: nothing to clean up before it
 
     def epoch_start(self, epoch: int, epochs: int, steps: int, done: int, lr: float,
                     batch_size: int) -> None:
         super().epoch_start(epoch, epochs, steps, done, lr, batch_size)
         self.batch_size = batch_size
         self.every = max(1, steps // 20)
-        if self.task is not None:
+        if self.task is None:
+            self.progress.start()
+        else:
             self.progress.remove_task(self.task)
         self.task = self.progress.add_task("train", total=steps, completed=done, epoch=f"{epoch}/{epochs}",
                                            loss="-", lr=f"{lr:.3g}", speed="-")
