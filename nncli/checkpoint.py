@@ -96,6 +96,9 @@ def load_file(path: Path) -> Any:
         if head == b"PK\x03\x04":  # an archive's first entry, but no end: cut short
             raise ConfigError("the file is truncated (a torch.save archive without its end; was it "
                               "still being written or copied?)", file=str(path))
+        if head[:1] != b"\x80":  # neither torch's zip archive nor a pickle (protocol 2+)
+            raise ConfigError("not a PyTorch checkpoint (neither a torch.save archive nor a pickle)",
+                              file=str(path))
     if is_zip:  # torch's reader does not check the archive's CRCs; do it here
         try:
             with zipfile.ZipFile(path) as archive:

@@ -45,9 +45,18 @@ def one_of(*choices: str) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         if value is None or value in choices:
             return None
-        hint = did_you_mean(str(value), choices)
-        return f"must be one of {', '.join(choices)}" + (f". {hint}" if hint else "")
+        return f"must be one of {', '.join(choices)}"
+    check.choices = choices  # for a 'did you mean' hint
     return check
+
+
+def compile_mode(value: Any) -> str | None:
+    """`compile:` is true/false or one of torch.compile's modes."""
+    return None if isinstance(value, bool) else _COMPILE_MODES(value)
+
+
+_COMPILE_MODES = one_of("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+compile_mode.choices = _COMPILE_MODES.choices
 
 
 def fraction(value: Any) -> str | None:
@@ -92,7 +101,7 @@ TOP = {
     "parallel": Key((str,), "none", one_of("none", "dp", "ddp")),
     "device_ids": Key((list, type(None)), None),
     "amp": Key((str,), "off", one_of("off", "bf16", "fp16")),
-    "compile": Key((bool, str), False),
+    "compile": Key((bool, str), False, compile_mode),
     "channels_last": Key((bool,), False),
     "deterministic": Key((bool,), False),
 }
@@ -171,7 +180,9 @@ def check_section(mapping: dict, schema: dict[str, Key], error: Callable[..., Co
             shown = "" if value is None or isinstance(value, (dict, list)) else f" {value!r}"
             raise error(f"expected {spec.describe()}, got {_kind(value)}{shown}", *where, key)
         if spec.check is not None and (problem := spec.check(value)):
-            raise error(f"{problem}, got {value!r}", *where, key)
+            choices = getattr(spec.check, "choices", None)
+            hint = did_you_mean(str(value), choices) if choices else None
+            raise error(f"{problem}, got {value!r}", *where, key, hint=hint)
         if spec.schema is not None and isinstance(value, dict):
             value = check_section(value, spec.schema, error, *where, key)
         out[key] = value
@@ -266,6 +277,9 @@ def config_from_mapping(raw: Any, *, path: Path | None = None, overrides: list[s
     values["model"] = check_section(raw["model"], MODEL, config.error, "model")
     if values["name"] is None:
         values["name"] = path.stem if path else "run"
+    if not values["name"] or any(ch in values["name"] for ch in "/\\") or values["name"] in (".", ".."):
+        raise config.error(f"'{values['name']}' cannot name a run directory; use letters, digits, "
+                           "'-', '_' or '.' without slashes", "name")
     if values["metrics"] is None:
         loss = values["loss"] if isinstance(values["loss"], str) else values["loss"].get("type")
         values["metrics"] = ["accuracy"] if loss in ("CrossEntropyLoss", "NLLLoss") else []

@@ -87,8 +87,11 @@ def load_tensors(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch
 def load_csv(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.Tensor]:
     """A CSV file with a header row; `target` names the label column(s), `features` the inputs."""
     path = ctx.path(options)
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f, delimiter=options["delimiter"]))
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f, delimiter=options["delimiter"]))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ctx.error(f"{path.name} is not a text CSV file ({err})", "path") from None
     if not rows:
         raise ctx.error(f"{path} is empty; expected a header row and data rows", "path")
     header, body = [h.strip() for h in rows[0]], [r for r in rows[1:] if any(c.strip() for c in r)]
@@ -96,6 +99,12 @@ def load_csv(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.Ten
         raise ctx.error(f"{path} has a header but no data rows", "path")
     targets = options["target"] if isinstance(options["target"], list) else [options["target"]]
     features = options["features"] or [h for h in header if h not in targets]
+    if set(features) & set(targets):
+        raise ctx.error(f"column '{sorted(set(features) & set(targets))[0]}' is both a feature and "
+                        "a target; the model would see the answer", "features")
+    if len(header) == 1 and options["delimiter"] == "," and any(d in header[0] for d in ";\t|"):
+        raise ctx.error(f"{path.name} has a single column '{header[0]}'", "path",
+                        hint="Set delimiter: to the file's separator, e.g. delimiter: ';'.")
     for key, names in (("target", targets), ("features", features)):
         for name in names:
             if name not in header:
@@ -129,8 +138,11 @@ def load_npz(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.Ten
     path = ctx.path(options)
     try:
         arrays = np.load(path, allow_pickle=False)
+        if not hasattr(arrays, "files"):
+            raise ValueError("a single array, not an archive")
     except Exception as err:
-        raise ctx.error(f"{path.name} is not a readable .npz file: {err}", "path") from None
+        reason = "not a NumPy archive" if "pickle" in str(err) else str(err)
+        raise ctx.error(f"{path.name} is not a readable .npz file ({reason})", "path") from None
     out = []
     for key in ("x", "y"):
         if options[key] not in arrays.files:
@@ -284,8 +296,18 @@ def load_data(config: Config) -> Data:
                                                  config, ("data",))
         options.update(source_options)
         train, val = split_data(everything, options["val_split"], config)
+    if val is not None and val.x.shape[1:] != train.x.shape[1:]:
+        raise config.error(f"validation samples have shape {list(val.x.shape[1:])}, training samples "
+                           f"{list(train.x.shape[1:])}; they must match", "data", "val")
     classes = loss_name(config) in CLASS_INDEX_LOSSES
-    train, val = (None if p is None else TensorPair(p.x, p.y.long() if classes else p.y.float())
+    for name, pair in (("training", train), ("validation", val)):
+        if classes and pair is not None and pair.y.is_floating_point() and \
+                not torch.equal(pair.y, pair.y.round()):
+            bad = pair.y[pair.y != pair.y.round()][0].item()
+            raise config.error(f"{name} targets are not class indices (e.g. {bad:g}), but "
+                               f"{loss_name(config)} needs whole-number labels", "loss",
+                               hint="For regression set loss: MSELoss (or another regression loss).")
+    train, val = (None if p is None else TensorPair(p.x, _class_indices(p.y) if classes else p.y.float())
                   for p in (train, val))
     normalization = None
     if options["normalize"]:
@@ -295,6 +317,11 @@ def load_data(config: Config) -> Data:
         val = TensorPair(normalize(val.x, normalization), val.y) if val is not None else None
     config.values["data"] = options
     return Data(train, val, tuple(train.x.shape[1:]), normalization)
+
+
+def _class_indices(y: torch.Tensor) -> torch.Tensor:
+    """Labels as int64; a column of labels, (N, 1), as (N,)."""
+    return (y[:, 0] if y.dim() == 2 and y.shape[1] == 1 else y).long()
 
 
 def split_data(data: TensorPair, val_split: float, config: Config) -> tuple[TensorPair, TensorPair | None]:
@@ -328,7 +355,12 @@ def check_targets(data: Data, output_shape: tuple, config: Config) -> None:
         if pair is None:
             continue
         if pair.y.dtype == torch.long:
-            classes = output_shape[-1] if output_shape else 1
+            expected = 1 + pair.y.dim() - 1  # (classes,) per sample, or (classes, *spatial) for maps
+            if len(output_shape) != expected:
+                raise config.error(f"the model's output has shape {list(output_shape)} per sample, but "
+                                   f"class labels need {'[classes]' if expected == 1 else f'{expected} dimensions'}",
+                                   "model", "layers", hint="Flatten before the last Linear layer?")
+            classes = output_shape[0] if output_shape else 1
             low, high = int(pair.y.min()), int(pair.y.max())
             if low < 0 or high >= classes:
                 raise config.error(f"{name} labels run from {low} to {high}, but the model's output "

@@ -114,8 +114,9 @@ def parse_inputs(inputs: str, config: Config, input_shape: list[int]) -> torch.T
     else:
         path = Path(text)
         if not path.is_file():
-            raise ConfigError("--input: file not found; give a JSON list or a .json, .csv, .npy "
-                              "or .npz file", file=str(path))
+            raise ConfigError("is neither a JSON list of samples nor a file; give e.g. "
+                              "--input '[[0.1, 0.2, 0.3]]' or a .json, .csv, .npy or .npz file",
+                              key="--input")
         try:
             suffix = path.suffix.lower()
             if suffix == ".json":
@@ -134,6 +135,8 @@ def parse_inputs(inputs: str, config: Config, input_shape: list[int]) -> torch.T
             raise
         except Exception as err:
             raise ConfigError(f"cannot read the inputs: {err}", file=str(path)) from None
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise ConfigError("the inputs hold NaN or infinite values", key="--input")
     per_sample = int(np.prod(input_shape))
     if array.size % per_sample or array.size == 0:
         raise ConfigError(f"{array.size} numbers given, not a whole number of samples of shape "

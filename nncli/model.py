@@ -447,5 +447,10 @@ def plan_model(config: Config, input_shape: tuple | list | None = None, batch_si
 
 def build_model(config: Config, input_shape: tuple | list | None = None,
                 device: str | torch.device = "cpu") -> nn.Sequential:
-    """The config's network as a plain `nn.Sequential`, its weights initialised as torch does."""
+    """The config's network as a plain `nn.Sequential`, its weights initialised as torch does.
+    Without `input_shape` or `model.input_shape`, the data section tells the shape."""
+    if input_shape is None and config["model"]["input_shape"] is None and config["data"] is not None:
+        from nncli.data import load_data
+
+        input_shape = load_data(config).sample_shape
     return plan_model(config, input_shape, device=device).model

@@ -7,6 +7,7 @@ Like timm's `create_optimizer` / `create_scheduler`: the `type:` name is looked 
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,7 +91,7 @@ def split_param_groups(model: nn.Module, config: Config) -> list[ParamGroup]:
         members = [n for n, _ in named if n not in taken and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
         for pattern in patterns:
             if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in named):
-                names = ", ".join(n for n, _ in named[:6]) + (", ..." if len(named) > 6 else "")
+                names = ", ".join(n for n, _ in named[:12]) + (", ..." if len(named) > 12 else "")
                 raise config.error(f"pattern '{pattern}' matches no trainable parameter (they are "
                                    f"named like: {names})", *where, "params",
                                    hint="Run `nncli summary --params` to list them.")
@@ -193,13 +194,45 @@ def create_schedule(optimizer: torch.optim.Optimizer, config: Config, steps_per_
                                "The run has no validation data: set monitor: train_loss.")
         if warmup_len:
             raise config.error("warmup does not combine with ReduceLROnPlateau", "schedule", "warmup")
-    main = create(SCHEDULERS, spec, config.error, "schedule", positional=(optimizer,),
-                  reserved=tuple(SCHEDULE_KEYS), defaults=defaults)
-    if warmup_len:
-        ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=warmup["start_factor"],
-                                                 total_iters=warmup_len)
-        main = torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, main], milestones=[warmup_len])
-    return Schedule(main, interval, monitor, note)
+    total = epochs * per_interval
+    if warmup_len > total:
+        raise config.error(f"the warmup ({warmup_len} {interval}s) is longer than the run ({total} "
+                           f"{interval}s), so the schedule would never start", "schedule", "warmup")
+    if warmup and not 0 < warmup["start_factor"] <= 1:
+        raise config.error(f"start_factor must lie in (0, 1], got {warmup['start_factor']}",
+                           "schedule", "warmup", "start_factor")
+    note = note.replace(" after warmup", "") if not warmup_len else note
+
+    def build(opt: torch.optim.Optimizer) -> Any:
+        main = create(SCHEDULERS, spec, config.error, "schedule", positional=(opt,),
+                      reserved=tuple(SCHEDULE_KEYS), defaults=defaults)
+        if warmup_len:
+            ramp = torch.optim.lr_scheduler.LinearLR(opt, start_factor=warmup["start_factor"],
+                                                     total_iters=warmup_len)
+            main = torch.optim.lr_scheduler.SequentialLR(opt, [ramp, main], milestones=[warmup_len])
+        return main
+
+    if monitor is None:
+        _rehearse(build, optimizer, min(total, 20_000), config)
+    return Schedule(build(optimizer), interval, monitor, note)
+
+
+def _rehearse(build: Any, optimizer: torch.optim.Optimizer, steps: int, config: Config) -> None:
+    """Step the schedule over the run on a stand-in optimizer (one scalar per group), so that
+    values that only fail when stepped (gamma: abc, step_size: 0, a too-short total_steps)
+    are config errors now rather than crashes mid-run."""
+    groups = [{**{k: v for k, v in g.items() if k != "params"},
+               "params": [torch.zeros((), requires_grad=True)]} for g in optimizer.param_groups]
+    stand_in = torch.optim.SGD(groups, lr=optimizer.defaults.get("lr", 1e-3))
+    scheduler = build(stand_in)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()"
+            for _ in range(steps):
+                scheduler.step()
+    except Exception as err:
+        raise config.error(f"the schedule fails when stepped: {err or type(err).__name__}",
+                           "schedule") from None
 
 
 def recorded_metrics(config: Config) -> list[str]:

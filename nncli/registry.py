@@ -276,7 +276,8 @@ def create(registry: Registry, spec: str | dict, error: Callable[..., ConfigErro
     except ConfigError as err:
         raise error(err.message, *where, *(() if isinstance(spec, str) else ("type",)),
                     hint=err.hint) from None
-    kwargs = {k: v for k, v in spec.items() if k != "type" and k not in reserved} if isinstance(spec, dict) else {}
+    kwargs = {k: _as_value(v) for k, v in spec.items() if k != "type" and k not in reserved} \
+        if isinstance(spec, dict) else {}
     kwargs = {**(defaults or {}), **kwargs}
     accepted = accepted_arguments(factory)
     for key in kwargs:
@@ -286,5 +287,15 @@ def create(registry: Registry, spec: str | dict, error: Callable[..., ConfigErro
                         hint=did_you_mean(key, accepted))
     try:
         return factory(*positional, **kwargs)
-    except (TypeError, ValueError) as err:
-        raise error(f"{name} cannot be built: {err}", *where) from None
+    except Exception as err:  # the class's own argument checks, whatever they raise
+        raise error(f"{name} cannot be built with {', '.join(f'{k}={v!r}' for k, v in kwargs.items())}: "
+                    f"{err or type(err).__name__}", *where) from None
+
+
+def _as_value(value: Any) -> Any:
+    """YAML lists as tuples (betas=(0.9, 0.999)), plain containers otherwise."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_as_value(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _as_value(v) for k, v in value.items()}
+    return value

@@ -18,6 +18,7 @@ from typing import Any
 from nncli.checkpoint import (FORMAT, find_checkpoint, load_checkpoint, load_file, load_state_dict_file,
                               remove_stale_temporaries)
 from nncli.config import Config, load_config
+from nncli.data import load_data
 from nncli.errors import ConfigError
 from nncli.inference import config_of
 from nncli.optim import LENGTH_ARGUMENT
@@ -82,6 +83,8 @@ def resume(path: Path, reporter: Reporter, *, overrides: list[str] = (), epochs:
     extra = [f"train.epochs={epochs}"] if epochs else []
     if config_path is not None:
         config = load_config(config_path, [*overrides, *extra])
+        if config["data"] is not None:
+            load_data(config)  # fills in the data section's defaults, as the stored config has them
     else:
         config = config_of(ckpt, [*overrides, *extra])
     differences = config_differences(stored.values, config.values)
@@ -107,6 +110,10 @@ def resume(path: Path, reporter: Reporter, *, overrides: list[str] = (), epochs:
             config_differences(stored["schedule"], config["schedule"]) or _length_changed(stored, config):
         _replan_schedule(run, fresh_groups, fresh_schedule, reporter)
     state = run.state
+    if run.epochs < state.epoch:
+        raise ConfigError(f"the run has already trained {state.epoch} epochs; --epochs {run.epochs} "
+                          "cannot take them back", file=str(file),
+                          hint=f"Use {file.parent / 'best.pt'} or an epoch_<N>.pt checkpoint.")
     if state.stopped_early or state.epoch >= run.epochs:
         why = "stopped early" if state.stopped_early else "finished"
         reporter.print(f"the run {why} at epoch {state.epoch} of {stored['train']['epochs']}; nothing "

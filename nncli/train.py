@@ -24,7 +24,7 @@ from torch import nn
 from nncli import __version__
 from nncli.checkpoint import FORMAT, capture_rng, restore_rng, save_atomic, write_text_atomic
 from nncli.config import Config
-from nncli.data import Batches, Data, TensorPair, check_targets, load_data
+from nncli.data import CLASS_INDEX_LOSSES, Batches, Data, TensorPair, check_targets, load_data, loss_name
 from nncli.devices import (Process, all_reduce_sum, autocast, configure_determinism, end_process,
                            grad_scaler, resolve_device, start_process, weights_in_sync, wrap_model)
 from nncli.errors import ConfigError, Interrupted, RunError
@@ -89,13 +89,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+CLASSIFICATION_METRICS = ("accuracy", "top")
+
+
 def check_training_config(config: Config, has_val: bool) -> None:
     """Checks that need the metric names and whether there is validation data."""
+    classifier = loss_name(config) in CLASS_INDEX_LOSSES
     for i, name in enumerate(config["metrics"]):
         try:
             check_metric_name(name)
         except ConfigError as err:
             raise config.error(err.message, "metrics", i, hint=err.hint) from None
+        if str(name).startswith(CLASSIFICATION_METRICS) != classifier:
+            kind = "class labels" if classifier else "regression targets"
+            raise config.error(f"metric '{name}' does not apply to {kind} ({loss_name(config)})",
+                               "metrics", i, hint="Classification: accuracy, top<k>. Regression: "
+                                                  "mae, rmse, r2.")
     early = config["train"]["early_stop"]
     if early:
         known = ["train_loss"] + (["val_loss"] + [f"val_{m}" for m in config["metrics"]] if has_val else [])
@@ -110,6 +119,7 @@ def check_config(config: Config) -> tuple[ModelPlan, list[ParamGroup] | None]:
     groups and schedule. Returns the plan and the optimizer groups."""
     if config["data"] is None:
         return plan_model(config), None
+    create_loss(config)  # an unknown loss name first: the targets' checks depend on the loss
     data = load_data(config)
     check_training_config(config, data.val is not None)
     plan = plan_model(config, input_shape=_input_shape(config, data))
@@ -142,6 +152,7 @@ def prepare_run(config: Config, *, device: str | None = None, run_dir: Path | No
         raise config.error(err.message, err.key, hint=err.hint) from None
     configure_determinism(config["deterministic"], target_device)
     seed_everything(config["seed"])
+    loss_fn = create_loss(config).to(target_device)  # first: the targets' checks depend on the loss
     data = load_data(config)
     check_training_config(config, data.val is not None)
     # The weights depend on the seed alone, as in a hand-written script: built on the CPU with
@@ -153,7 +164,6 @@ def prepare_run(config: Config, *, device: str | None = None, run_dir: Path | No
     step_model = wrap_model(model, parallel=config["parallel"], device=target_device,
                             device_ids=config["device_ids"], compile_mode=config["compile"],
                             channels_last=config["channels_last"], process=process, notice=notice)
-    loss_fn = create_loss(config).to(target_device)
     optimizer, groups = create_optimizer(model, config)
     train_cfg = config["train"]
     batches = Batches(data.train.to(target_device), train_cfg["batch_size"], shuffle=train_cfg["shuffle"],
@@ -360,6 +370,9 @@ def new_run_dir(base: Path, name: str) -> Path:
         candidate = base / f"{name}-{n}"
     try:
         candidate.mkdir(parents=True, exist_ok=True)
+    except (NotADirectoryError, FileExistsError):
+        raise ConfigError("cannot create the run directory: a file is in the way", file=str(candidate),
+                          hint="Give --out (or checkpoint.dir) a folder.") from None
     except OSError as err:
         raise RunError(f"cannot create the run directory: {err.strerror or err}",
                        file=str(candidate)) from None

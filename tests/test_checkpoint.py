@@ -242,7 +242,7 @@ def _make_bad(kind: str, good: bytes, path: Path, marker: Path) -> None:
 BAD_KINDS = ["missing", "empty", "truncated", "corrupted", "text", "list", "pickle_os_system",
              "pickle_open"]
 EXPECTED_WORDS = {"missing": "not found", "empty": "empty", "truncated": "truncated",
-                  "corrupted": "corrupted", "text": "not a readable checkpoint",
+                  "corrupted": "corrupted", "text": "not a PyTorch checkpoint",
                   "list": "not an nncli checkpoint", "pickle_os_system": "refused",
                   "pickle_open": "refused"}
 

@@ -330,3 +330,21 @@ def test_resume_finished_run_says_so(short, tmp_path):
     assert "finished" in result.stdout and "nothing to do" in result.stdout
     assert "--epochs" in result.stdout
     assert snapshot(run) == before
+
+
+def test_resume_with_its_own_original_config_is_accepted(short, tmp_path):
+    """`--config` with the very file the run was trained from differs only by defaults that the
+    stored config has filled in: nothing to refuse."""
+    run = copy_run(short["run"], tmp_path / "run")
+    result = ok(run_nncli("resume", run, "--config", short["config"], "--epochs", "5", cwd=tmp_path))
+    assert "cannot resume" not in result.stderr
+    assert [r["epoch"] for r in metrics_rows(run)] == ["1", "2", "3", "4", "5"]
+
+
+def test_resume_cannot_shorten_a_run_below_what_it_trained(short, tmp_path):
+    run = copy_run(short["run"], tmp_path / "run")
+    before = snapshot(run)
+    result = run_nncli("resume", run, "--epochs", "2", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "the run has already trained 4 epochs; --epochs 2 cannot take them back" in result.stderr
+    assert snapshot(run) == before

@@ -243,9 +243,10 @@ def test_predict_npy_json_one_row_per_input_with_class(mlp_run, tmp_path):
     (str([[0.5] * 32] * 4), "each input has 32 numbers (shape [32]), but the model takes samples of shape "
                             "[1, 8, 8] (64 numbers each)"),
     ("[]", "0 numbers given"),
-    ("missing.npy", "file not found"),
+    ("missing.npy", "neither a JSON list of samples nor a file"),
     ("inputs.txt", "--input takes a .json, .csv, .npy or .npz file"),
     ("broken.npy", "cannot read the inputs"),
+    (str([[float("nan")] + [0.5] * 63]).replace("nan", "NaN"), "the inputs hold NaN or infinite values"),
 ])
 def test_predict_bad_input_exits_2(mlp_run, tmp_path, monkeypatch, given, message):
     monkeypatch.chdir(tmp_path)
@@ -537,3 +538,12 @@ def test_unknown_metric_exits_2_with_suggestion(tmp_path):
     assert result.exit_code == 2
     assert f"{config}:6: metrics.1: unknown metric 'rsme'" in result.stderr
     assert "Did you mean 'rmse'?" in result.stderr
+
+
+def test_build_model_takes_the_input_shape_from_the_data():
+    """The README's API example: a config whose input_shape comes from its data section."""
+    import nncli
+
+    config = nncli.load_config(CONFIGS / "digits_cnn.yaml", overrides=["train.epochs=3"])
+    model = nncli.build_model(config)
+    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
