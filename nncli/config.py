@@ -238,6 +238,10 @@ def apply_overrides(raw: YamlMap, overrides: list[str], source: str) -> None:
                 hint = did_you_mean(part, schema)
                 raise ConfigError(f"unknown key '{'.'.join(path[:depth + 1])}' in '{text}'; expected "
                                   f"one of: {', '.join(schema)}", file="--set", hint=hint)
+            if path[:2] == ["model", "layers"] and depth >= 2 and part not in node:
+                names = [str(k) for k in node]
+                raise ConfigError(f"'{text}': {where} has no key '{part}' (it has: {', '.join(names)})",
+                                  file="--set", hint=did_you_mean(part, names))
             if last:
                 node[part] = value
             else:
@@ -269,12 +273,15 @@ def config_from_mapping(raw: Any, *, path: Path | None = None, overrides: list[s
         raise ConfigError(f"the top level must be a mapping (key: value lines), got {_kind(raw)}",
                           file=source, line=getattr(raw, "line", None))
     if not isinstance(raw, YamlMap):
-        raw = parse_yaml(__import__("yaml").safe_dump(to_plain(raw)), source)
+        # the same dump as a run's config.yaml, so error lines point into that file
+        raw = parse_yaml(__import__("yaml").safe_dump(to_plain(raw), sort_keys=False), source)
     apply_overrides(raw, list(overrides), source)
     config = Config(values={}, raw=raw, path=path,
                     base_dir=base_dir or (path.resolve().parent if path else Path.cwd()))
     values = check_section(raw, TOP, config.error)
     values["model"] = check_section(raw["model"], MODEL, config.error, "model")
+    if isinstance(values["optimizer"], dict) and "type" not in values["optimizer"]:
+        values["optimizer"] = {"type": "Adam", **values["optimizer"]}  # the default optimizer's type
     if values["name"] is None:
         values["name"] = path.stem if path else "run"
     if not values["name"] or any(ch in values["name"] for ch in "/\\") or values["name"] in (".", ".."):

@@ -18,9 +18,11 @@ from nncli.optim import create_loss
 from nncli.train import evaluate
 
 
-def config_of(ckpt: dict, overrides: list[str] = ()) -> Config:
-    """The resolved config stored in a checkpoint; relative paths stay relative to the original."""
+def config_of(ckpt: dict, overrides: list[str] = (), run_dir: Path | None = None) -> Config:
+    """The resolved config stored in a checkpoint; relative paths stay relative to the original.
+    Errors name the run's config.yaml (the same text) when `run_dir` is given."""
     return config_from_mapping(ckpt["config"], overrides=overrides,
+                               path=run_dir / "config.yaml" if run_dir else None,
                                base_dir=Path(ckpt.get("config_dir", ".")))
 
 
@@ -29,7 +31,7 @@ def load_trained(path: Path, device: str | None = None) -> tuple[dict, Config, M
     holds the checkpoint's weights, in eval mode."""
     file = find_checkpoint(path, prefer=("best.pt", "last.pt"))
     ckpt = load_checkpoint(file)
-    config = config_of(ckpt)
+    config = config_of(ckpt, run_dir=file.parent)
     plan = plan_model(config, ckpt["input_shape"], device="cpu")
     plan.model.load_state_dict(ckpt["model"])
     plan.model.to(resolve_device(device or "cpu")).eval()

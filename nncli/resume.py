@@ -79,14 +79,14 @@ def resume(path: Path, reporter: Reporter, *, overrides: list[str] = (), epochs:
     """Continue the run saved at `path` (a run directory or a checkpoint file)."""
     file = find_checkpoint(path, prefer=("last.pt", "best.pt"))
     ckpt = load_checkpoint(file)
-    stored = config_of(ckpt)
+    stored = config_of(ckpt, run_dir=file.parent)
     extra = [f"train.epochs={epochs}"] if epochs else []
     if config_path is not None:
         config = load_config(config_path, [*overrides, *extra])
         if config["data"] is not None:
             load_data(config)  # fills in the data section's defaults, as the stored config has them
     else:
-        config = config_of(ckpt, [*overrides, *extra])
+        config = config_of(ckpt, [*overrides, *extra], run_dir=file.parent)
     differences = config_differences(stored.values, config.values)
     differences = [d for d in differences if d[0] != "name"]
     refused = [d for d in differences if _is_fixed(d[0])]

@@ -124,6 +124,20 @@ def test_set_with_bad_key_is_refused(cli, override, expect):
         assert "Traceback" not in result.stderr
 
 
+def test_set_into_an_unknown_layer_name_is_refused(cli):
+    """A misspelt layer name in --set must not quietly add a layer to a mapping of layers."""
+    result = cli("summary", CONFIGS / "digits_cnn.yaml", "--set", "model.layers.featurs.layers.0.out_channels=8")
+    assert result.exit_code == 2
+    assert "model.layers has no key 'featurs' (it has: features, head). Did you mean 'features'?" in result.stderr
+
+
+def test_optimizer_without_type_is_the_default_adam(cli):
+    result = cli("validate", CONFIGS / "digits_mlp.yaml", "--set", "optimizer={lr: 0.01}")
+    assert result.exit_code == 0, result.stderr
+    result = cli("validate", CONFIGS / "digits_mlp.yaml", "--set", "optimizer={lr: 0.01, momentum: 0.9}")
+    assert result.exit_code == 2 and "Adam has no argument 'momentum'" in result.stderr
+
+
 def test_set_changes_the_model(cli):
     result = cli("validate", CONFIGS / "seed_ordered_dict.yaml", "--set", "model.input_shape=[3, 10, 10]")
     assert result.exit_code == 0, result.stderr
