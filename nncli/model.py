@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nncli.config import Config
 from nncli.errors import ConfigError, did_you_mean
-from nncli.registry import LAYERS, LayerEntry, accepted_arguments, load_plugins
+from nncli.registry import LAYERS, LayerEntry, accepted_arguments, as_argument, load_plugins
 from nncli.yamlio import line_of, to_plain
 
 SPEC_KEYS = {"type", "name", "args", "repeat", "layers", "trainable"}
@@ -268,12 +268,12 @@ class _Planner:
             signature = inspect.signature(entry.factory)
         except (TypeError, ValueError):
             signature = None
-        kwargs = {k: _as_argument(v) for k, v in options.items() if k not in SPEC_KEYS}
+        kwargs = {k: as_argument(v) for k, v in options.items() if k not in SPEC_KEYS}
         args = options.get("args", [])
         if not isinstance(args, list):
             raise self.fail(f"args must be a list of positional arguments, got {args!r}",
                             line_of(options, "args"), where)
-        args = [_as_argument(a) for a in args]
+        args = [as_argument(a) for a in args]
         if signature is None:
             return _FreeArguments(args, kwargs)
         params = signature.parameters
@@ -293,7 +293,7 @@ class _Planner:
             expected = rule.compute(sample_shape, prev_module, given)
             if arg not in bound.arguments:
                 bound.arguments[arg] = expected
-            elif _as_argument(given) != _as_argument(expected) and not (
+            elif as_argument(given) != as_argument(expected) and not (
                     isinstance(given, tuple) and len(given) == 1 and given[0] == expected):
                 raise self.fail(f"expects {_plain(given)} {rule.noun}, gets {_plain(expected)} from "
                                 f"{source} (input {list(sample_shape)})",
@@ -339,15 +339,6 @@ class _FreeArguments:
 def _first_line(err: Exception) -> str:
     text = str(err).strip() or type(err).__name__
     return text.splitlines()[0]
-
-
-def _as_argument(value: Any) -> Any:
-    """YAML lists become tuples: what torch.nn layers store (kernel_size=(3, 3))."""
-    if isinstance(value, (list, tuple)):
-        return tuple(_as_argument(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _as_argument(v) for k, v in value.items()}
-    return value
 
 
 def _plain(value: Any) -> Any:

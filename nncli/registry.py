@@ -276,7 +276,7 @@ def create(registry: Registry, spec: str | dict, error: Callable[..., ConfigErro
     except ConfigError as err:
         raise error(err.message, *where, *(() if isinstance(spec, str) else ("type",)),
                     hint=err.hint) from None
-    kwargs = {k: _as_value(v) for k, v in spec.items() if k != "type" and k not in reserved} \
+    kwargs = {k: as_argument(v) for k, v in spec.items() if k != "type" and k not in reserved} \
         if isinstance(spec, dict) else {}
     kwargs = {**(defaults or {}), **kwargs}
     accepted = accepted_arguments(factory)
@@ -292,10 +292,11 @@ def create(registry: Registry, spec: str | dict, error: Callable[..., ConfigErro
                     f"{err or type(err).__name__}", *where) from None
 
 
-def _as_value(value: Any) -> Any:
-    """YAML lists as tuples (betas=(0.9, 0.999)), plain containers otherwise."""
+def as_argument(value: Any) -> Any:
+    """A YAML value as a constructor argument: lists become tuples, what torch stores
+    (kernel_size=(3, 3), betas=(0.9, 0.999)); mappings become plain dicts."""
     if isinstance(value, (list, tuple)):
-        return tuple(_as_value(v) for v in value)
+        return tuple(as_argument(v) for v in value)
     if isinstance(value, dict):
-        return {k: _as_value(v) for k, v in value.items()}
+        return {k: as_argument(v) for k, v in value.items()}
     return value
