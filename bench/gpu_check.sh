@@ -1,12 +1,24 @@
 #!/usr/bin/env bash
-# On a machine with a CUDA GPU: the GPU-marked tests, then the GPU benchmark, in a few minutes.
+# On a machine with a CUDA GPU: the GPU benchmark, then the GPU-marked tests.
 # Output goes to bench/results/ (or $OUT when set, as on the device tool), named after the GPU.
-#   bash bench/gpu_check.sh
+#   bash bench/gpu_check.sh [bench|tests|all]      (default: all; each stage takes about 5 minutes,
+#                                                   so a 10-minute limit per command fits one stage)
 set -uo pipefail
 cd "$(dirname "$0")/.."
+stage=${1:-all}
 out=${OUT:-bench/results}
 mkdir -p "$out"
 gpu=$(python -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '-'))") || exit 1
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
-python -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu-tests-$gpu.txt"
-python bench/compare_gpu.py --repeats 2 --epochs 3 2>&1 | tee "$out/gpu-bench-$gpu.md"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/gpu-device-$gpu.txt"
+python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/gpu-device-$gpu.txt"
+if [[ $stage == bench || $stage == all ]]; then
+    SECONDS=0
+    python bench/compare_gpu.py --repeats 2 --epochs 3 2>&1 | tee "$out/gpu-bench-$gpu.md"
+    echo "bench: ${SECONDS}s" | tee -a "$out/gpu-bench-$gpu.md"
+fi
+if [[ $stage == tests || $stage == all ]]; then
+    SECONDS=0
+    python -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu-tests-$gpu.txt"
+    echo "tests: ${SECONDS}s" | tee -a "$out/gpu-tests-$gpu.txt"
+fi

@@ -26,15 +26,27 @@ FORMAT = "nncli-checkpoint-1"
 CHECKPOINT_NAMES = ("last.pt", "best.pt")
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save `obj` to `path` so that `path` is always either the old or the new file."""
+def checkpoint_bytes(obj: Any) -> memoryview:
+    """`obj` serialised as `torch.save` writes it; serialising first means a failure here
+    touches no file, and one serialisation can be written to several files."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getbuffer()
+
+
+def write_text_atomic(text: str, path: Path) -> None:
+    """The same guarantee as `write_atomic`, for small text files (config.yaml, metrics.csv)."""
+    write_atomic(text.encode("utf-8"), path)
+
+
+def write_atomic(data: bytes | memoryview, path: Path) -> None:
+    """Write `data` to a temporary file beside `path`, fsync it, `os.replace` it over `path`
+    and fsync the folder: `path` is always either the old or the new file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        buffer = io.BytesIO()
-        torch.save(obj, buffer)  # serialise first: a failure here touches no file
         with open(tmp, "wb") as f:
-            f.write(buffer.getbuffer())
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -46,21 +58,6 @@ def save_atomic(obj: Any, path: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def write_text_atomic(text: str, path: Path) -> None:
-    """The same guarantee as `save_atomic`, for small text files (config.yaml, metrics.csv)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise RunError(f"cannot write {path}: {err.strerror or err}", file=str(path)) from None
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -126,7 +123,7 @@ def load_file(path: Path) -> Any:
                           file=str(path)) from None
 
 
-_TEMPORARY = re.compile(r"^\..+\.(\d+)\.tmp$")  # save_atomic's `.<name>.<pid>.tmp`
+_TEMPORARY = re.compile(r"^\..+\.(\d+)\.tmp$")  # write_atomic's `.<name>.<pid>.tmp`
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:

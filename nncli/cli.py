@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -26,6 +27,8 @@ def run_command(action: Callable[[], Optional[int]], debug: bool) -> None:
     (2 bad input, 1 failure, 130 interrupted); other exceptions too, traceback only with --debug."""
     from nncli.errors import NncliError
 
+    if not debug:
+        warnings.showwarning = _show_warning
     try:
         code = action() or 0
     except NncliError as err:
@@ -45,6 +48,18 @@ def run_command(action: Callable[[], Optional[int]], debug: bool) -> None:
               file=sys.stderr)
         raise typer.Exit(1) from None
     raise typer.Exit(code)
+
+
+_shown_warnings: set[str] = set()
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (nncli's and torch's) as one line each, once, without the source line they came
+    from (torch's warning filters let some through again on every model build)."""
+    text = str(message)
+    if text not in _shown_warnings:
+        _shown_warnings.add(text)
+        print(f"warning: {text}", file=sys.stderr)
 
 
 def _console():
@@ -114,12 +129,16 @@ def validate(
 @app.command()
 def layers(
     name: Optional[str] = typer.Argument(None, help="A layer type: show its arguments."),
+    plugins: list[str] = typer.Option([], "--plugin", help="Load a plugin first: a .py file or a module name, as in `plugins:`."),
     debug: bool = DebugOpt,
 ) -> None:
     """List the layer registry by category, or one layer's arguments."""
     def action() -> None:
+        from nncli.errors import ConfigError
         from nncli.layer_docs import print_layer, print_registry
+        from nncli.registry import load_plugins
 
+        load_plugins(plugins, Path.cwd(), lambda message, *key, hint=None: ConfigError(message, key="--plugin", hint=hint))
         console = _console()
         if name:
             print_layer(name, console)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,9 @@ def evaluate_checkpoint(path: Path, data_file: Path | None = None,
             raise ConfigError("the run has no validation data (val_split: 0); give --data FILE",
                               file=str(path))
         pair, source = data.val, "validation data"
+        if ckpt.get("data_fingerprint") not in (None, data.fingerprint):
+            warnings.warn("the run's data has changed since it was trained (a data file was edited "
+                          "or replaced?); these results are not comparable with its metrics.csv")
     else:
         pair, source = _read_data_file(config, Path(data_file)), str(data_file)
         if list(pair.x.shape[1:]) != list(ckpt["input_shape"]):

@@ -19,12 +19,12 @@ def print_registry(console: Console) -> None:
         table.add_row(category, ", ".join(sorted(by_category[category])))
     console.print(table)
     console.print("`nncli layers NAME` shows a layer's arguments. Add your own with "
-                  "nncli.register_layer and `plugins:` in the config.")
+                  "nncli.register_layer and `plugins:` in the config; `--plugin FILE` lists them here.")
 
 
 def print_layer(name: str, console: Console) -> None:
     entry = LAYERS.get(name)
-    doc = inspect.getdoc(entry.factory) or ""
+    doc = inspect.cleandoc(entry.factory.__doc__ or "")  # its own, not nn.Module's (getdoc inherits)
     console.print(f"{entry.name} ({entry.category}, from {entry.source})")
     # the first paragraph that is prose (torch's RNN docstrings open with an `__init__(...)` line)
     intro = next((part for part in doc.split("\n\n") if part.strip() and not part.startswith("__init__(")), "")
@@ -47,5 +47,5 @@ def print_layer(name: str, console: Console) -> None:
         else:
             default = "required" if p.default is p.empty else repr(p.default)
         rule = entry.infer.get(p.name)
-        table.add_row(p.name, default, f"from the input ({rule.noun})" if rule else "")
+        table.add_row(p.name, default, f"from the input ({rule.noun.strip('()')})" if rule else "")
     console.print(table)

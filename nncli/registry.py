@@ -177,8 +177,9 @@ def _load_builtin_layers(registry: Registry) -> None:
         submodule = obj.__module__.rsplit(".", 1)[-1]
         if obj in (nn.RNN, nn.LSTM, nn.GRU):
             obj = _recurrent_factory(obj)
-        infer = {arg: rule for arg, rule in INFER_BY_ARGUMENT.items() if arg in _argument_names(obj)}
-        defaults = {"batch_first": True} if submodule == "rnn" and "batch_first" in _argument_names(obj) else {}
+        arguments = _argument_names(obj)
+        infer = {arg: rule for arg, rule in INFER_BY_ARGUMENT.items() if arg in arguments}
+        defaults = {"batch_first": True} if submodule == "rnn" and "batch_first" in arguments else {}
         category = CATEGORY_BY_NAME.get(name) or CATEGORY_BY_TORCH_MODULE.get(submodule, "other")
         registry.add(name, LayerEntry(name, obj, category,
                                       "torch.nn", infer, defaults))
@@ -225,8 +226,7 @@ def load_plugins(plugins: list[str], base_dir: Path, error: Callable[..., Config
             if plugin.endswith(".py"):
                 path = (base_dir / plugin).resolve()
                 if not path.is_file():
-                    raise error(f"plugin file {path} not found (paths are relative to the config)",
-                                "plugins", i)
+                    raise error(f"plugin file {plugin} not found in {base_dir}", "plugins", i)
                 module_name = f"nncli_plugin_{path.stem}_{abs(hash(str(path)))}"
                 if module_name in sys.modules:
                     continue
@@ -244,7 +244,7 @@ def load_plugins(plugins: list[str], base_dir: Path, error: Callable[..., Config
             raise
         except ModuleNotFoundError as err:
             raise error(f"cannot import plugin '{plugin}': {err}", "plugins", i,
-                        hint="Give a .py file relative to the config or an installed module.") from None
+                        hint="Give a .py file or the name of an installed module.") from None
         except Exception as err:  # a plugin's own bug: say which plugin and what it raised
             raise error(f"plugin '{plugin}' raised {type(err).__name__}: {err}", "plugins", i) from None
 

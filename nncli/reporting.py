@@ -9,14 +9,14 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import torch
-from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
-from rich.table import Table
 
 from nncli.optim import ParamGroup, optimizer_settings
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def format_value(key: str, value: object) -> str:
@@ -33,8 +33,15 @@ class Reporter:
     """Plain output: a line per epoch. Also the base for the terminal progress display."""
 
     def __init__(self, console: Console | None = None, quiet: bool = False) -> None:
-        self.console = console or Console(highlight=False)
+        self._console = console
         self.quiet = quiet
+
+    @property
+    def console(self) -> Console:
+        if self._console is None:  # rich is imported when there is something to show, not for --quiet
+            from rich.console import Console
+            self._console = Console(highlight=False)
+        return self._console
 
     def print(self, item: object) -> None:
         """A line (plain print: no wrapping or markup in logs) or a rich table."""
@@ -46,6 +53,10 @@ class Reporter:
             self.console.print(item)
 
     def groups(self, groups: list[ParamGroup], params: dict[str, int]) -> None:
+        if self.quiet:
+            return
+        from rich.table import Table
+
         table = Table("Group", "Patterns", "Tensors", "Parameters", "Settings", title="Optimizer groups",
                       title_justify="left")
         for group in groups:
@@ -68,8 +79,10 @@ class Reporter:
         pass
 
     def history(self, history: list[dict], best_epoch: int | None, log_every: int = 1) -> None:
-        if not history:
+        if self.quiet or not history:
             return
+        from rich.table import Table
+
         table = Table(title="Metrics (* best)", title_justify="left")
         for key in history[0]:
             table.add_column(key, justify="right")
@@ -85,6 +98,9 @@ class ProgressReporter(Reporter):
     """A rich progress bar per epoch, refreshed about 20 times per epoch."""
 
     def __init__(self, console: Console | None = None) -> None:
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
         super().__init__(console)
         self.progress = Progress(
             TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),

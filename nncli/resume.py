@@ -100,6 +100,10 @@ def resume(path: Path, reporter: Reporter, *, overrides: list[str] = (), epochs:
     fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
     fresh_schedule = copy.deepcopy(run.schedule.scheduler.state_dict()) if run.schedule else None
     restore(run, ckpt)
+    if ckpt.get("data_fingerprint") not in (None, run.data.fingerprint) and run.process.is_main:
+        warnings.warn("the run's data has changed since it was saved (a data file was edited or "
+                      "replaced?); training continues on the new data, so it will not reproduce "
+                      "an uninterrupted run")
     if run.process.is_main:
         remove_stale_temporaries(file.parent)  # what a writer killed mid-write left behind
         if file.name == "last.pt":  # a kill between last.pt and metrics.csv leaves the csv behind

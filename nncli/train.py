@@ -22,7 +22,7 @@ import yaml
 from torch import nn
 
 from nncli import __version__
-from nncli.checkpoint import FORMAT, capture_rng, restore_rng, save_atomic, write_text_atomic
+from nncli.checkpoint import FORMAT, capture_rng, checkpoint_bytes, restore_rng, write_atomic, write_text_atomic
 from nncli.config import Config
 from nncli.data import CLASS_INDEX_LOSSES, Batches, Data, TensorPair, check_targets, load_data, loss_name
 from nncli.devices import (Process, all_reduce_sum, autocast, configure_determinism, end_process,
@@ -256,7 +256,8 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
     steps = len(run.batches)
     batch_sizes = run.batches.batch_sizes().to(run.device)
     every_steps = config["checkpoint"]["every_steps"]
-    amp, channels_last = config["amp"], config["channels_last"]
+    channels_last = config["channels_last"]
+    mixed_precision = autocast(run.device, config["amp"])  # one context, entered every step
     with StopRequest(run.process) as stop:
         while state.epoch < run.epochs and not state.stopped_early:
             epoch = state.epoch + 1
@@ -271,7 +272,7 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
             for i, (xb, yb) in enumerate(run.batches.epoch(skip=state.position), start=state.position):
                 if channels_last and xb.dim() == 4:
                     xb = xb.contiguous(memory_format=torch.channels_last)
-                with autocast(run.device, amp):
+                with mixed_precision:
                     loss = run.loss_fn(model(xb), yb)
                 scaled = loss / accumulate if accumulate > 1 else loss
                 (scaler.scale(scaled) if scaler else scaled).backward()
@@ -307,7 +308,7 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
             row = {"epoch": epoch, "train_loss": train_loss}
             if run.val is not None:
                 results = evaluate(run.model, run.val, run.loss_fn, config["metrics"],
-                                   max(train_cfg["batch_size"], 1024), amp, run.process)
+                                   max(train_cfg["batch_size"], 1024), config["amp"], run.process)
                 row.update({f"val_{k}": v for k, v in results.items()})
             row.update({f"lr_{i}": lr for i, lr in enumerate(state.epoch_lrs)})
             row["time_s"] = time.perf_counter() - started
@@ -403,6 +404,7 @@ def checkpoint_dict(run: Run) -> dict:
         "config_dir": str(run.config.base_dir),
         "input_shape": list(run.plan.input_shape),
         "normalization": run.data.normalization,
+        "data_fingerprint": run.data.fingerprint,
         "metrics": list(state.history),
         "versions": {"nncli": __version__, "torch": str(torch.__version__)},
     }
@@ -424,17 +426,21 @@ def save_checkpoints(run: Run, best: bool, force: bool = False) -> None:
     ckpt = checkpoint_dict(run)
     if best and not state.position:
         run.pending_best = ckpt if write_last else _snapshot(ckpt)
+    if not (write_last or keep):
+        return  # best.pt waits in memory for the next last.pt
     # best.pt and epoch_<N>.pt before last.pt: a crash between the writes then replays this
     # epoch on resume, which writes them again, instead of leaving best.pt an epoch behind.
+    data = checkpoint_bytes(ckpt)  # serialised once for every file that holds this epoch
     if write_last and run.pending_best is not None:
-        save_atomic(run.pending_best, run.run_dir / "best.pt")
+        write_atomic(data if run.pending_best is ckpt else checkpoint_bytes(run.pending_best),
+                     run.run_dir / "best.pt")
         run.pending_best = None
     if keep:
-        save_atomic(ckpt, run.run_dir / f"epoch_{state.epoch}.pt")
+        write_atomic(data, run.run_dir / f"epoch_{state.epoch}.pt")
         for old in sorted(run.run_dir.glob("epoch_*.pt"), key=lambda p: int(p.stem.split("_")[1]))[:-cfg["keep_last"]]:
             old.unlink(missing_ok=True)
     if write_last:
-        save_atomic(ckpt, run.run_dir / "last.pt")
+        write_atomic(data, run.run_dir / "last.pt")
         write_metrics_csv(state.history, run.run_dir / "metrics.csv")  # in step with last.pt
 
 

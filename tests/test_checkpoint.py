@@ -54,7 +54,7 @@ schedule: {type: StepLR, step_size: 2, gamma: 0.5, warmup: {epochs: 1}}
 train: {epochs: 6, batch_size: 100, shuffle: true}
 checkpoint: {every_steps: 1, keep_last: 2}
 """
-TEMPORARY = re.compile(r"^\..+\.\d+\.tmp$")  # how save_atomic names its temporary files
+TEMPORARY = re.compile(r"^\..+\.\d+\.tmp$")  # how write_atomic names its temporary files
 
 
 @pytest.fixture(scope="module")
@@ -166,14 +166,18 @@ import os, sys
 import nncli.train
 from nncli.cli import main
 
-save_atomic = nncli.train.save_atomic
+write_atomic = nncli.train.write_atomic
+best_writes = 0
 
-def save_then_die(obj, path):  # kill -9 at one exact instant: as epoch 2's best.pt is written
-    if path.name == "best.pt" and obj["epoch"] == 2:
-        os._exit(137)
-    save_atomic(obj, path)
+def write_then_die(data, path):  # kill -9 at one exact instant: as epoch 2's best.pt is written
+    global best_writes
+    if path.name == "best.pt":
+        best_writes += 1
+        if best_writes == 2:
+            os._exit(137)
+    write_atomic(data, path)
 
-nncli.train.save_atomic = save_then_die
+nncli.train.write_atomic = write_then_die
 sys.argv = ["nncli", *sys.argv[1:]]
 main()
 """

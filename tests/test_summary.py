@@ -8,7 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import nncli
-from helpers import CONFIGS, DATA, FROZEN_AND_HEAD, run_nncli, run_python, write_config
+from helpers import CONFIGS, DATA, FROZEN_AND_HEAD, ok, run_nncli, run_python, write_config
 from nncli.summary import human_count, summarize
 
 ALEXNET = DATA / "alexnet.yaml"
@@ -286,6 +286,31 @@ def test_layers_unknown_suggests(cli, name, suggestion):
     assert f"unknown layer '{name}'" in result.stderr
     assert f"Did you mean '{suggestion}'?" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_layers_lists_and_describes_plugin_layers(tmp_path):
+    plugin = CONFIGS / "plugins" / "seed_linear.py"
+    listing = ok(run_nncli("layers", "--plugin", plugin, cwd=tmp_path)).stdout
+    row = next(line for line in listing.splitlines() if line.startswith("│ plugins"))
+    assert "SeedLinear" in row
+    one = ok(run_nncli("layers", "SeedLinear", "--plugin", plugin, cwd=tmp_path)).stdout
+    assert one.startswith("SeedLinear (plugins, from plugin)")
+    assert "Base class for all neural network modules" not in one  # its own doc, not nn.Module's
+    rows = {line.split("│")[1].strip(): line for line in one.splitlines() if line.count("│") >= 3}
+    assert "from the input (dimension -1 of the input)" in rows["in_feature"]
+    assert "required" in rows["out_feature"] and "from the input" not in rows["out_feature"]
+    assert "SeedLinear" not in ok(run_nncli("layers", cwd=tmp_path)).stdout  # only when asked for
+
+
+@pytest.mark.parametrize("plugin, message", [
+    ("missing.py", "error: --plugin: plugin file missing.py not found in {cwd}"),
+    ("no_such_module", "error: --plugin: cannot import plugin 'no_such_module': No module named"),
+])
+def test_layers_bad_plugin_exits_2(tmp_path, plugin, message):
+    done = run_nncli("layers", "--plugin", plugin, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.startswith(message.format(cwd=tmp_path))
+    assert "Traceback" not in done.stderr
 
 
 # --- help and import cost -------------------------------------------------------------------------

@@ -14,8 +14,8 @@ import torch
 import yaml
 from torch import nn
 
-from helpers import (BAR_CHARS, CONFIGS, REPO, TINY_REGRESSION, invoke, load, only_run_dir, read_metrics,
-                     run_nncli, write_config)
+from helpers import (BAR_CHARS, CONFIGS, REPO, TINY_REGRESSION, invoke, load, ok, only_run_dir,
+                     read_metrics, run_nncli, write_config)
 
 REFERENCE_LOOP = REPO.parent / "shared" / "bench" / "reference_loop.py"
 if not REFERENCE_LOOP.is_file():
@@ -173,6 +173,48 @@ def test_eval_of_a_regression_run_matches_its_best_epoch(tmp_path):
     assert got["mae"] == pytest.approx(best["val_mae"], abs=1e-6)
     text = invoke("eval", tmp_path / "tiny")
     assert text.stdout == f"validation data: loss={best['val_loss']:.4f}  mae={best['val_mae']:.4f}\n"
+
+
+def test_eval_and_resume_warn_when_the_data_changed_since_training(tmp_path):
+    data = tmp_path / "points.csv"
+    data.write_text("x1,x2,target\n" + "".join(f"{i % 7},{i % 5},{2 * (i % 7) + i % 5}\n" for i in range(40)))
+    config = write_config(tmp_path, """
+        data: {source: csv, path: points.csv, target: target, val_split: 0.25}
+        loss: MSELoss
+        metrics: [mae]
+        optimizer: {type: SGD, lr: 0.01}
+        train: {epochs: 2, batch_size: 8}
+        model: {layers: [{type: Linear, out_features: 1}]}
+        """, "points.yaml")
+    run = tmp_path / "runs" / "points"
+    ok(run_nncli("train", config, "--out", tmp_path / "runs", "-q", cwd=tmp_path))
+    assert re.fullmatch(r"crc32:[0-9a-f]{8} train:30 val:10", load(run / "last.pt")["data_fingerprint"])
+    assert ok(run_nncli("eval", run, cwd=tmp_path)).stderr == ""
+
+    data.write_text(data.read_text().replace("\n3,3,9\n", "\n3,3,10\n"))  # one target edited
+    changed = ok(run_nncli("eval", run, cwd=tmp_path))
+    assert changed.stderr.splitlines() == [
+        "warning: the run's data has changed since it was trained (a data file was edited or replaced?); "
+        "these results are not comparable with its metrics.csv"]
+    resumed = ok(run_nncli("resume", run, "--epochs", "3", "-q", cwd=tmp_path))
+    assert resumed.stderr.splitlines() == [
+        "warning: the run's data has changed since it was saved (a data file was edited or replaced?); "
+        "training continues on the new data, so it will not reproduce an uninterrupted run"]
+    assert load(run / "last.pt")["epoch"] == 3
+
+
+def test_torch_warnings_are_one_line_each_and_in_full_with_debug(tmp_path):
+    config = write_config(tmp_path, """
+        data: {source: synthetic, n: 64, features: 4, classes: 3}
+        train: {epochs: 1, batch_size: 32}
+        model: {layers: [{type: Linear, out_features: 3}, Softmax]}
+        """)
+    softmax = "Implicit dimension choice for softmax has been deprecated"
+    done = ok(run_nncli("train", config, "--out", tmp_path / "runs", "-q", cwd=tmp_path))
+    assert [line for line in done.stderr.splitlines() if line] == [
+        f"warning: {softmax}. Change the call to include dim=X as an argument."]
+    debug = ok(run_nncli("train", config, "--out", tmp_path / "runs", "-q", "--debug", cwd=tmp_path))
+    assert f"UserWarning: {softmax}" in debug.stderr  # Python's own format: file, line, category
 
 
 def test_eval_on_a_data_file_with_labels_outside_the_classes_exits_2(mlp_run, tmp_path):
@@ -471,13 +513,13 @@ def test_nan_stop_leaves_the_earlier_epochs_checkpoint_unchanged(tmp_path, monke
     config = tiny(tmp_path, "schedule: {type: StepLR, step_size: 1, gamma: 1.0e+10}\n")
     config.write_text(config.read_text().replace("lr: 0.1", "lr: 0.01").replace("epochs: 3", "epochs: 6"))
     writes: list[tuple[str, bytes, int]] = []
-    save_atomic = train_module.save_atomic
+    write_atomic = train_module.write_atomic
 
-    def recording_save(obj, path):
-        save_atomic(obj, path)
+    def recording_write(data, path):
+        write_atomic(data, path)
         writes.append((Path(path).name, Path(path).read_bytes(), Path(path).stat().st_mtime_ns))
 
-    monkeypatch.setattr(train_module, "save_atomic", recording_save)
+    monkeypatch.setattr(train_module, "write_atomic", recording_write)
     result = invoke("train", config, "--out", tmp_path / "runs", "--quiet")
     assert result.exit_code == 1
     match = re.match(r"error: the loss became (inf|nan) at epoch (\d+), batch ([1-3]); training stopped",
