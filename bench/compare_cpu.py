@@ -8,7 +8,10 @@ For each case it runs, `--repeats` times and alternating:
 Writes bench/results/cpu.json and prints a markdown table of medians and ratios (nncli / reference;
 below 1 means nncli is faster).
 
-  python bench/compare_cpu.py [--repeats 5] [--cases mlp,cnn,synthetic]
+  python bench/compare_cpu.py [--repeats 5] [--cases mlp,cnn,synthetic,mlp_fused,cnn_fused]
+
+The *_fused cases run nncli with `optimizer.fused: true` (torch's fused Adam kernel) against the
+same reference loop, which uses torch's default Adam: what one config line buys.
 """
 import argparse
 import json
@@ -25,11 +28,17 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT.parent / "shared" / "bench" / "reference_loop.py"
+MLP = ["--model", "mlp", "--loader", "slice", "--epochs", "20"]
+CNN = ["--model", "cnn", "--loader", "slice", "--epochs", "20"]
+FUSED = ["--set", "optimizer.fused=true"]  # torch's fused Adam kernel, which the reference does not use
+# case: (reference_loop.py arguments, nncli config, nncli --set arguments)
 CASES = {
-    "mlp": (["--model", "mlp", "--loader", "slice", "--epochs", "20"], "bench/configs/mlp_reference.yaml"),
-    "cnn": (["--model", "cnn", "--loader", "slice", "--epochs", "20"], "bench/configs/cnn_reference.yaml"),
+    "mlp": (MLP, "bench/configs/mlp_reference.yaml", []),
+    "cnn": (CNN, "bench/configs/cnn_reference.yaml", []),
     "synthetic": (["--data", "synthetic", "--loader", "slice", "--epochs", "2", "--batch", "256"],
-                  "bench/configs/synthetic_reference.yaml"),
+                  "bench/configs/synthetic_reference.yaml", []),
+    "mlp_fused": (MLP, "bench/configs/mlp_reference.yaml", FUSED),
+    "cnn_fused": (CNN, "bench/configs/cnn_reference.yaml", FUSED),
 }
 
 
@@ -53,20 +62,20 @@ def main() -> None:
     args = parser.parse_args()
     results = {}
     for case in args.cases.split(","):
-        ref_args, config = CASES[case]
+        ref_args, config, sets = CASES[case]
         samples = {"ref_fit": [], "nncli_fit": [], "ref_process": [], "nncli_process": [],
                    "ref_acc": [], "nncli_acc": []}
         for _ in range(args.repeats):
             _, out = timed([sys.executable, str(REFERENCE), *ref_args])
             samples["ref_fit"].append(field(out, "fit_s"))
             samples["ref_acc"].append(field(out, "val_acc"))
-            _, out = timed([sys.executable, "bench/nncli_fit.py", config])
+            _, out = timed([sys.executable, "bench/nncli_fit.py", config, *sets])
             samples["nncli_fit"].append(field(out, "fit_s"))
             samples["nncli_acc"].append(field(out, "val_acc"))
             elapsed, _ = timed([sys.executable, str(REFERENCE), *ref_args])
             samples["ref_process"].append(elapsed)
             with tempfile.TemporaryDirectory() as out_dir:
-                elapsed, _ = timed([sys.executable, "-m", "nncli", "train", config, "--quiet", "--out", out_dir])
+                elapsed, _ = timed([sys.executable, "-m", "nncli", "train", config, *sets, "--quiet", "--out", out_dir])
             samples["nncli_process"].append(elapsed)
         med = {k: statistics.median(v) for k, v in samples.items()}
         results[case] = {"median": med, "samples": samples,

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
-from nncli.errors import ConfigError
+from nncli.errors import ConfigError, RunError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -50,6 +50,17 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def out_of_memory_as_error(doing: str, hint: str) -> Iterator[None]:
+    """A device running out of memory while `doing` something becomes a RunError (exit 1) with
+    a hint, instead of torch's multi-line message and a traceback."""
+    try:
+        yield
+    except torch.OutOfMemoryError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else "out of memory"
+        raise RunError(f"out of memory {doing}: {first_line}", hint=hint) from None
 
 
 # --- distributed -----------------------------------------------------------------------------

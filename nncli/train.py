@@ -26,7 +26,8 @@ from nncli.checkpoint import FORMAT, capture_rng, checkpoint_bytes, restore_rng,
 from nncli.config import Config
 from nncli.data import CLASS_INDEX_LOSSES, Batches, Data, TensorPair, check_targets, load_data, loss_name
 from nncli.devices import (Process, all_reduce_sum, autocast, configure_determinism, end_process,
-                           grad_scaler, resolve_device, start_process, weights_in_sync, wrap_model)
+                           grad_scaler, out_of_memory_as_error, resolve_device, start_process,
+                           weights_in_sync, wrap_model)
 from nncli.errors import ConfigError, Interrupted, RunError
 from nncli.metrics import check_metric_name, create_metric, higher_is_better
 from nncli.model import ModelPlan, plan_model
@@ -160,13 +161,18 @@ def prepare_run(config: Config, *, device: str | None = None, run_dir: Path | No
     seed_everything(config["seed"])
     plan = plan_model(config, input_shape=_input_shape(config, data), device="cpu")
     check_targets(data, plan.output_shape[1:], config)
-    model = plan.model.to(target_device)
+    with out_of_memory_as_error(f"moving the model and data to {target_device}",
+                                "The data and the model must fit in the device's memory together: "
+                                "use less data, a smaller model, or device: cpu."):
+        model = plan.model.to(target_device)
+        train_data = data.train.to(target_device)
+        val = data.val.to(target_device) if data.val is not None else None
     step_model = wrap_model(model, parallel=config["parallel"], device=target_device,
                             device_ids=config["device_ids"], compile_mode=config["compile"],
                             channels_last=config["channels_last"], process=process, notice=notice)
     optimizer, groups = create_optimizer(model, config)
     train_cfg = config["train"]
-    batches = Batches(data.train.to(target_device), train_cfg["batch_size"], shuffle=train_cfg["shuffle"],
+    batches = Batches(train_data, train_cfg["batch_size"], shuffle=train_cfg["shuffle"],
                       seed=config["seed"], drop_last=train_cfg["drop_last"],
                       rank=process.rank, world_size=process.world_size)
     if len(batches) == 0:
@@ -175,7 +181,6 @@ def prepare_run(config: Config, *, device: str | None = None, run_dir: Path | No
     epochs = epochs or train_cfg["epochs"]
     optimizer_steps = -(-len(batches) // train_cfg["accumulate"])
     schedule = create_schedule(optimizer, config, optimizer_steps, epochs)
-    val = data.val.to(target_device) if data.val is not None else None
     run = Run(config, plan, model, data, batches, val, loss_fn, optimizer, groups, schedule,
               target_device, run_dir or Path(config["checkpoint"]["dir"]) / config["name"], epochs,
               step_model, grad_scaler(config["amp"], target_device), process, plain_config=to_plain(config.values))
@@ -491,7 +496,10 @@ def train(config: Config, reporter: Reporter, *, device: str | None = None,
 def run_fit(run: Run, reporter: Reporter) -> None:
     """`fit`, then close the progress display and leave the process group whatever happened."""
     try:
-        fit(run, reporter)
+        with out_of_memory_as_error(f"training on {run.device}",
+                                    "Lower train.batch_size (train.accumulate keeps the effective batch "
+                                    "size), or set amp: bf16. The checkpoints of earlier epochs are unchanged."):
+            fit(run, reporter)
         if run.process.world_size > 1:
             same = weights_in_sync(run.model)
             reporter.print(f"DDP: weights identical on all {run.process.world_size} processes" if same

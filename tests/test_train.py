@@ -203,6 +203,43 @@ def test_eval_and_resume_warn_when_the_data_changed_since_training(tmp_path):
     assert load(run / "last.pt")["epoch"] == 3
 
 
+OUT_OF_MEMORY_PLUGIN = """
+import torch
+from torch import nn
+import nncli
+
+@nncli.register_layer
+class RunsOutOfMemory(nn.Module):
+    \"\"\"The identity, until its 5th training step: then the allocator 'fails', as a GPU's would.\"\"\"
+    def __init__(self):
+        super().__init__()
+        self.steps = 0
+
+    def forward(self, x):
+        if self.training:
+            self.steps += 1
+            if self.steps == 5:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB.\\nmore detail")
+        return x
+"""
+
+
+def test_running_out_of_device_memory_is_exit_1_with_a_hint(tmp_path):
+    (tmp_path / "oom.py").write_text(OUT_OF_MEMORY_PLUGIN)
+    config = write_config(tmp_path, """
+        plugins: [oom.py]
+        data: {source: synthetic, n: 80, features: 4, classes: 2, val_split: 0.2}
+        train: {epochs: 3, batch_size: 16}
+        model: {layers: [{type: Linear, out_features: 2}, RunsOutOfMemory]}
+        """)
+    done = run_nncli("train", config, "--out", tmp_path / "runs", "-q", cwd=tmp_path)  # 4 steps an epoch
+    assert done.returncode == 1
+    assert done.stderr == ("error: out of memory training on cpu: CUDA out of memory. Tried to allocate "
+                           "20.00 GiB. Lower train.batch_size (train.accumulate keeps the effective batch "
+                           "size), or set amp: bf16. The checkpoints of earlier epochs are unchanged.\n")
+    assert load(tmp_path / "runs" / "config" / "last.pt")["epoch"] == 1
+
+
 def test_torch_warnings_are_one_line_each_and_in_full_with_debug(tmp_path):
     config = write_config(tmp_path, """
         data: {source: synthetic, n: 64, features: 4, classes: 3}
