@@ -24,28 +24,38 @@ OverridesOpt = typer.Option([], "--set", help="Override a config value: KEY=VALU
 
 def run_command(action: Callable[[], Optional[int]], debug: bool) -> None:
     """Run a command body: nncli errors become one paragraph on stderr and an exit status
-    (2 bad input, 1 failure, 130 interrupted); other exceptions too, traceback only with --debug."""
+    (2 bad input, 1 failure, 130 interrupted); other exceptions too, traceback only with --debug.
+    Under DDP, the other processes' messages are marked with their rank, and only the main
+    process shows warnings (every process would repeat them)."""
     from nncli.errors import NncliError
 
+    rank = int(os.environ.get("RANK", "0"))  # torchrun's: which process of the job this is
+
+    def say(text: str) -> None:
+        print(text if rank == 0 else f"[process {rank}] {text}", file=sys.stderr)
+
     if not debug:
-        warnings.showwarning = _show_warning
+        warnings.showwarning = _show_warning if rank == 0 else (lambda *args, **kwargs: None)
     try:
         code = action() or 0
     except NncliError as err:
         if debug:
             traceback.print_exc()
-        print(f"{err.prefix}{err}", file=sys.stderr)
+        if str(err):  # empty on the DDP processes that leave the message to the main one
+            say(f"{err.prefix}{err}")
         raise typer.Exit(err.exit_code) from None
     except KeyboardInterrupt:
         if debug:
             traceback.print_exc()
-        print("interrupted", file=sys.stderr)
+        say("interrupted")
         raise typer.Exit(130) from None
     except Exception as err:
         if debug:
             traceback.print_exc()
-        print(f"error: {type(err).__name__}: {err} (run again with --debug for the traceback)",
-              file=sys.stderr)
+        if rank > 0 and "by peer" in str(err):  # gloo's words when another process of the job died
+            say("error: stopped because another process of the job failed")
+        else:
+            say(f"error: {type(err).__name__}: {err} (run again with --debug for the traceback)")
         raise typer.Exit(1) from None
     raise typer.Exit(code)
 
@@ -161,7 +171,15 @@ def train(
 ) -> None:
     """Train the config's model; write config, metrics and checkpoints to a run directory."""
     if nproc:
-        raise typer.Exit(_torchrun(nproc))
+        def check_then_launch() -> int:
+            from nncli.config import load_config
+            from nncli.train import check_config
+
+            cfg = load_config(config, [*overrides, *([f"train.epochs={epochs}"] if epochs else [])])
+            check_config(cfg, processes=nproc)  # bad input is said once, here, not by every process
+            return _launch(nproc)
+
+        run_command(check_then_launch, debug)
 
     def action() -> None:
         from nncli.config import load_config
@@ -206,7 +224,14 @@ def resume(
 ) -> None:
     """Continue a run exactly where it stopped, or warm-start a new run from plain weights."""
     if nproc:
-        raise typer.Exit(_torchrun(nproc))
+        def check_then_launch() -> int:
+            from nncli.resume import check_processes, is_nncli_checkpoint
+
+            if is_nncli_checkpoint(path):
+                check_processes(path, nproc)
+            return _launch(nproc)
+
+        run_command(check_then_launch, debug)
 
     def action() -> None:
         from nncli.errors import ConfigError
@@ -229,10 +254,13 @@ def resume(
     run_command(action, debug)
 
 
-def _torchrun(nproc: int) -> int:
-    """`nncli train|resume ... --nproc N`: the same command under torchrun: N processes, parallel: ddp."""
-    import subprocess
+def _launch(nproc: int) -> int:
+    """This command again, without --nproc, in `nproc` DDP processes (see devices.launch)."""
+    from nncli.devices import launch
+    from nncli.errors import ConfigError
 
+    if nproc == 1:
+        raise ConfigError("1 process is a plain run: leave out --nproc, or give 2 or more", key="--nproc")
     args, skip = [], False
     for arg in sys.argv[1:]:
         if skip:
@@ -241,12 +269,7 @@ def _torchrun(nproc: int) -> int:
             skip = True
         elif not arg.startswith("--nproc="):
             args.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "nncli", *args, "--set", "parallel=ddp"]
-    try:
-        return subprocess.call(command)
-    except KeyboardInterrupt:
-        return 130
+    return launch(nproc, args)
 
 
 @app.command(name="eval")

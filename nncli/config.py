@@ -7,6 +7,7 @@ optimizer's, a data source's) are checked by the module that builds them, throug
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -26,6 +27,7 @@ class Key:
     default: Any = None
     check: Callable[[Any], str | None] | None = None  # returns what is wrong, or None
     schema: dict | None = None  # for a nested mapping
+    hint: Callable[[Any], str | None] | None = None  # a hint for a wrong value (else 'did you mean')
 
     def describe(self) -> str:
         names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
@@ -57,6 +59,59 @@ def compile_mode(value: Any) -> str | None:
 
 _COMPILE_MODES = one_of("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 compile_mode.choices = _COMPILE_MODES.choices
+
+
+def compile_hint(value: Any) -> str | None:
+    """compile: 'true' is a string; true and false turn compile on and off."""
+    if str(value).lower() in ("true", "false"):
+        return f"Write true or false without quotes: '{value}' in quotes is a string, not a boolean."
+    return did_you_mean(str(value), _COMPILE_MODES.choices) or "compile also takes true or false."
+
+
+_AMP = one_of("off", "bf16", "fp16")
+
+
+def amp_hint(value: Any) -> str | None:
+    """amp is a precision, not a switch: true means bf16 or fp16, false means off."""
+    text = str(value).lower()
+    if text in ("true", "yes", "on"):
+        return f"amp: {text} is not a precision: use bf16 (or fp16 on older GPUs)."
+    if text in ("false", "no", "none", "fp32", "float32"):
+        return "Did you mean 'off'?"
+    return did_you_mean(text, _AMP.choices)
+
+
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:(0|[1-9][0-9]*))?")
+
+
+def device_name(value: Any) -> str | None:
+    """The syntax of `device:` and `--device`; whether the device is there is checked when
+    training starts (devices.resolve_device)."""
+    return None if _DEVICE.fullmatch(value) else f"must be {DEVICES}"
+
+
+def device_hint(value: Any) -> str | None:
+    """A fix for a malformed device: case slips, `gpu` for cuda, an index that cpu or mps cannot take."""
+    text = str(value).strip().lower()
+    if not text:
+        return "Use auto to pick CUDA, else MPS, else the CPU."
+    if _is_index(text):
+        return f"Did you mean 'cuda:{int(text)}'?"
+    kind, colon, index = text.partition(":")
+    kind = "cuda" if kind == "gpu" else kind  # a GPU is what they mean
+    if kind in ("auto", "cpu", "mps") and colon:
+        return f"{kind} takes no index: use {kind}."
+    if kind == "cuda" and colon and not _is_index(index):
+        return "N in cuda:N is a GPU index (cuda:0, cuda:1, ...); cuda alone is the first GPU."
+    fixed = f"{kind}:{int(index)}" if colon else kind
+    if fixed != value and _DEVICE.fullmatch(fixed):
+        return f"Did you mean '{fixed}'?"
+    return did_you_mean(kind, ("auto", "cpu", "cuda", "mps"))
+
+
+def _is_index(text: str) -> bool:
+    return text.isascii() and text.isdigit()
 
 
 def fraction(value: Any) -> str | None:
@@ -97,11 +152,11 @@ TOP = {
     "schedule": Key((str, dict, type(None)), None),
     "train": Key((dict,), {}, schema=TRAIN),
     "checkpoint": Key((dict,), {}, schema=CHECKPOINT),
-    "device": Key((str,), "auto"),
+    "device": Key((str,), "auto", device_name, hint=device_hint),
     "parallel": Key((str,), "none", one_of("none", "dp", "ddp")),
-    "device_ids": Key((list, type(None)), None),
-    "amp": Key((str,), "off", one_of("off", "bf16", "fp16")),
-    "compile": Key((bool, str), False, compile_mode),
+    "device_ids": Key((list, type(None)), None),  # items: check_device_ids
+    "amp": Key((str,), "off", _AMP, hint=amp_hint),
+    "compile": Key((bool, str), False, compile_mode, hint=compile_hint),
     "channels_last": Key((bool,), False),
     "deterministic": Key((bool,), False),
 }
@@ -178,10 +233,11 @@ def check_section(mapping: dict, schema: dict[str, Key], error: Callable[..., Co
         value = mapping[key]
         if not _is_a(value, spec.types):
             shown = "" if value is None or isinstance(value, (dict, list)) else f" {value!r}"
-            raise error(f"expected {spec.describe()}, got {_kind(value)}{shown}", *where, key)
+            raise error(f"expected {spec.describe()}, got {_kind(value)}{shown}", *where, key,
+                        hint=spec.hint(value) if spec.hint else None)
         if spec.check is not None and (problem := spec.check(value)):
             choices = getattr(spec.check, "choices", None)
-            hint = did_you_mean(str(value), choices) if choices else None
+            hint = spec.hint(value) if spec.hint else did_you_mean(str(value), choices) if choices else None
             raise error(f"{problem}, got {value!r}", *where, key, hint=hint)
         if spec.schema is not None and isinstance(value, dict):
             value = check_section(value, spec.schema, error, *where, key)
@@ -293,6 +349,7 @@ def config_from_mapping(raw: Any, *, path: Path | None = None, overrides: list[s
     for i, plugin in enumerate(values["plugins"]):
         if not isinstance(plugin, str):
             raise config.error(f"expected a Python file or module name, got {plugin!r}", "plugins", i)
+    check_device_ids(config, values["device_ids"])
     shape = values["model"]["input_shape"]
     if shape is not None and not (shape and all(isinstance(d, int) and not isinstance(d, bool) and d > 0
                                                 for d in shape)):
@@ -300,6 +357,20 @@ def config_from_mapping(raw: Any, *, path: Path | None = None, overrides: list[s
                            f"dimension), got {to_plain(shape)}", "model", "input_shape")
     config.values = values
     return config
+
+
+def check_device_ids(config: Config, ids: list | None) -> None:
+    """`device_ids:` (for parallel: dp) is null for every visible GPU, or a list of distinct GPU
+    indices; whether those GPUs are there is checked when training starts (devices.wrap_model)."""
+    if ids is not None and not ids:
+        raise config.error("expected a non-empty list of GPU indices, got []", "device_ids",
+                           hint="Leave device_ids out to use every visible GPU.")
+    for i, gpu in enumerate(ids or ()):
+        if isinstance(gpu, bool) or not isinstance(gpu, int) or gpu < 0:
+            raise config.error(f"expected a GPU index (an integer, 0 or more), got {to_plain(gpu)!r}",
+                               "device_ids", i)
+        if gpu in ids[:i]:
+            raise config.error(f"GPU {gpu} is listed twice; list each GPU once", "device_ids", i)
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:

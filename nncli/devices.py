@@ -12,36 +12,40 @@ from nncli.errors import ConfigError, RunError
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` is CUDA, else MPS, else CPU; an explicit device that is not there is an error."""
+    """`auto` is CUDA, else MPS, else CPU; an explicit device that is not there is an error.
+    Under torchrun each process takes the GPU of its local rank."""
+    from nncli.config import DEVICES, device_hint, device_name  # the syntax that `validate` checks
+
+    if device_name(name):
+        raise ConfigError(f"'{name}' is not a device; expected {DEVICES}", key="device",
+                          hint=device_hint(name))
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank() if is_distributed() else 0)
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"'{name}' is not a device; expected auto, cpu, cuda, cuda:N or mps",
-                          key="device") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"'{name}' asked for, but this machine has no CUDA GPU "
-                              "that PyTorch can use", key="device",
-                              hint="Use device: auto or cpu.")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"'{name}' asked for, but only {torch.cuda.device_count()} "
-                              "GPU(s) are visible", key="device")
-        if device.index is None:
-            device = torch.device("cuda", local_rank() if is_distributed() else 0)
-    elif device.type == "mps" and not (getattr(torch.backends, "mps", None)
-                                       and torch.backends.mps.is_available()):
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    device = torch.device(name)
+    if device.type == "mps" and not mps:
         raise ConfigError(f"'{name}' asked for, but MPS is not available here", key="device",
                           hint="Use device: auto or cpu.")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"'{name}' is not supported; expected auto, cpu, cuda, cuda:N or mps",
-                          key="device")
-    return device
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise ConfigError(f"'{name}' asked for, but this machine has no CUDA GPU "
+                          "that PyTorch can use", key="device", hint="Use device: auto or cpu.")
+    visible = torch.cuda.device_count()
+    if is_distributed():
+        if device.index is not None:
+            raise ConfigError(f"'{name}' names one GPU, but under DDP each process takes the GPU of "
+                              "its local rank", key="device",
+                              hint="Use device: cuda, and choose the GPUs with CUDA_VISIBLE_DEVICES.")
+        if local_rank() >= visible:
+            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank() + 1))
+            raise ConfigError(f"--nproc {per_node} needs {per_node} GPUs, {visible} "
+                              f"{'is' if visible == 1 else 'are'} visible", key="device",
+                              hint="Lower --nproc (torchrun: --nproc_per_node) or use device: cpu.")
+        return torch.device("cuda", local_rank())
+    if device.index is not None and device.index >= visible:
+        raise ConfigError(f"'{name}' asked for, but only {visible} GPU(s) are visible", key="device")
+    return torch.device("cuda", device.index or 0)
 
 
 def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
@@ -65,9 +69,14 @@ def out_of_memory_as_error(doing: str, hint: str) -> Iterator[None]:
 
 # --- distributed -----------------------------------------------------------------------------
 
+def launched_processes() -> int:
+    """How many processes torchrun (or `--nproc`) started for this job; 1 without it."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def is_distributed() -> bool:
     """Started by torchrun (or anything that sets its environment variables)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return launched_processes() > 1
 
 
 def local_rank() -> int:
@@ -87,29 +96,73 @@ class Process:
 
 
 def start_process(parallel: str, device: torch.device) -> Process:
-    """Join torchrun's process group when started by it (NCCL on GPUs, gloo on CPU)."""
+    """Join torchrun's process group when started by it: gloo on CPU; on GPUs NCCL for GPU
+    tensors and gloo for the few CPU ones (the stop flag, the end-of-run weight check)."""
     if not is_distributed():
         if parallel == "ddp":
             raise ConfigError("ddp needs several processes: start with "
                               "`nncli train CONFIG --nproc N` or `torchrun --nproc_per_node N -m nncli train CONFIG`",
                               key="parallel")
         return Process()
+    check_parallel(parallel, launched_processes())
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend)
+            dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
     return Process(dist.get_rank(), dist.get_world_size())
 
 
-def end_process(process: Process) -> None:
+def check_parallel(parallel: str, processes: int) -> None:
+    """Several processes train with DDP: `parallel` may say ddp or none (then ddp is implied),
+    not dp, which is one process driving several GPUs."""
+    if processes > 1 and parallel == "dp":
+        raise ConfigError(f"dp is one process driving several GPUs, but {processes} processes were "
+                          "asked for (--nproc or torchrun)", key="parallel", hint="Use parallel: ddp.")
+
+
+def launch(nproc: int, args: list[str]) -> int:
+    """`python -m nncli ARGS` in `nproc` DDP processes on this machine, started by torchrun's
+    launcher inside this process; the exit status is the command's: 2 when a process had bad
+    input, 130 when interrupted, else 1 for a failure. Ctrl-C here reaches the workers through
+    the launcher, which forwards it: they finish the step, save and exit together."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    # torchrun's default of one thread per process, without its banner; and none of the
+    # launcher's log lines ("sending SIGINT to process N", "failed (exitcode: 1) local_rank: 0"):
+    # the workers say what happened, and the exit status says how it ended.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+    try:
+        run(parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "nncli", *args]))
+    except SignalException:
+        return 130
+    except ChildFailedError as failed:
+        codes = {failure.exitcode for failure in failed.failures.values()}
+        return 2 if 2 in codes else 130 if 130 in codes else 1
+    return 0
+
+
+def end_process(process: Process, together: bool = True) -> None:
+    """Leave the process group. `together`: every process got here the same way (finished, or
+    stopped by an agreed interrupt or NaN), so they wait for each other first; after a failure
+    of this process alone, waiting would hang the job, so it just leaves."""
     if process.world_size > 1:
         import torch.distributed as dist
 
         if dist.is_initialized():
-            dist.barrier()  # leave together: gloo aborts a process whose peer tears down first
+            if together:
+                dist.barrier()  # leave together: gloo aborts a process whose peer tears down first
             dist.destroy_process_group()
 
 
@@ -124,11 +177,26 @@ def wrap_model(model: torch.nn.Module, *, parallel: str, device: torch.device, d
         model.to(memory_format=torch.channels_last)
     step_model = model
     if parallel == "dp":
-        count = torch.cuda.device_count() if device.type == "cuda" else 0
-        ids = device_ids or list(range(count))
+        visible = torch.cuda.device_count() if device.type == "cuda" else 0
+        first = device.index or 0
+        if device_ids and device.type != "cuda" and torch.cuda.is_available():
+            raise ConfigError(f"GPU {device_ids[0]} asked for, but training runs on {device.type}",
+                              key="device_ids", hint="Use device: cuda, or leave device_ids out.")
+        if device_ids and (missing := [i for i in device_ids if i >= visible]):
+            raise ConfigError(f"GPU {missing[0]} asked for, but {visible} {'GPU is' if visible == 1 else 'GPUs are'} "
+                              "visible", key="device_ids",
+                              hint=f"Use ids from 0 to {visible - 1}, or leave device_ids out to use "
+                              "every visible GPU." if visible else "Leave device_ids out.")
+        # DataParallel keeps the module, and gathers the outputs, on device_ids[0]: the model's GPU
+        if device_ids and device_ids[0] != first:
+            raise ConfigError(f"the model is on {device}, but DataParallel needs it on the first of "
+                              f"device_ids, GPU {device_ids[0]}", key="device_ids",
+                              hint=f"List GPU {first} first, or use device: cuda:{device_ids[0]}.")
+        ids = list(device_ids or sorted(range(visible), key=lambda i: i != first))  # the model's GPU first
         if len(ids) < 2:
+            where = "listed in device_ids" if device_ids else "visible"
             notice(f"parallel: dp needs two or more GPUs, and {len(ids)} {'is' if len(ids) == 1 else 'are'} "
-                   "visible: training without the DataParallel wrapper")
+                   f"{where}: training without the DataParallel wrapper")
         else:
             notice("parallel: dp wraps the model in nn.DataParallel; PyTorch recommends DDP even on "
                    "one machine (parallel: ddp with --nproc N)")
@@ -167,11 +235,12 @@ def configure_determinism(deterministic: bool, device: torch.device) -> None:
 
 
 def weights_in_sync(model: torch.nn.Module) -> bool:
-    """Whether every process holds the same weights (compares per-tensor sums' max and min)."""
+    """Whether every process holds the same weights (compares per-tensor sums' max and min).
+    Parameters only: buffers such as BatchNorm's running statistics are each process's own after
+    its last forward pass (DDP copies rank 0's at the start of each one), and rank 0's are saved."""
     import torch.distributed as dist
 
-    sums = torch.stack([p.detach().double().sum().cpu() for p in model.state_dict().values()
-                        if p.is_floating_point()])
+    sums = torch.stack([p.detach().double().sum().cpu() for p in model.parameters()])
     high, low = sums.clone(), sums.clone()
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
     dist.all_reduce(low, op=dist.ReduceOp.MIN)

@@ -16,7 +16,7 @@ from nncli.devices import resolve_device
 from nncli.errors import ConfigError
 from nncli.model import ModelPlan, plan_model
 from nncli.optim import create_loss
-from nncli.train import evaluate
+from nncli.train import evaluate, located_errors
 
 
 def config_of(ckpt: dict, overrides: list[str] = (), run_dir: Path | None = None) -> Config:
@@ -35,7 +35,9 @@ def load_trained(path: Path, device: str | None = None) -> tuple[dict, Config, M
     config = config_of(ckpt, run_dir=file.parent)
     plan = plan_model(config, ckpt["input_shape"], device="cpu")
     plan.model.load_state_dict(ckpt["model"])
-    plan.model.to(resolve_device(device or "cpu")).eval()
+    with located_errors(config, device):
+        target = resolve_device("cpu" if device is None else device)
+    plan.model.to(target).eval()
     return ckpt, config, plan
 
 

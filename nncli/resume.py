@@ -19,6 +19,7 @@ from nncli.checkpoint import (FORMAT, find_checkpoint, load_checkpoint, load_fil
                               remove_stale_temporaries)
 from nncli.config import Config, load_config
 from nncli.data import load_data
+from nncli.devices import launched_processes
 from nncli.errors import ConfigError
 from nncli.inference import config_of
 from nncli.optim import LENGTH_ARGUMENT
@@ -79,6 +80,8 @@ def resume(path: Path, reporter: Reporter, *, overrides: list[str] = (), epochs:
     """Continue the run saved at `path` (a run directory or a checkpoint file)."""
     file = find_checkpoint(path, prefer=("last.pt", "best.pt"))
     ckpt = load_checkpoint(file)
+    processes, trained_by = launched_processes(), ckpt.get("world_size", 1)
+    _check_processes(ckpt, file, processes)
     stored = config_of(ckpt, run_dir=file.parent)
     extra = [f"train.epochs={epochs}"] if epochs else []
     if config_path is not None:
@@ -87,8 +90,10 @@ def resume(path: Path, reporter: Reporter, *, overrides: list[str] = (), epochs:
             load_data(config)  # fills in the data section's defaults, as the stored config has them
     else:
         config = config_of(ckpt, [*overrides, *extra], run_dir=file.parent)
-    differences = config_differences(stored.values, config.values)
-    differences = [d for d in differences if d[0] != "name"]
+    if processes == 1 and config["parallel"] == "ddp":
+        config.values["parallel"] = "none"  # a DDP run continued by one process
+    # `parallel` follows the number of processes, which has its own message below
+    differences = [d for d in config_differences(stored.values, config.values) if d[0] not in ("name", "parallel")]
     refused = [d for d in differences if _is_fixed(d[0])]
     if refused:
         raise ConfigError(f"cannot resume with a different {', '.join(sorted({d[0].split('.')[0] for d in refused}))}: "
@@ -110,9 +115,17 @@ def resume(path: Path, reporter: Reporter, *, overrides: list[str] = (), epochs:
             write_metrics_csv(run.state.history, file.parent / "metrics.csv")
     if differences:
         reporter.print(f"changed on resume: {_describe(differences)}")
+    steps_done = run.state.step
+    if processes != trained_by:
+        steps_done = run.state.epoch * -(-len(run.batches) // config["train"]["accumulate"])
+        reporter.print(f"continuing with {processes} process{'es' if processes > 1 else ''} instead of "
+                       f"{trained_by}: {len(run.batches)} batches per process each epoch; the run will "
+                       f"not reproduce one that kept {trained_by}")
+    step_schedule = run.schedule is not None and run.schedule.interval == "step"
     if config_differences(stored["optimizer"], config["optimizer"]) or \
-            config_differences(stored["schedule"], config["schedule"]) or _length_changed(stored, config):
-        _replan_schedule(run, fresh_groups, fresh_schedule, reporter)
+            config_differences(stored["schedule"], config["schedule"]) or _length_changed(stored, config) or \
+            (processes != trained_by and step_schedule):
+        _replan_schedule(run, fresh_groups, fresh_schedule, reporter, steps_done)
     state = run.state
     if run.epochs < state.epoch:
         raise ConfigError(f"the run has already trained {state.epoch} epochs; --epochs {run.epochs} "
@@ -120,10 +133,11 @@ def resume(path: Path, reporter: Reporter, *, overrides: list[str] = (), epochs:
                           hint=f"Use {file.parent / 'best.pt'} or an epoch_<N>.pt checkpoint.")
     if state.stopped_early or state.epoch >= run.epochs:
         why = "stopped early" if state.stopped_early else "finished"
+        processes = f" --nproc {run.process.world_size}" if run.process.world_size > 1 else ""
         reporter.print(f"the run {why} at epoch {state.epoch} of {stored['train']['epochs']}; nothing "
-                       f"to do. Extend it with: nncli resume {path} --epochs N")
+                       f"to do. Extend it with: nncli resume {path} --epochs N{processes}")
         return run
-    if differences and run.process.is_main:
+    if (differences or processes != trained_by) and run.process.is_main:
         write_text_atomic(resolved_config_text(config), file.parent / "config.yaml")
     where = f"epoch {state.epoch + 1} of {run.epochs}"
     if state.position:
@@ -133,6 +147,25 @@ def resume(path: Path, reporter: Reporter, *, overrides: list[str] = (), epochs:
     return run
 
 
+def check_processes(path: Path, processes: int) -> None:
+    """`resume --nproc N` checks this before it starts N processes."""
+    file = find_checkpoint(path, prefer=("last.pt", "best.pt"))
+    _check_processes(load_checkpoint(file), file, processes)
+
+
+def _check_processes(ckpt: dict, file: Path, processes: int) -> None:
+    """A run may continue with another number of processes from the end of an epoch, not from
+    inside one: the position counts batches of each process's share, which that number sets."""
+    trained = ckpt.get("world_size", 1)
+    if processes != trained and ckpt["position"]:
+        how = f"with --nproc {trained}" if trained > 1 else "without --nproc"
+        raise ConfigError(f"the run stopped inside epoch {ckpt['epoch'] + 1} with {trained} "
+                          f"process{'es' if trained > 1 else ''}; it can finish that epoch only with "
+                          f"as many, not {processes}", file=str(file),
+                          hint=f"Resume it {how} and --epochs {ckpt['epoch'] + 1} to finish the epoch; "
+                               "from there it can go on with any number.")
+
+
 def _length_changed(stored: Config, config: Config) -> bool:
     spec = config["schedule"]
     name = spec if isinstance(spec, str) else (spec or {}).get("type")
@@ -140,15 +173,16 @@ def _length_changed(stored: Config, config: Config) -> bool:
 
 
 def _replan_schedule(run: Run, fresh_groups: list[dict], fresh_schedule: dict | None,
-                     reporter: Reporter) -> None:
+                     reporter: Reporter, steps_done: int) -> None:
     """The new settings (lr, schedule length) replace the checkpoint's: the fresh scheduler that
-    `prepare_run` made is fast-forwarded over the steps already taken, from the new base rates."""
+    `prepare_run` made is fast-forwarded over the optimizer steps (or epochs) already taken,
+    from the new base rates."""
     for group, settings in zip(run.optimizer.param_groups, fresh_groups):
         group.update(settings)
     if run.schedule is None or run.schedule.monitor is not None:
         return  # ReduceLROnPlateau's state is its history of the metric: keep it
     scheduler = run.schedule.scheduler
-    done = run.state.step if run.schedule.interval == "step" else run.state.epoch
+    done = steps_done if run.schedule.interval == "step" else run.state.epoch
     scheduler.load_state_dict(fresh_schedule)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()"

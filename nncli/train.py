@@ -7,6 +7,7 @@ model, early stopping and checkpoints. Losses stay on the device and are read on
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import random
@@ -14,6 +15,7 @@ import signal
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import numpy as np
@@ -26,8 +28,8 @@ from nncli.checkpoint import FORMAT, capture_rng, checkpoint_bytes, restore_rng,
 from nncli.config import Config
 from nncli.data import CLASS_INDEX_LOSSES, Batches, Data, TensorPair, check_targets, load_data, loss_name
 from nncli.devices import (Process, all_reduce_sum, autocast, configure_determinism, end_process,
-                           grad_scaler, out_of_memory_as_error, resolve_device, start_process,
-                           weights_in_sync, wrap_model)
+                           check_parallel, grad_scaler, out_of_memory_as_error, resolve_device,
+                           start_process, weights_in_sync, wrap_model)
 from nncli.errors import ConfigError, Interrupted, RunError
 from nncli.metrics import check_metric_name, create_metric, higher_is_better
 from nncli.model import ModelPlan, plan_model
@@ -114,10 +116,13 @@ def check_training_config(config: Config, has_val: bool) -> None:
                                f"{', '.join(known)}", "train", "early_stop", "metric")
 
 
-def check_config(config: Config) -> tuple[ModelPlan, list[ParamGroup] | None]:
-    """Every check possible without training (`nncli validate`): the model's shape pass on the
-    meta device, and when the config has data: the data, targets, loss, metrics, optimizer
-    groups and schedule. Returns the plan and the optimizer groups."""
+def check_config(config: Config, processes: int = 1) -> tuple[ModelPlan, list[ParamGroup] | None]:
+    """Every check possible without training (`nncli validate`, and `--nproc` before it starts
+    its `processes`): the model's shape pass on the meta device, and when the config has data:
+    the data, targets, loss, metrics, optimizer groups and schedule. Returns the plan and the
+    optimizer groups."""
+    with located_errors(config):
+        check_parallel(config["parallel"], processes)
     if config["data"] is None:
         return plan_model(config), None
     create_loss(config)  # an unknown loss name first: the targets' checks depend on the loss
@@ -127,9 +132,32 @@ def check_config(config: Config) -> tuple[ModelPlan, list[ParamGroup] | None]:
     check_targets(data, plan.output_shape[1:], config)
     create_loss(config)
     optimizer, groups = create_optimizer(plan.model, config)
-    steps = -(-len(data.train) // config["train"]["batch_size"])
-    create_schedule(optimizer, config, -(-steps // config["train"]["accumulate"]))
+    batches = make_batches(config, data.train, Process(0, processes))
+    create_schedule(optimizer, config, -(-len(batches) // config["train"]["accumulate"]))
     return plan, groups
+
+
+@contextlib.contextmanager
+def located_errors(config: Config, device_option: str | None = None) -> Iterator[None]:
+    """The device module's errors name a key; say where its value came from: the config's line,
+    or `--device` when that option gave the device."""
+    try:
+        yield
+    except ConfigError as err:
+        if device_option is not None and err.key == "device":
+            raise ConfigError(err.message, key="--device", hint=err.hint) from None
+        raise config.error(err.message, err.key, hint=err.hint) from None
+
+
+def make_batches(config: Config, train: TensorPair, process: Process) -> Batches:
+    """The training batches of this process; an error when `batch_size` leaves none."""
+    train_cfg = config["train"]
+    batches = Batches(train, train_cfg["batch_size"], shuffle=train_cfg["shuffle"], seed=config["seed"],
+                      drop_last=train_cfg["drop_last"], rank=process.rank, world_size=process.world_size)
+    if len(batches) == 0:
+        raise config.error(f"batch_size {train_cfg['batch_size']} leaves no full batch of the "
+                           f"{batches.samples} training samples per process", "train", "batch_size")
+    return batches
 
 
 def _input_shape(config: Config, data: Data) -> tuple:
@@ -144,13 +172,11 @@ def _input_shape(config: Config, data: Data) -> tuple:
 def prepare_run(config: Config, *, device: str | None = None, run_dir: Path | None = None,
                 epochs: int | None = None, notice: Callable[[str], None] = print) -> Run:
     """Load the data, build the model, loss, optimizer and schedule; nothing is trained yet."""
-    try:
-        target_device = resolve_device(device or config["device"])
+    with located_errors(config, device):
+        target_device = resolve_device(config["device"] if device is None else device)
         process = start_process(config["parallel"], target_device)
-    except ConfigError as err:  # say where the setting came from: --device or the config's line
-        if device and err.key == "device":
-            raise ConfigError(err.message, key="--device", hint=err.hint) from None
-        raise config.error(err.message, err.key, hint=err.hint) from None
+    if process.world_size > 1:
+        config.values["parallel"] = "ddp"  # implied by several processes: config.yaml says what ran
     configure_determinism(config["deterministic"], target_device)
     seed_everything(config["seed"])
     loss_fn = create_loss(config).to(target_device)  # first: the targets' checks depend on the loss
@@ -167,17 +193,13 @@ def prepare_run(config: Config, *, device: str | None = None, run_dir: Path | No
         model = plan.model.to(target_device)
         train_data = data.train.to(target_device)
         val = data.val.to(target_device) if data.val is not None else None
-    step_model = wrap_model(model, parallel=config["parallel"], device=target_device,
-                            device_ids=config["device_ids"], compile_mode=config["compile"],
-                            channels_last=config["channels_last"], process=process, notice=notice)
+    with located_errors(config):
+        step_model = wrap_model(model, parallel=config["parallel"], device=target_device,
+                                device_ids=config["device_ids"], compile_mode=config["compile"],
+                                channels_last=config["channels_last"], process=process, notice=notice)
     optimizer, groups = create_optimizer(model, config)
     train_cfg = config["train"]
-    batches = Batches(train_data, train_cfg["batch_size"], shuffle=train_cfg["shuffle"],
-                      seed=config["seed"], drop_last=train_cfg["drop_last"],
-                      rank=process.rank, world_size=process.world_size)
-    if len(batches) == 0:
-        raise config.error(f"batch_size {train_cfg['batch_size']} leaves no full batch of the "
-                           f"{batches.samples} training samples per process", "train", "batch_size")
+    batches = make_batches(config, train_data, process)
     epochs = epochs or train_cfg["epochs"]
     optimizer_steps = -(-len(batches) // train_cfg["accumulate"])
     schedule = create_schedule(optimizer, config, optimizer_steps, epochs)
@@ -206,8 +228,10 @@ class StopRequest:
             return self.requested
         flag = torch.tensor([1.0 if self.requested else 0.0])
         all_reduce_sum(flag)
-        self.requested = bool(flag.item())
-        return self.requested
+        agreed = bool(flag.item())
+        # A signal that lands after the all-reduce is not lost: it counts at the next step.
+        self.requested = self.requested or agreed
+        return agreed
 
     def __enter__(self) -> StopRequest:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -298,18 +322,16 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
                         run.schedule.step_batch()
                     stopping = i + 1 < steps and stop.agreed()
                     if stopping or (i + 1 < steps and every_steps and state.step % every_steps == 0):
-                        state.position, state.epoch_losses = i + 1, torch.stack(losses).tolist()
-                        _check_finite(state.epoch_losses, epoch)
+                        state.position = i + 1
+                        state.epoch_losses = _mean_over_processes(losses, run.process).tolist()
+                        _check_finite(state.epoch_losses, epoch, run.process)
                         save_checkpoints(run, best=False)  # a mid-epoch checkpoint
                         if stopping:
                             raise Interrupted(_stopped_message(run))
                 reporter.batch(i + 1, losses)
-            epoch_losses = torch.stack(losses).float()
-            if run.process.world_size > 1:  # every process gets the mean over processes, NaNs included
-                all_reduce_sum(epoch_losses)
-                epoch_losses /= run.process.world_size
+            epoch_losses = _mean_over_processes(losses, run.process)
             train_loss = float((epoch_losses * batch_sizes).sum() / batch_sizes.sum())
-            _check_finite(epoch_losses.tolist(), epoch)
+            _check_finite(epoch_losses.tolist(), epoch, run.process)
             row = {"epoch": epoch, "train_loss": train_loss}
             if run.val is not None:
                 results = evaluate(run.model, run.val, run.loss_fn, config["metrics"],
@@ -331,12 +353,28 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
     return state
 
 
-def _check_finite(losses: list[float], epoch: int) -> None:
+def _mean_over_processes(losses: list[torch.Tensor], process: Process) -> torch.Tensor:
+    """The epoch's batch losses so far, each averaged over the DDP processes (NaNs included), so
+    that every process sees the same values: the NaN check stops all of them together, and a
+    mid-epoch checkpoint holds the losses of the whole job, not of the main process alone."""
+    stacked = torch.stack(losses).float()
+    if process.world_size > 1:
+        all_reduce_sum(stacked)
+        stacked /= process.world_size
+    return stacked
+
+
+def _check_finite(losses: list[float], epoch: int, process: Process) -> None:
+    """Stop at a NaN or infinite loss. Under DDP the losses are the job's (every process stops at
+    the same step), so only the main process says why."""
     bad = next((i for i, value in enumerate(losses) if not np.isfinite(value)), None)
-    if bad is not None:
-        raise RunError(f"the loss became {losses[bad]} at epoch {epoch}, batch {bad + 1}; training "
-                       "stopped and the checkpoints of earlier epochs are unchanged",
-                       hint="Lower the learning rate, set train.grad_clip, or check the data.")
+    if bad is None:
+        return
+    if not process.is_main:
+        raise RunError("")
+    raise RunError(f"the loss became {losses[bad]} at epoch {epoch}, batch {bad + 1}; training "
+                   "stopped and the checkpoints of earlier epochs are unchanged",
+                   hint="Lower the learning rate, set train.grad_clip, or check the data.")
 
 
 def _update_best(run: Run, row: dict) -> bool:
@@ -359,11 +397,15 @@ def _update_best(run: Run, row: dict) -> bool:
 
 
 def _stopped_message(run: Run) -> str:
+    """Where the run stopped and how to resume it; said by the main process only."""
+    if not run.process.is_main:
+        return ""
     where = f"epoch {run.state.epoch + (1 if run.state.position else 0)}"
     if run.state.position:
         where += f", batch {run.state.position} of {len(run.batches)}"
+    processes = f" --nproc {run.process.world_size}" if run.process.world_size > 1 else ""
     return (f"stopped at {where}; saved {run.run_dir / 'last.pt'}. Resume with: "
-            f"nncli resume {run.run_dir}")
+            f"nncli resume {run.run_dir}{processes}")
 
 
 # --- run directory and checkpoints -----------------------------------------------------------
@@ -410,6 +452,7 @@ def checkpoint_dict(run: Run) -> dict:
         "input_shape": list(run.plan.input_shape),
         "normalization": run.data.normalization,
         "data_fingerprint": run.data.fingerprint,
+        "world_size": run.process.world_size,
         "metrics": list(state.history),
         "versions": {"nncli": __version__, "torch": str(torch.__version__)},
     }
@@ -495,6 +538,7 @@ def train(config: Config, reporter: Reporter, *, device: str | None = None,
 
 def run_fit(run: Run, reporter: Reporter) -> None:
     """`fit`, then close the progress display and leave the process group whatever happened."""
+    error = None
     try:
         with out_of_memory_as_error(f"training on {run.device}",
                                     "Lower train.batch_size (train.accumulate keeps the effective batch "
@@ -504,9 +548,13 @@ def run_fit(run: Run, reporter: Reporter) -> None:
             same = weights_in_sync(run.model)
             reporter.print(f"DDP: weights identical on all {run.process.world_size} processes" if same
                            else "warning: DDP processes ended with different weights")
+    except BaseException as err:
+        error = err
+        raise
     finally:
         reporter.close()
-        end_process(run.process)
+        # an agreed stop ends every process at the same step; any other error may be this one's alone
+        end_process(run.process, together=error is None or isinstance(error, Interrupted))
 
 
 def restore(run: Run, ckpt: dict) -> None:

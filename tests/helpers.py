@@ -7,6 +7,8 @@ Running nncli:
 - `invoke(*args, input=None)`: the typer app in-process through click's CliRunner (fast; no
   terminal; stderr kept apart from stdout). The result has exit_code, stdout, stderr. The `cli`
   fixture in conftest.py is this function.
+- `Background(*args, cwd=...)`: `python -m nncli ARGS` left running in a session of its own:
+  `wait_for_line(prefix)`, `interrupt()` (Ctrl-C: SIGINT to its process group), `finish()`.
 - `run_nncli(*args, cwd=None)`: `python -m nncli ARGS` in a subprocess, for what needs a real
   process: exit statuses, signals, a fresh interpreter, plain (non-terminal) output. Text
   stdout/stderr; it never raises on the exit status. `run_python(*args)`: `python ARGS` the same
@@ -29,9 +31,13 @@ from __future__ import annotations
 
 import csv
 import os
+import queue
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,6 +112,59 @@ def run_python(*args, cwd: Path | str | None = None, timeout: float = 240) -> su
 def run_nncli(*args, cwd: Path | str | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
     """Run `python -m nncli ARGS` in a subprocess; text stdout/stderr, never raises on exit status."""
     return run_python("-m", "nncli", *args, cwd=cwd, timeout=timeout)
+
+
+class Background:
+    """`python -m nncli ...` running in the background; stdout read line by line."""
+
+    def __init__(self, *args, cwd: Path) -> None:
+        self.stderr_path = cwd / f"stderr-{time.monotonic_ns()}.txt"
+        self._stderr = open(self.stderr_path, "w")
+        # a session of its own, as a terminal gives a command: `interrupt` signals its whole group
+        self.proc = subprocess.Popen(nncli_argv(*args), cwd=cwd, env=ENV, stdout=subprocess.PIPE,
+                                     stderr=self._stderr, text=True, start_new_session=True)
+        self.lines: queue.Queue = queue.Queue()
+        self.stdout: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for_line(self, prefix: str, timeout: float = 120) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.kill()
+                raise AssertionError(f"no line starting {prefix!r} within {timeout}s:\n{''.join(self.stdout)}")
+            if line is None:
+                raise AssertionError(f"the process ended (exit {self.proc.wait()}) before printing "
+                                     f"{prefix!r}:\n{''.join(self.stdout)}\n{self.stderr()}")
+            self.stdout.append(line)
+            if line.startswith(prefix):
+                return line
+
+    def finish(self, timeout: float = 120) -> tuple[int, str, str]:
+        code = self.proc.wait(timeout=timeout)
+        while (line := self.lines.get(timeout=10)) is not None:
+            self.stdout.append(line)
+        return code, "".join(self.stdout), self.stderr()
+
+    def stderr(self) -> str:
+        self._stderr.flush()
+        return self.stderr_path.read_text()
+
+    def interrupt(self) -> None:
+        """Ctrl-C in a terminal: SIGINT to every process in the command's foreground group."""
+        os.killpg(self.proc.pid, signal.SIGINT)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
 
 
 def ok(result):

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import load, metrics_rows, run_nncli, run_python, write_config
+from helpers import Background, load, metrics_rows, ok, run_nncli, run_python, write_config
 
 CONFIG = """\
 seed: 1
@@ -50,16 +50,88 @@ def test_ddp_with_nproc_trains_writes_once_and_resumes(tmp_path: Path, config: P
 
 def test_torchrun_directly_and_a_ddp_checkpoint_loads_in_a_single_process(tmp_path: Path, config: Path) -> None:
     done = run_python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nncli", "train",
-                      config, "--out", "runs", "--set", "parallel=ddp", "--epochs", "1", cwd=tmp_path)
+                      config, "--out", "runs", "--epochs", "1", cwd=tmp_path)  # the file says parallel: none
     assert done.returncode == 0, done.stderr
     assert "DDP: weights identical on all 2 processes" in done.stdout
     run = tmp_path / "runs" / "ddp"
-    single = run_nncli("resume", run, "--epochs", "2", "--set", "parallel=none", cwd=tmp_path)
+    ckpt = load(run / "last.pt")
+    assert (ckpt["world_size"], ckpt["config"]["parallel"]) == (2, "ddp")  # what ran, not what the file said
+    single = run_nncli("resume", run, "--epochs", "2", cwd=tmp_path)
     assert single.returncode == 0, single.stderr
-    assert "parallel: 'ddp' -> 'none'" in single.stdout
-    assert load(run / "last.pt")["epoch"] == 2
+    assert "continuing with 1 process instead of 2: 29 batches per process each epoch" in single.stdout
+    ckpt = load(run / "last.pt")
+    assert (ckpt["epoch"], ckpt["world_size"], ckpt["config"]["parallel"]) == (2, 1, "none")
+    assert "parallel: none" in (run / "config.yaml").read_text()
     evaluated = run_nncli("eval", run, cwd=tmp_path)
     assert evaluated.returncode == 0 and "accuracy=" in evaluated.stdout
+
+
+# Long epochs for two processes (375 batches each), so that Ctrl-C after epoch 1's line lands
+# inside epoch 2.
+MANY_STEPS = CONFIG.replace("n: 1200", "n: 4000").replace("epochs: 2, batch_size: 32", "epochs: 3, batch_size: 4")
+
+
+def _processes_running(text: str) -> list[str]:
+    """Command lines of this machine's processes that mention `text`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            line = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in line:
+            found.append(line)
+    return found
+
+
+def test_ctrl_c_stops_every_ddp_process_and_resume_continues_exactly(tmp_path: Path) -> None:
+    config = write_config(tmp_path, MANY_STEPS, "steps.yaml")
+    ok(run_nncli("train", config, "--nproc", "2", "--out", "reference", "-q", cwd=tmp_path))
+    reference = tmp_path / "reference" / "steps"
+
+    training = Background("train", config, "--nproc", "2", "--out", "runs", cwd=tmp_path)
+    training.wait_for_line("epoch 1/3")
+    training.interrupt()  # the terminal's Ctrl-C reaches nncli, not the workers torchrun started
+    code, out, err = training.finish()
+    run = tmp_path / "runs" / "steps"
+    assert code == 130, f"{out}\n{err}"
+    assert err.count("stopped at epoch") == 1 and "Traceback" not in err, err
+    assert f"Resume with: nncli resume {Path('runs') / 'steps'} --nproc 2" in err
+    assert not _processes_running(str(config)), "a worker outlived the command"
+    ckpt = load(run / "last.pt")
+    assert ckpt["world_size"] == 2 and ckpt["epoch"] >= 1
+
+    if ckpt["position"]:  # stopped inside an epoch: only 2 processes can finish it
+        refused = run_nncli("resume", run, cwd=tmp_path)
+        assert refused.returncode == 2
+        assert f"stopped inside epoch {ckpt['epoch'] + 1} with 2 processes" in refused.stderr
+        assert f"Resume it with --nproc 2 and --epochs {ckpt['epoch'] + 1}" in refused.stderr
+    ok(run_nncli("resume", run, "--nproc", "2", "-q", cwd=tmp_path))
+    assert metrics_rows(run) == metrics_rows(reference)  # train_loss too: the whole job's, not rank 0's
+    trained, expected = load(run / "last.pt")["model"], load(reference / "last.pt")["model"]
+    assert all(torch.equal(trained[k], expected[k]) for k in expected)
+
+
+def test_nproc_says_bad_input_once_and_a_failing_process_ends_the_job(tmp_path: Path, config: Path) -> None:
+    for args, message in [
+        (["--nproc", "2", "--set", "train.batch_size=abc"], "error: --set train.batch_size: expected an integer"),
+        (["--nproc", "1"], "error: --nproc: 1 process is a plain run: leave out --nproc, or give 2 or more"),
+        (["--nproc", "2", "--set", "parallel=dp"], "error: --set parallel: dp is one process driving several GPUs"),
+    ]:
+        done = run_nncli("train", config, "--out", "runs", *args, cwd=tmp_path)
+        assert done.returncode == 2
+        assert done.stderr.startswith(message) and done.stderr.count("error:") == 1, done.stderr
+
+    ok(run_nncli("train", config, "--nproc", "2", "--epochs", "1", "--out", "runs", "-q", cwd=tmp_path))
+    run = tmp_path / "runs" / "ddp"
+    (run / "metrics.csv").unlink()
+    (run / "metrics.csv").mkdir()  # the main process cannot write it; the other one can go on
+    failed = run_nncli("resume", run, "--nproc", "2", "--epochs", "2", cwd=tmp_path, timeout=120)
+    assert failed.returncode == 1
+    assert sorted(failed.stderr.splitlines()) == [
+        f"[process 1] error: stopped because another process of the job failed",
+        f"error: {run / 'metrics.csv'}: cannot write {run / 'metrics.csv'}: Is a directory; the previous "
+        "file, if any, is unchanged"]
 
 
 def test_ddp_without_several_processes_is_a_clear_error(tmp_path: Path, config: Path) -> None:

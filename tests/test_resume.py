@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import math
 import os
-import queue
 import shutil
 import signal
-import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import (DROPOUT_MLP, ENV, load, metrics_rows, nncli_argv, ok, run_nncli, snapshot, train_config,
-                     write_config)
+from helpers import DROPOUT_MLP, Background, load, metrics_rows, ok, run_nncli, snapshot, train_config, write_config
 
 # Short epochs: StepLR after an epoch-wise warmup; an MLP with Dropout; SGD with momentum and decay.
 SHORT = """
@@ -45,54 +41,6 @@ LONG_STEPS = 900  # 14,400 training samples / 16
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-class Background:
-    """`python -m nncli ...` running in the background; stdout read line by line."""
-
-    def __init__(self, *args, cwd: Path) -> None:
-        self.stderr_path = cwd / f"stderr-{time.monotonic_ns()}.txt"
-        self._stderr = open(self.stderr_path, "w")
-        self.proc = subprocess.Popen(nncli_argv(*args), cwd=cwd, env=ENV, stdout=subprocess.PIPE,
-                                     stderr=self._stderr, text=True)
-        self.lines: queue.Queue = queue.Queue()
-        self.stdout: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def wait_for_line(self, prefix: str, timeout: float = 120) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                self.kill()
-                raise AssertionError(f"no line starting {prefix!r} within {timeout}s:\n{''.join(self.stdout)}")
-            if line is None:
-                raise AssertionError(f"the process ended (exit {self.proc.wait()}) before printing "
-                                     f"{prefix!r}:\n{''.join(self.stdout)}\n{self.stderr()}")
-            self.stdout.append(line)
-            if line.startswith(prefix):
-                return line
-
-    def finish(self, timeout: float = 120) -> tuple[int, str, str]:
-        code = self.proc.wait(timeout=timeout)
-        while (line := self.lines.get(timeout=10)) is not None:
-            self.stdout.append(line)
-        return code, "".join(self.stdout), self.stderr()
-
-    def stderr(self) -> str:
-        self._stderr.flush()
-        return self.stderr_path.read_text()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-
 
 def assert_same_weights(a: Path, b: Path) -> None:
     ma, mb = load(a)["model"], load(b)["model"]
