@@ -72,6 +72,8 @@ class Reporter:
         """Called after every batch; the plain reporter has nothing to show until the epoch ends."""
 
     def epoch_end(self, row: dict, epochs: int, improved: bool) -> None:
+        if self.quiet:
+            return
         parts = [f"{k}={format_value(k, v)}" for k, v in row.items() if k != "epoch"]
         self.print(f"epoch {row['epoch']}/{epochs} " + " ".join(parts) + (" *" if improved else ""))
 

@@ -287,6 +287,9 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
     every_steps = config["checkpoint"]["every_steps"]
     channels_last = config["channels_last"]
     mixed_precision = autocast(run.device, config["amp"])  # one context, entered every step
+    # DDP averages gradients across processes in backward(); with accumulation, only the last
+    # micro-batch of an optimizer step needs it: the others run under no_sync().
+    accumulating_ddp, no_context = accumulate > 1 and run.process.world_size > 1, contextlib.nullcontext()
     with StopRequest(run.process) as stop:
         while state.epoch < run.epochs and not state.stopped_early:
             epoch = state.epoch + 1
@@ -301,12 +304,14 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
             for i, (xb, yb) in enumerate(run.batches.epoch(skip=state.position), start=state.position):
                 if channels_last and xb.dim() == 4:
                     xb = xb.contiguous(memory_format=torch.channels_last)
-                with mixed_precision:
-                    loss = run.loss_fn(model(xb), yb)
-                scaled = loss / accumulate if accumulate > 1 else loss
-                (scaler.scale(scaled) if scaler else scaled).backward()
+                last_micro_batch = (i + 1) % accumulate == 0 or i + 1 == steps
+                with model.no_sync() if accumulating_ddp and not last_micro_batch else no_context:
+                    with mixed_precision:
+                        loss = run.loss_fn(model(xb), yb)
+                    scaled = loss / accumulate if accumulate > 1 else loss
+                    (scaler.scale(scaled) if scaler else scaled).backward()
                 losses.append(loss.detach())
-                if (i + 1) % accumulate == 0 or i + 1 == steps:
+                if last_micro_batch:
                     if scaler:
                         scaler.unscale_(optimizer)
                     if grad_clip:

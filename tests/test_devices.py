@@ -66,6 +66,26 @@ def test_torchrun_directly_and_a_ddp_checkpoint_loads_in_a_single_process(tmp_pa
     assert evaluated.returncode == 0 and "accuracy=" in evaluated.stdout
 
 
+def test_ddp_with_accumulation_takes_the_steps_of_one_process_with_the_whole_batch(tmp_path: Path) -> None:
+    """2 processes x 2 micro-batches of 8 = 32 samples per optimizer step: rank r takes every
+    other sample of the epoch's permutation, so each step sees the same 32 samples as one
+    process with batch_size 32, and the gradient is the same mean (to float rounding)."""
+    config = write_config(tmp_path, """
+        seed: 4
+        data: {source: synthetic, n: 800, features: 8, classes: 3, val_split: 0.2}
+        optimizer: {type: SGD, lr: 0.1}
+        train: {epochs: 2, batch_size: 32}
+        model: {layers: [{type: Linear, out_features: 16}, ReLU, {type: Linear, out_features: 3}]}
+        """, "acc.yaml")
+    ok(run_nncli("train", config, "--out", "one", "-q", cwd=tmp_path))
+    ok(run_nncli("train", config, "--nproc", "2", "--set", "train.batch_size=8", "--set", "train.accumulate=2",
+                 "--out", "two", "-q", cwd=tmp_path))
+    one, two = load(tmp_path / "one" / "acc" / "last.pt"), load(tmp_path / "two" / "acc" / "last.pt")
+    assert one["step"] == two["step"] == 2 * 20  # 640 samples / 32 per step
+    for key, weights in one["model"].items():
+        assert torch.allclose(weights, two["model"][key], atol=1e-5), key
+
+
 # Long epochs for two processes (375 batches each), so that Ctrl-C after epoch 1's line lands
 # inside epoch 2.
 MANY_STEPS = CONFIG.replace("n: 1200", "n: 4000").replace("epochs: 2, batch_size: 32", "epochs: 3, batch_size: 4")
