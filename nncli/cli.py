@@ -52,8 +52,8 @@ def run_command(action: Callable[[], Optional[int]], debug: bool) -> None:
     except Exception as err:
         if debug:
             traceback.print_exc()
-        if rank > 0 and "by peer" in str(err):  # gloo's words when another process of the job died
-            say("error: stopped because another process of the job failed")
+        if "by peer" in str(err) and os.environ.get("WORLD_SIZE", "1") != "1":
+            say("error: stopped because another process of the job failed")  # gloo's words for it
         else:
             say(f"error: {type(err).__name__}: {err} (run again with --debug for the traceback)")
         raise typer.Exit(1) from None
@@ -173,10 +173,12 @@ def train(
     if nproc:
         def check_then_launch() -> int:
             from nncli.config import load_config
-            from nncli.train import check_config
+            from nncli.train import check_launch
 
-            cfg = load_config(config, [*overrides, *([f"train.epochs={epochs}"] if epochs else [])])
-            check_config(cfg, processes=nproc)  # bad input is said once, here, not by every process
+            with warnings.catch_warnings():  # bad input is said once, here; warnings by the processes
+                warnings.simplefilter("ignore")
+                cfg = load_config(config, [*overrides, *([f"train.epochs={epochs}"] if epochs else [])])
+                check_launch(cfg, device, nproc)
             return _launch(nproc)
 
         run_command(check_then_launch, debug)
@@ -225,10 +227,12 @@ def resume(
     """Continue a run exactly where it stopped, or warm-start a new run from plain weights."""
     if nproc:
         def check_then_launch() -> int:
-            from nncli.resume import check_processes, is_nncli_checkpoint
+            from nncli.resume import check_resume_launch
 
-            if is_nncli_checkpoint(path):
-                check_processes(path, nproc)
+            with warnings.catch_warnings():  # bad input is said once, here; warnings by the processes
+                warnings.simplefilter("ignore")
+                check_resume_launch(path, config_path=config, overrides=overrides, epochs=epochs,
+                                    device=device, processes=nproc)
             return _launch(nproc)
 
         run_command(check_then_launch, debug)

@@ -11,9 +11,12 @@ import torch
 from nncli.errors import ConfigError, RunError
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, processes: int | None = None) -> torch.device:
     """`auto` is CUDA, else MPS, else CPU; an explicit device that is not there is an error.
-    Under torchrun each process takes the GPU of its local rank."""
+    `processes`: how many of the job's processes run on this machine (torchrun's
+    LOCAL_WORLD_SIZE by default; `--nproc N` checks its N before starting them). With several,
+    each process takes the GPU of its local rank."""
+    processes = processes or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     from nncli.config import DEVICES, device_hint, device_name  # the syntax that `validate` checks
 
     if device_name(name):
@@ -32,14 +35,13 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"'{name}' asked for, but this machine has no CUDA GPU "
                           "that PyTorch can use", key="device", hint="Use device: auto or cpu.")
     visible = torch.cuda.device_count()
-    if is_distributed():
+    if processes > 1:
         if device.index is not None:
             raise ConfigError(f"'{name}' names one GPU, but under DDP each process takes the GPU of "
                               "its local rank", key="device",
                               hint="Use device: cuda, and choose the GPUs with CUDA_VISIBLE_DEVICES.")
-        if local_rank() >= visible:
-            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank() + 1))
-            raise ConfigError(f"--nproc {per_node} needs {per_node} GPUs, {visible} "
+        if processes > visible:
+            raise ConfigError(f"--nproc {processes} needs {processes} GPUs, {visible} "
                               f"{'is' if visible == 1 else 'are'} visible", key="device",
                               hint="Lower --nproc (torchrun: --nproc_per_node) or use device: cpu.")
         return torch.device("cuda", local_rank())
@@ -138,13 +140,15 @@ def launch(nproc: int, args: list[str]) -> int:
     # torchrun's default of one thread per process, without its banner; and none of the
     # launcher's log lines ("sending SIGINT to process N", "failed (exitcode: 1) local_rank: 0"):
     # the workers say what happened, and the exit status says how it ended.
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("torch.distributed"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
     try:
-        run(parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "nncli", *args]))
+        # the workers' last step and checkpoint may take a while: 5 minutes before a SIGKILL
+        run(parse_args(["--standalone", f"--nproc_per_node={nproc}", "--shutdown-timeout=300",
+                        "-m", "nncli", *args]))
     except SignalException:
         return 130
     except ChildFailedError as failed:
@@ -155,8 +159,8 @@ def launch(nproc: int, args: list[str]) -> int:
 
 def end_process(process: Process, together: bool = True) -> None:
     """Leave the process group. `together`: every process got here the same way (finished, or
-    stopped by an agreed interrupt or NaN), so they wait for each other first; after a failure
-    of this process alone, waiting would hang the job, so it just leaves."""
+    stopped by an agreed interrupt), so they wait for each other first; after an error, which may
+    be this process's alone, waiting could hang the job, so it just leaves."""
     if process.world_size > 1:
         import torch.distributed as dist
 
@@ -174,33 +178,38 @@ def wrap_model(model: torch.nn.Module, *, parallel: str, device: torch.device, d
     Checkpoints always save `model`, the unwrapped network, so their keys carry no `module.` or
     `_orig_mod.` prefix whatever wrapped it."""
     if channels_last:
+        if not any(p.dim() == 4 for p in model.parameters()):
+            notice("channels_last: true changes nothing here: the model has no 4-D (convolution) weights")
         model.to(memory_format=torch.channels_last)
+    if device_ids and parallel != "dp":
+        notice(f"device_ids is for parallel: dp, and parallel is {parallel}: it is not used")
     step_model = model
     if parallel == "dp":
         visible = torch.cuda.device_count() if device.type == "cuda" else 0
         first = device.index or 0
-        if device_ids and device.type != "cuda" and torch.cuda.is_available():
-            raise ConfigError(f"GPU {device_ids[0]} asked for, but training runs on {device.type}",
-                              key="device_ids", hint="Use device: cuda, or leave device_ids out.")
-        if device_ids and (missing := [i for i in device_ids if i >= visible]):
-            raise ConfigError(f"GPU {missing[0]} asked for, but {visible} {'GPU is' if visible == 1 else 'GPUs are'} "
-                              "visible", key="device_ids",
-                              hint=f"Use ids from 0 to {visible - 1}, or leave device_ids out to use "
-                              "every visible GPU." if visible else "Leave device_ids out.")
-        # DataParallel keeps the module, and gathers the outputs, on device_ids[0]: the model's GPU
-        if device_ids and device_ids[0] != first:
-            raise ConfigError(f"the model is on {device}, but DataParallel needs it on the first of "
-                              f"device_ids, GPU {device_ids[0]}", key="device_ids",
-                              hint=f"List GPU {first} first, or use device: cuda:{device_ids[0]}.")
-        ids = list(device_ids or sorted(range(visible), key=lambda i: i != first))  # the model's GPU first
-        if len(ids) < 2:
-            where = "listed in device_ids" if device_ids else "visible"
-            notice(f"parallel: dp needs two or more GPUs, and {len(ids)} {'is' if len(ids) == 1 else 'are'} "
-                   f"{where}: training without the DataParallel wrapper")
+        if device.type != "cuda" or visible < 2:  # as the issue asks: train on, without the wrapper
+            where = ("no GPU is visible" if not torch.cuda.is_available() else
+                     f"training runs on {device}" if device.type != "cuda" else "1 is visible")
+            notice(f"parallel: dp needs two or more GPUs, and {where}: training without the "
+                   "DataParallel wrapper")
         else:
-            notice("parallel: dp wraps the model in nn.DataParallel; PyTorch recommends DDP even on "
-                   "one machine (parallel: ddp with --nproc N)")
-            step_model = torch.nn.DataParallel(model, device_ids=ids)
+            if device_ids and (missing := [i for i in device_ids if i >= visible]):
+                raise ConfigError(f"GPU {missing[0]} asked for, but {visible} GPUs are visible",
+                                  key="device_ids", hint=f"Use ids from 0 to {visible - 1}, or leave "
+                                  "device_ids out to use every visible GPU.")
+            # DataParallel keeps the module, and gathers the outputs, on device_ids[0]: the model's GPU
+            if device_ids and device_ids[0] != first:
+                raise ConfigError(f"the model is on {device}, but DataParallel needs it on the first of "
+                                  f"device_ids, GPU {device_ids[0]}", key="device_ids",
+                                  hint=f"List GPU {first} first, or use device: cuda:{device_ids[0]}.")
+            ids = list(device_ids or sorted(range(visible), key=lambda i: i != first))  # the model's GPU first
+            if len(ids) < 2:
+                notice("parallel: dp needs two or more GPUs, and device_ids lists one: training "
+                       "without the DataParallel wrapper")
+            else:
+                notice("parallel: dp wraps the model in nn.DataParallel; PyTorch recommends DDP even on "
+                       "one machine (parallel: ddp with --nproc N)")
+                step_model = torch.nn.DataParallel(model, device_ids=ids)
     elif process.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 

@@ -12,6 +12,7 @@ import copy
 import csv
 import io
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,13 @@ from nncli.checkpoint import (FORMAT, find_checkpoint, load_checkpoint, load_fil
                               remove_stale_temporaries)
 from nncli.config import Config, load_config
 from nncli.data import load_data
-from nncli.devices import launched_processes
+from nncli.devices import check_parallel, end_process, launched_processes, resolve_device
 from nncli.errors import ConfigError
 from nncli.inference import config_of
 from nncli.optim import LENGTH_ARGUMENT
 from nncli.reporting import Reporter
-from nncli.train import (Run, new_run_dir, prepare_run, resolved_config_text, restore, run_fit,
-                         write_metrics_csv, write_text_atomic)
+from nncli.train import (Run, check_launch, located_errors, new_run_dir, prepare_run, resolved_config_text,
+                         restore, resume_command, run_fit, write_metrics_csv, write_text_atomic)
 from nncli.yamlio import to_plain
 
 FIXED = ("model", "plugins", "data", "seed", "loss", "optimizer.type", "optimizer.groups",
@@ -75,13 +76,32 @@ def is_nncli_checkpoint(path: Path) -> bool:
     return isinstance(obj, dict) and obj.get("format") == FORMAT
 
 
-def resume(path: Path, reporter: Reporter, *, overrides: list[str] = (), epochs: int | None = None,
-           config_path: Path | None = None, device: str | None = None) -> Run:
-    """Continue the run saved at `path` (a run directory or a checkpoint file)."""
+@dataclass
+class ResumePlan:
+    """What `check_resume` found: the checkpoint, its stored config, the config to go on with."""
+
+    file: Path
+    ckpt: dict
+    stored: Config
+    config: Config
+    differences: list  # (key, stored value, new value)
+    trained_by: int  # processes
+    processes: int
+
+
+def check_resume(path: Path, *, overrides: list[str] = (), epochs: int | None = None,
+                 config_path: Path | None = None, processes: int = 1) -> ResumePlan:
+    """Every check of a resume that needs no training set-up; `resume --nproc N` runs it once,
+    before starting its N processes, so that bad input is said once."""
     file = find_checkpoint(path, prefer=("last.pt", "best.pt"))
     ckpt = load_checkpoint(file)
-    processes, trained_by = launched_processes(), ckpt.get("world_size", 1)
-    _check_processes(ckpt, file, processes)
+    trained_by = ckpt.get("world_size", 1)
+    if processes != trained_by and ckpt["position"]:
+        how = f"with --nproc {trained_by}" if trained_by > 1 else "without --nproc"
+        raise ConfigError(f"the run stopped inside epoch {ckpt['epoch'] + 1} with {trained_by} "
+                          f"process{'es' if trained_by > 1 else ''}; it can finish that epoch only with "
+                          f"as many, not {processes}", file=str(file),
+                          hint=f"Resume it {how}; from the end of an epoch it can go on with any number.")
     stored = config_of(ckpt, run_dir=file.parent)
     extra = [f"train.epochs={epochs}"] if epochs else []
     if config_path is not None:
@@ -92,14 +112,43 @@ def resume(path: Path, reporter: Reporter, *, overrides: list[str] = (), epochs:
         config = config_of(ckpt, [*overrides, *extra], run_dir=file.parent)
     if processes == 1 and config["parallel"] == "ddp":
         config.values["parallel"] = "none"  # a DDP run continued by one process
-    # `parallel` follows the number of processes, which has its own message below
-    differences = [d for d in config_differences(stored.values, config.values) if d[0] not in ("name", "parallel")]
+    with located_errors(config):
+        check_parallel(config["parallel"], processes)
+    differences = [d for d in config_differences(stored.values, config.values) if d[0] != "name"
+                   and not (d[0] == "parallel" and processes != trained_by)]  # said with the processes
     refused = [d for d in differences if _is_fixed(d[0])]
     if refused:
         raise ConfigError(f"cannot resume with a different {', '.join(sorted({d[0].split('.')[0] for d in refused}))}: "
                           f"{_describe(refused)}", file=str(config_path or file),
                           hint="Start a new run with `nncli train`, or warm-start from the weights "
                                "with `nncli resume WEIGHTS --config CONFIG`.")
+    if config["train"]["epochs"] < ckpt["epoch"]:
+        raise ConfigError(f"the run has already trained {ckpt['epoch']} epochs; --epochs "
+                          f"{config['train']['epochs']} cannot take them back", file=str(file),
+                          hint=f"Use {file.parent / 'best.pt'} or an epoch_<N>.pt checkpoint.")
+    return ResumePlan(file, ckpt, stored, config, differences, trained_by, processes)
+
+
+def check_resume_launch(path: Path, *, config_path: Path | None, overrides: list[str], epochs: int | None,
+                        device: str | None, processes: int) -> None:
+    """What `resume --nproc N` checks once before it starts N processes (which would each say
+    it): the resume, or the warm start's config, and the device for N processes."""
+    if is_nncli_checkpoint(path):
+        config = check_resume(path, overrides=overrides, epochs=epochs, config_path=config_path,
+                              processes=processes).config
+        with located_errors(config, device):
+            resolve_device(config["device"] if device is None else device, processes=processes)
+    elif config_path is not None:
+        check_launch(load_config(config_path, [*overrides, *([f"train.epochs={epochs}"] if epochs else [])]),
+                     device, processes)
+
+
+def resume(path: Path, reporter: Reporter, *, overrides: list[str] = (), epochs: int | None = None,
+           config_path: Path | None = None, device: str | None = None) -> Run:
+    """Continue the run saved at `path` (a run directory or a checkpoint file)."""
+    plan = check_resume(path, overrides=overrides, epochs=epochs, config_path=config_path,
+                        processes=launched_processes())
+    file, ckpt, config, differences = plan.file, plan.ckpt, plan.config, plan.differences
     run = prepare_run(config, device=device, run_dir=file.parent, epochs=config["train"]["epochs"],
                       notice=reporter.print)
     fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
@@ -116,28 +165,24 @@ def resume(path: Path, reporter: Reporter, *, overrides: list[str] = (), epochs:
     if differences:
         reporter.print(f"changed on resume: {_describe(differences)}")
     steps_done = run.state.step
-    if processes != trained_by:
+    if plan.processes != plan.trained_by:
         steps_done = run.state.epoch * -(-len(run.batches) // config["train"]["accumulate"])
-        reporter.print(f"continuing with {processes} process{'es' if processes > 1 else ''} instead of "
-                       f"{trained_by}: {len(run.batches)} batches per process each epoch; the run will "
-                       f"not reproduce one that kept {trained_by}")
+        reporter.print(f"continuing with {plan.processes} process{'es' if plan.processes > 1 else ''} "
+                       f"instead of {plan.trained_by}: {len(run.batches)} batches per process each epoch; "
+                       f"the run will not reproduce one that kept {plan.trained_by}")
     step_schedule = run.schedule is not None and run.schedule.interval == "step"
-    if config_differences(stored["optimizer"], config["optimizer"]) or \
-            config_differences(stored["schedule"], config["schedule"]) or _length_changed(stored, config) or \
-            (processes != trained_by and step_schedule):
+    if config_differences(plan.stored["optimizer"], config["optimizer"]) or \
+            config_differences(plan.stored["schedule"], config["schedule"]) or \
+            _length_changed(plan.stored, config) or (plan.processes != plan.trained_by and step_schedule):
         _replan_schedule(run, fresh_groups, fresh_schedule, reporter, steps_done)
     state = run.state
-    if run.epochs < state.epoch:
-        raise ConfigError(f"the run has already trained {state.epoch} epochs; --epochs {run.epochs} "
-                          "cannot take them back", file=str(file),
-                          hint=f"Use {file.parent / 'best.pt'} or an epoch_<N>.pt checkpoint.")
     if state.stopped_early or state.epoch >= run.epochs:
         why = "stopped early" if state.stopped_early else "finished"
-        processes = f" --nproc {run.process.world_size}" if run.process.world_size > 1 else ""
-        reporter.print(f"the run {why} at epoch {state.epoch} of {stored['train']['epochs']}; nothing "
-                       f"to do. Extend it with: nncli resume {path} --epochs N{processes}")
+        reporter.print(f"the run {why} at epoch {state.epoch} of {plan.stored['train']['epochs']}; nothing "
+                       f"to do. Extend it with: {resume_command(path, run.process)} --epochs N")
+        end_process(run.process)
         return run
-    if (differences or processes != trained_by) and run.process.is_main:
+    if (differences or plan.processes != plan.trained_by) and run.process.is_main:
         write_text_atomic(resolved_config_text(config), file.parent / "config.yaml")
     where = f"epoch {state.epoch + 1} of {run.epochs}"
     if state.position:
@@ -145,25 +190,6 @@ def resume(path: Path, reporter: Reporter, *, overrides: list[str] = (), epochs:
     reporter.print(f"resuming {file} at {where}")
     run_fit(run, reporter)
     return run
-
-
-def check_processes(path: Path, processes: int) -> None:
-    """`resume --nproc N` checks this before it starts N processes."""
-    file = find_checkpoint(path, prefer=("last.pt", "best.pt"))
-    _check_processes(load_checkpoint(file), file, processes)
-
-
-def _check_processes(ckpt: dict, file: Path, processes: int) -> None:
-    """A run may continue with another number of processes from the end of an epoch, not from
-    inside one: the position counts batches of each process's share, which that number sets."""
-    trained = ckpt.get("world_size", 1)
-    if processes != trained and ckpt["position"]:
-        how = f"with --nproc {trained}" if trained > 1 else "without --nproc"
-        raise ConfigError(f"the run stopped inside epoch {ckpt['epoch'] + 1} with {trained} "
-                          f"process{'es' if trained > 1 else ''}; it can finish that epoch only with "
-                          f"as many, not {processes}", file=str(file),
-                          hint=f"Resume it {how} and --epochs {ckpt['epoch'] + 1} to finish the epoch; "
-                               "from there it can go on with any number.")
 
 
 def _length_changed(stored: Config, config: Config) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import os
 import random
 import signal
 import time
@@ -149,6 +150,14 @@ def located_errors(config: Config, device_option: str | None = None) -> Iterator
         raise config.error(err.message, err.key, hint=err.hint) from None
 
 
+def check_launch(config: Config, device: str | None, processes: int) -> None:
+    """What `--nproc N` checks once before it starts N processes (which would each say it): the
+    config, as `validate` does, and the device for N processes."""
+    check_config(config, processes)
+    with located_errors(config, device):
+        resolve_device(config["device"] if device is None else device, processes=processes)
+
+
 def make_batches(config: Config, train: TensorPair, process: Process) -> Batches:
     """The training batches of this process; an error when `batch_size` leaves none."""
     train_cfg = config["train"]
@@ -213,8 +222,8 @@ def prepare_run(config: Config, *, device: str | None = None, run_dir: Path | No
 # --- the loop --------------------------------------------------------------------------------
 
 class StopRequest:
-    """SIGINT / SIGTERM ask the loop to stop after the current optimizer step and save;
-    a second Ctrl-C stops at once (KeyboardInterrupt) without touching saved files."""
+    """SIGINT / SIGTERM / SIGHUP ask the loop to stop after the current optimizer step and save;
+    a second signal stops at once (KeyboardInterrupt) without touching saved files."""
 
     def __init__(self, process: Process = Process()) -> None:
         self.requested = False
@@ -234,7 +243,7 @@ class StopRequest:
         return agreed
 
     def __enter__(self) -> StopRequest:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal closed
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: leave signals alone
@@ -242,7 +251,7 @@ class StopRequest:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT:
+        if self.requested:  # a second signal (under --nproc, the launcher's second one is SIGTERM)
             raise KeyboardInterrupt
         self.requested = True
 
@@ -408,9 +417,17 @@ def _stopped_message(run: Run) -> str:
     where = f"epoch {run.state.epoch + (1 if run.state.position else 0)}"
     if run.state.position:
         where += f", batch {run.state.position} of {len(run.batches)}"
-    processes = f" --nproc {run.process.world_size}" if run.process.world_size > 1 else ""
-    return (f"stopped at {where}; saved {run.run_dir / 'last.pt'}. Resume with: "
-            f"nncli resume {run.run_dir}{processes}")
+    return f"stopped at {where}; saved {run.run_dir / 'last.pt'}. Resume with: {resume_command(run.run_dir, run.process)}"
+
+
+def resume_command(run_dir: Path | str, process: Process) -> str:
+    """The command that continues this run: with `--nproc N` when N processes on this machine ran
+    it; a run over several machines goes on with the torchrun command that started it."""
+    if process.world_size == 1:
+        return f"nncli resume {run_dir}"
+    if int(os.environ.get("LOCAL_WORLD_SIZE", process.world_size)) == process.world_size:
+        return f"nncli resume {run_dir} --nproc {process.world_size}"
+    return f"torchrun <the same options> -m nncli resume {run_dir}"
 
 
 # --- run directory and checkpoints -----------------------------------------------------------

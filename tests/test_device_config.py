@@ -94,12 +94,12 @@ def test_malformed_device_option_names_the_option(tmp_path: Path, device: str, h
 
 
 @NO_GPU
-def test_device_ids_without_gpus_is_an_error_naming_them(tmp_path: Path) -> None:
+def test_dp_with_device_ids_and_no_gpu_trains_without_the_wrapper_and_says_so(tmp_path: Path) -> None:
     path = write_config(tmp_path, BASE + "parallel: dp\ndevice_ids: [0, 1]\n")
     done = run_nncli("train", path, "--out", "runs", cwd=tmp_path)
-    assert done.returncode == 2, done.stdout
-    assert done.stderr.strip() == f"error: {path}:7: device_ids: GPU 0 asked for, but 0 GPUs are visible. Leave device_ids out."
-    assert "DataParallel" not in done.stdout
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("parallel: dp needs two or more GPUs, and no GPU is visible: training "
+                                  "without the DataParallel wrapper\n")
 
 
 # --- GPU-only paths ---------------------------------------------------------------------------------
@@ -183,10 +183,18 @@ def test_dp_default_ids_start_with_the_models_gpu(two_gpus, monkeypatch: pytest.
                        "device_ids out to use every visible GPU."),
     ("cuda:1", [0, 1], "device_ids: the model is on cuda:1, but DataParallel needs it on the first of "
                        "device_ids, GPU 0. List GPU 1 first, or use device: cuda:0."),
-    ("cpu", [0, 1], "device_ids: GPU 0 asked for, but training runs on cpu. Use device: cuda, or leave "
-                    "device_ids out."),
 ])
 def test_dp_with_unusable_device_ids_is_an_error(two_gpus, monkeypatch: pytest.MonkeyPatch, device: str,
                                                  ids: list[int], message: str) -> None:
     err = _config_error(lambda: _wrap_dp(device, ids, monkeypatch))
     assert (err.key, str(err)) == ("device_ids", message)
+
+
+def test_dp_on_the_cpu_of_a_gpu_machine_trains_without_the_wrapper(two_gpus, monkeypatch: pytest.MonkeyPatch) -> None:
+    given, notices = [], []
+    monkeypatch.setattr(torch.nn, "DataParallel", lambda model, device_ids: given.append(device_ids) or model)
+    wrap_model(torch.nn.Linear(2, 2), parallel="dp", device=torch.device("cpu"), device_ids=[0, 1],
+               compile_mode=False, channels_last=False, process=Process(), notice=notices.append)
+    assert given == []
+    assert notices == ["parallel: dp needs two or more GPUs, and training runs on cpu: training without the "
+                       "DataParallel wrapper"]

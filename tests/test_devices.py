@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import Background, load, metrics_rows, ok, run_nncli, run_python, write_config
+from helpers import CONFIGS, Background, load, metrics_rows, ok, run_nncli, run_python, write_config
 
 CONFIG = """\
 seed: 1
@@ -125,7 +125,7 @@ def test_ctrl_c_stops_every_ddp_process_and_resume_continues_exactly(tmp_path: P
         refused = run_nncli("resume", run, cwd=tmp_path)
         assert refused.returncode == 2
         assert f"stopped inside epoch {ckpt['epoch'] + 1} with 2 processes" in refused.stderr
-        assert f"Resume it with --nproc 2 and --epochs {ckpt['epoch'] + 1}" in refused.stderr
+        assert "Resume it with --nproc 2; from the end of an epoch it can go on with any number." in refused.stderr
     ok(run_nncli("resume", run, "--nproc", "2", "-q", cwd=tmp_path))
     assert metrics_rows(run) == metrics_rows(reference)  # train_loss too: the whole job's, not rank 0's
     trained, expected = load(run / "last.pt")["model"], load(reference / "last.pt")["model"]
@@ -142,8 +142,15 @@ def test_nproc_says_bad_input_once_and_a_failing_process_ends_the_job(tmp_path: 
         assert done.returncode == 2
         assert done.stderr.startswith(message) and done.stderr.count("error:") == 1, done.stderr
 
+    done = run_nncli("train", config, "--nproc", "2", "--device", "cuda", "--out", "runs", cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.startswith("error: --device: 'cuda' asked for")
+    assert done.stderr.count("error:") == 1, done.stderr
+
     ok(run_nncli("train", config, "--nproc", "2", "--epochs", "1", "--out", "runs", "-q", cwd=tmp_path))
     run = tmp_path / "runs" / "ddp"
+    refused = run_nncli("resume", run, "--nproc", "2", "--set", "seed=3", cwd=tmp_path)
+    assert refused.returncode == 2 and "cannot resume with a different seed" in refused.stderr
+    assert refused.stderr.count("error:") == 1, refused.stderr
     (run / "metrics.csv").unlink()
     (run / "metrics.csv").mkdir()  # the main process cannot write it; the other one can go on
     failed = run_nncli("resume", run, "--nproc", "2", "--epochs", "2", cwd=tmp_path, timeout=120)
@@ -163,7 +170,7 @@ def test_ddp_without_several_processes_is_a_clear_error(tmp_path: Path, config: 
 def test_dp_without_gpus_trains_without_the_wrapper_and_says_so(tmp_path: Path, config: Path) -> None:
     done = run_nncli("train", config, "--set", "parallel=dp", "--out", "runs", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "parallel: dp needs two or more GPUs, and 0 are visible: training without the DataParallel wrapper" in done.stdout
+    assert "parallel: dp needs two or more GPUs, and no GPU is visible: training without the DataParallel wrapper" in done.stdout
     assert not any(key.startswith("module.") for key in load(tmp_path / "runs" / "ddp" / "last.pt")["model"])
 
 
@@ -203,3 +210,49 @@ def test_amp_fp16_saves_its_grad_scaler(tmp_path: Path, config: Path) -> None:
     assert done.returncode == 0, done.stderr
     scaler = load(tmp_path / "runs" / "ddp" / "last.pt")["scaler"]
     assert scaler is not None and scaler["scale"] > 0
+
+
+def test_settings_that_change_nothing_say_so(tmp_path: Path, config: Path) -> None:
+    mlp = run_nncli("train", config, "--set", "channels_last=true", "--set", "device_ids=[0]", "--epochs", "1",
+                    "--out", "runs", cwd=tmp_path)
+    assert mlp.returncode == 0, mlp.stderr
+    assert "channels_last: true changes nothing here: the model has no 4-D (convolution) weights" in mlp.stdout
+    assert "device_ids is for parallel: dp, and parallel is none: it is not used" in mlp.stdout
+    cnn = run_nncli("train", CONFIGS / "digits_cnn.yaml", "--set", "channels_last=true", "--epochs", "1",
+                    "--out", "runs", cwd=tmp_path)
+    assert cnn.returncode == 0, cnn.stderr
+    assert "channels_last" not in cnn.stdout and "device_ids" not in cnn.stdout
+
+
+FAILS_ON_PROCESS_1 = """
+import os
+from torch import nn
+import nncli
+
+@nncli.register_layer
+class FailsOnProcess1(nn.Module):
+    def forward(self, x):
+        if self.training and os.environ.get("RANK") == "1":
+            raise RuntimeError("boom on process 1")
+        return x
+"""
+
+
+def test_when_another_process_fails_each_says_what_it_knows_and_warnings_come_once(tmp_path: Path) -> None:
+    (tmp_path / "fails.py").write_text(FAILS_ON_PROCESS_1)
+    config = write_config(tmp_path, CONFIG.replace("model:\n  layers:\n", "plugins: [fails.py]\nmodel:\n  layers:\n    - FailsOnProcess1\n"),
+                          "fails.yaml")
+    done = run_nncli("train", config, "--nproc", "2", "--out", "runs", "-q", cwd=tmp_path, timeout=120)
+    assert done.returncode == 1
+    assert sorted(done.stderr.splitlines()) == [
+        "[process 1] error: RuntimeError: boom on process 1 (run again with --debug for the traceback)",
+        "error: stopped because another process of the job failed"]
+
+    softmax = write_config(tmp_path, CONFIG.replace("    - {type: Linear, out_features: 3}\n",
+                                                    "    - {type: Linear, out_features: 3}\n    - Softmax\n"),
+                           "softmax.yaml")
+    done = run_nncli("train", softmax, "--nproc", "2", "--out", "runs", "-q", "--epochs", "1", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert [line for line in done.stderr.splitlines() if line] == [
+        "warning: Implicit dimension choice for softmax has been deprecated. Change the call to include "
+        "dim=X as an argument."]
