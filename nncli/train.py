@@ -230,11 +230,16 @@ class StopRequest:
         self.process = process
         self._previous = {}
 
-    def agreed(self) -> bool:
-        """Whether to stop now. Under DDP every process must stop at the same step, so the
-        processes agree (one tiny all-reduce per optimizer step); alone, a flag check."""
+    AGREE_EVERY = 10  # optimizer steps between two agreements of the DDP processes
+
+    def agreed(self, step: int | None = None) -> bool:
+        """Whether to stop now; alone, a flag check. Under DDP every process must stop at the same
+        step, so the processes agree, with a tiny all-reduce and a host sync: after every
+        AGREE_EVERY-th optimizer `step`, and at the end of each epoch (no `step`)."""
         if self.process.world_size == 1:
             return self.requested
+        if step is not None and step % self.AGREE_EVERY:
+            return False
         flag = torch.tensor([1.0 if self.requested else 0.0])
         all_reduce_sum(flag)
         agreed = bool(flag.item())
@@ -334,7 +339,7 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
                     state.step += 1
                     if run.schedule:
                         run.schedule.step_batch()
-                    stopping = i + 1 < steps and stop.agreed()
+                    stopping = i + 1 < steps and stop.agreed(state.step)
                     if stopping or (i + 1 < steps and every_steps and state.step % every_steps == 0):
                         state.position = i + 1
                         state.epoch_losses = _mean_over_processes(losses, run.process).tolist()
