@@ -61,8 +61,22 @@ def config_differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, 
     return [] if old == new else [(prefix.rstrip("."), old, new)]
 
 
-def _is_fixed(key: str) -> bool:
-    return any(key == f or key.startswith(f + ".") for f in FIXED)
+def _is_fixed(difference: tuple[str, Any, Any]) -> bool:
+    """Whether a difference touches a FIXED key: the key itself, a part of it, or a section that
+    holds it (`optimizer: {type: Adam} -> {type: SGD}` is reported for the whole section)."""
+    key, old, new = difference
+    for fixed in FIXED:
+        if key == fixed or key.startswith(fixed + "."):
+            return True
+        if fixed.startswith(key + "."):
+            part = fixed[len(key) + 1:]
+            if _item(old, part) != _item(new, part):
+                return True
+    return False
+
+
+def _item(section: Any, key: str) -> Any:
+    return section.get(key) if isinstance(section, dict) else None
 
 
 def _describe(differences: list[tuple[str, Any, Any]]) -> str:
@@ -116,7 +130,7 @@ def check_resume(path: Path, *, overrides: list[str] = (), epochs: int | None = 
         check_parallel(config["parallel"], processes)
     differences = [d for d in config_differences(stored.values, config.values) if d[0] != "name"
                    and not (d[0] == "parallel" and processes != trained_by)]  # said with the processes
-    refused = [d for d in differences if _is_fixed(d[0])]
+    refused = [d for d in differences if _is_fixed(d)]
     if refused:
         raise ConfigError(f"cannot resume with a different {', '.join(sorted({d[0].split('.')[0] for d in refused}))}: "
                           f"{_describe(refused)}", file=str(config_path or file),

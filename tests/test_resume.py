@@ -255,6 +255,19 @@ def test_resume_refuses_a_different_architecture(long, tmp_path):
     assert snapshot(run) == before
 
 
+@pytest.mark.parametrize("setting, section", [
+    ("optimizer.type=Adam", "optimizer"),  # the whole section is reported when its type changes
+    ("schedule.type=ExponentialLR", "schedule"),
+])
+def test_resume_refuses_another_optimizer_or_schedule_type(short, tmp_path, setting, section):
+    run = copy_run(short["run"], tmp_path / "run")
+    before = snapshot(run)
+    result = run_nncli("resume", run, "--set", setting, "--epochs", "5", cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"cannot resume with a different {section}: {section}: " in result.stderr
+    assert snapshot(run) == before
+
+
 def test_resume_refuses_other_config_with_different_model(long, tmp_path):
     run = copy_run(long["run"], tmp_path / "run")
     other = write_config(tmp_path, LONG.replace("out_features: 32}", "out_features: 64}")
