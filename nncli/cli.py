@@ -171,25 +171,20 @@ def train(
 ) -> None:
     """Train the config's model; write config, metrics and checkpoints to a run directory."""
     if nproc:
-        def check_then_launch() -> int:
-            from nncli.config import load_config
+        def check() -> None:
+            from nncli.config import load_config, with_epochs
             from nncli.train import check_launch
 
-            with warnings.catch_warnings():  # bad input is said once, here; warnings by the processes
-                warnings.simplefilter("ignore")
-                cfg = load_config(config, [*overrides, *([f"train.epochs={epochs}"] if epochs else [])])
-                check_launch(cfg, device, nproc)
-            return _launch(nproc)
+            check_launch(load_config(config, with_epochs(overrides, epochs)), device, nproc)
 
-        run_command(check_then_launch, debug)
+        _check_then_launch(nproc, check, debug)
 
     def action() -> None:
-        from nncli.config import load_config
+        from nncli.config import load_config, with_epochs
         from nncli.reporting import make_reporter
         from nncli.train import train as train_run
 
-        extra = [f"train.epochs={epochs}"] if epochs else []
-        cfg = load_config(config, [*overrides, *extra])
+        cfg = load_config(config, with_epochs(overrides, epochs))
         reporter = make_reporter(quiet)
         run = train_run(cfg, reporter, device=device, out_dir=out)
         _print_result(run, reporter)
@@ -226,16 +221,13 @@ def resume(
 ) -> None:
     """Continue a run exactly where it stopped, or warm-start a new run from plain weights."""
     if nproc:
-        def check_then_launch() -> int:
+        def check() -> None:
             from nncli.resume import check_resume_launch
 
-            with warnings.catch_warnings():  # bad input is said once, here; warnings by the processes
-                warnings.simplefilter("ignore")
-                check_resume_launch(path, config_path=config, overrides=overrides, epochs=epochs,
-                                    device=device, processes=nproc)
-            return _launch(nproc)
+            check_resume_launch(path, config_path=config, overrides=overrides, epochs=epochs,
+                                device=device, processes=nproc)
 
-        run_command(check_then_launch, debug)
+        _check_then_launch(nproc, check, debug)
 
     def action() -> None:
         from nncli.errors import ConfigError
@@ -258,22 +250,30 @@ def resume(
     run_command(action, debug)
 
 
-def _launch(nproc: int) -> int:
-    """This command again, without --nproc, in `nproc` DDP processes (see devices.launch)."""
-    from nncli.devices import launch
-    from nncli.errors import ConfigError
+def _check_then_launch(nproc: int, check: Callable[[], None], debug: bool) -> None:
+    """`train|resume ... --nproc N`: `check` the input once, here (every process would say what is
+    wrong; their warnings are theirs to show), then run this command again, without --nproc, in
+    N DDP processes (devices.launch)."""
+    def action() -> int:
+        from nncli.devices import launch
+        from nncli.errors import ConfigError
 
-    if nproc == 1:
-        raise ConfigError("1 process is a plain run: leave out --nproc, or give 2 or more", key="--nproc")
-    args, skip = [], False
-    for arg in sys.argv[1:]:
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
-            args.append(arg)
-    return launch(nproc, args)
+        if nproc == 1:
+            raise ConfigError("1 process is a plain run: leave out --nproc, or give 2 or more", key="--nproc")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            check()
+        args, skip = [], False
+        for arg in sys.argv[1:]:
+            if skip:
+                skip = False
+            elif arg == "--nproc":
+                skip = True
+            elif not arg.startswith("--nproc="):
+                args.append(arg)
+        return launch(nproc, args)
+
+    run_command(action, debug)
 
 
 @app.command(name="eval")

@@ -373,6 +373,11 @@ def check_device_ids(config: Config, ids: list | None) -> None:
             raise config.error(f"GPU {gpu} is listed twice; list each GPU once", "device_ids", i)
 
 
+def with_epochs(overrides: list[str], epochs: int | None) -> list[str]:
+    """`--set` overrides, and `--epochs N` as one more: `train.epochs=N`."""
+    return [*overrides, *([f"train.epochs={epochs}"] if epochs else [])]
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     """Read and check a config file. `overrides` are `--set KEY=VALUE` strings."""
     path = Path(path)

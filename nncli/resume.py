@@ -18,15 +18,16 @@ from typing import Any
 
 from nncli.checkpoint import (FORMAT, find_checkpoint, load_checkpoint, load_file, load_state_dict_file,
                               remove_stale_temporaries)
-from nncli.config import Config, load_config
+from nncli.config import Config, load_config, with_epochs
 from nncli.data import load_data
-from nncli.devices import check_parallel, end_process, launched_processes, resolve_device
+from nncli.devices import check_parallel, end_process, launched_processes
 from nncli.errors import ConfigError
 from nncli.inference import config_of
 from nncli.optim import LENGTH_ARGUMENT
 from nncli.reporting import Reporter
-from nncli.train import (Run, check_launch, located_errors, new_run_dir, prepare_run, resolved_config_text,
-                         restore, resume_command, run_fit, write_metrics_csv, write_text_atomic)
+from nncli.train import (Run, check_device, check_launch, located_errors, new_run_dir, prepare_run,
+                         resolved_config_text, restore, resume_command, run_fit, write_metrics_csv,
+                         write_text_atomic)
 from nncli.yamlio import to_plain
 
 FIXED = ("model", "plugins", "data", "seed", "loss", "optimizer.type", "optimizer.groups",
@@ -117,13 +118,12 @@ def check_resume(path: Path, *, overrides: list[str] = (), epochs: int | None = 
                           f"as many, not {processes}", file=str(file),
                           hint=f"Resume it {how}; from the end of an epoch it can go on with any number.")
     stored = config_of(ckpt, run_dir=file.parent)
-    extra = [f"train.epochs={epochs}"] if epochs else []
     if config_path is not None:
-        config = load_config(config_path, [*overrides, *extra])
+        config = load_config(config_path, with_epochs(overrides, epochs))
         if config["data"] is not None:
             load_data(config)  # fills in the data section's defaults, as the stored config has them
     else:
-        config = config_of(ckpt, [*overrides, *extra], run_dir=file.parent)
+        config = config_of(ckpt, with_epochs(overrides, epochs), run_dir=file.parent)
     if processes == 1 and config["parallel"] == "ddp":
         config.values["parallel"] = "none"  # a DDP run continued by one process
     with located_errors(config):
@@ -150,11 +150,9 @@ def check_resume_launch(path: Path, *, config_path: Path | None, overrides: list
     if is_nncli_checkpoint(path):
         config = check_resume(path, overrides=overrides, epochs=epochs, config_path=config_path,
                               processes=processes).config
-        with located_errors(config, device):
-            resolve_device(config["device"] if device is None else device, processes=processes)
+        check_device(config, device, processes)
     elif config_path is not None:
-        check_launch(load_config(config_path, [*overrides, *([f"train.epochs={epochs}"] if epochs else [])]),
-                     device, processes)
+        check_launch(load_config(config_path, with_epochs(overrides, epochs)), device, processes)
 
 
 def resume(path: Path, reporter: Reporter, *, overrides: list[str] = (), epochs: int | None = None,
@@ -238,8 +236,7 @@ def warm_start(weights: Path, config_path: Path, reporter: Reporter, *, override
                out_dir: Path | None = None) -> Run:
     """A new run of `config_path` whose model starts from a plain state_dict's weights."""
     state = load_state_dict_file(weights)
-    extra = [f"train.epochs={epochs}"] if epochs else []
-    config = load_config(config_path, [*overrides, *extra])
+    config = load_config(config_path, with_epochs(overrides, epochs))
     run = prepare_run(config, device=device, notice=reporter.print)
     own = run.model.state_dict()
     missing = [k for k in own if k not in state]

@@ -154,6 +154,11 @@ def check_launch(config: Config, device: str | None, processes: int) -> None:
     """What `--nproc N` checks once before it starts N processes (which would each say it): the
     config, as `validate` does, and the device for N processes."""
     check_config(config, processes)
+    check_device(config, device, processes)
+
+
+def check_device(config: Config, device: str | None, processes: int) -> None:
+    """The device (`--device`, else the config's) is there for `processes` processes."""
     with located_errors(config, device):
         resolve_device(config["device"] if device is None else device, processes=processes)
 

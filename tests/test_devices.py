@@ -4,20 +4,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import CONFIGS, Background, load, metrics_rows, ok, run_nncli, run_python, write_config
+from helpers import CONFIGS, DROPOUT_MLP, Background, load, metrics_rows, ok, run_nncli, run_python, write_config
 
 CONFIG = """\
 seed: 1
 data: {source: synthetic, n: 1200, features: 8, classes: 3, val_split: 0.25}
 optimizer: {type: SGD, lr: 0.05, momentum: 0.9}
-train: {epochs: 2, batch_size: 32}
-model:
-  layers:
-    - {type: Linear, out_features: 32}
-    - ReLU
-    - {type: Dropout, p: 0.1}
-    - {type: Linear, out_features: 3}
-"""
+train: {epochs: 2, batch_size: 32}""" + DROPOUT_MLP
 
 
 @pytest.fixture
