@@ -5,13 +5,15 @@ For each case it runs, `--repeats` times and alternating:
     nncli's `fit`), and
   - the whole processes: `python reference_loop.py ...` and `nncli train CONFIG --quiet`
     (imports, data, model, training, nncli's per-epoch validation and checkpoint writes).
-Writes bench/results/cpu.json and prints a markdown table of medians and ratios (nncli / reference;
+Writes bench/results/cpu.json (or --out) and prints a markdown table of medians and ratios (nncli / reference;
 below 1 means nncli is faster).
 
-  python bench/compare_cpu.py [--repeats 5] [--cases mlp,cnn,synthetic,mlp_fused,cnn_fused]
+  python bench/compare_cpu.py [--repeats 5] [--cases mlp,cnn,synthetic,mlp_fused,cnn_fused,...]
 
 The *_fused cases run nncli with `optimizer.fused: true` (torch's fused Adam kernel) against the
-same reference loop, which uses torch's default Adam: what one config line buys.
+same reference loop, which uses torch's default Adam: what one config line buys. The
+*_dataloader cases run both with their DataLoader: `reference_loop.py --loader dataloader` and
+nncli's `data.loader: dataloader`.
 """
 import argparse
 import json
@@ -31,6 +33,10 @@ REFERENCE = ROOT.parent / "shared" / "bench" / "reference_loop.py"
 MLP = ["--model", "mlp", "--loader", "slice", "--epochs", "20"]
 CNN = ["--model", "cnn", "--loader", "slice", "--epochs", "20"]
 FUSED = ["--set", "optimizer.fused=true"]  # torch's fused Adam kernel, which the reference does not use
+# the reference's torch DataLoader (a TensorDataset read sample by sample) against nncli's
+MLP_DL = ["--model", "mlp", "--loader", "dataloader", "--epochs", "20"]
+CNN_DL = ["--model", "cnn", "--loader", "dataloader", "--epochs", "20"]
+DATALOADER = ["--set", "data.loader=dataloader"]
 # case: (reference_loop.py arguments, nncli config, nncli --set arguments)
 CASES = {
     "mlp": (MLP, "bench/configs/mlp_reference.yaml", []),
@@ -39,6 +45,8 @@ CASES = {
                   "bench/configs/synthetic_reference.yaml", []),
     "mlp_fused": (MLP, "bench/configs/mlp_reference.yaml", FUSED),
     "cnn_fused": (CNN, "bench/configs/cnn_reference.yaml", FUSED),
+    "mlp_dataloader": (MLP_DL, "bench/configs/mlp_reference.yaml", DATALOADER),
+    "cnn_dataloader": (CNN_DL, "bench/configs/cnn_reference.yaml", DATALOADER),
 }
 
 
@@ -59,6 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cpu.json", help="raw figures (JSON)")
     args = parser.parse_args()
     results = {}
     for case in args.cases.split(","):
@@ -86,8 +95,7 @@ def main() -> None:
               f"{med['ref_process']:.2f}s (x{results[case]['process_ratio']:.3f})", flush=True)
     device = {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
               "cpus": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
-    out = ROOT / "bench" / "results" / "cpu.json"
-    out.write_text(json.dumps({"device": device, "repeats": args.repeats, "results": results}, indent=2))
+    args.out.write_text(json.dumps({"device": device, "repeats": args.repeats, "results": results}, indent=2))
     print(f"\ndevice: {device}\n")
     print("| case | reference fit_s | nncli fit_s | ratio | reference process s | nncli train process s | ratio | val acc (ref / nncli) |")
     print("|---|---|---|---|---|---|---|---|")

@@ -5,7 +5,9 @@ with and without --compile) and nncli's loop on bench/configs/resnet9.yaml (the 
 with and without compile, and with compile plus the fused Adam kernel, `optimizer.fused: true`,
 which the reference does not use), `--repeats` times each, and compares steady throughput
 (images/s after the first epoch, which carries compilation and autotuning). Prints a markdown
-table; ratios are nncli / the best reference (above 1: nncli is faster).
+table; ratios are nncli / the best reference (above 1: nncli is faster). Two more variants, run
+only when named in --variants, keep the images on the host and read them with a DataLoader:
+"reference dataloader compile" and "nncli dataloader compile".
 
   python bench/compare_gpu.py [--repeats 2] [--epochs 3] [--device cuda] [--n-train N]
                               [--variants "reference eager,nncli compile"]
@@ -50,8 +52,13 @@ def main() -> None:
         "nncli eager": [*ours, "--set", "compile=false"], "nncli compile": ours,
         "nncli compile fused-adam": [*ours, "--set", "optimizer.fused=true"],
     }
+    loaders = {  # the data on the host, read by a DataLoader, pinned, copied without blocking
+        "reference dataloader compile": [*ref, "--compile", "--loader", "dataloader"],
+        "nncli dataloader compile": [*ours, "--set", "data.loader=dataloader"],
+    }
     if args.variants:
-        variants = {name: variants[name.strip()] for name in args.variants.split(",")}
+        known = {**variants, **loaders}
+        variants = {name.strip(): known[name.strip()] for name in args.variants.split(",")}
     speeds: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):
         for name, command in variants.items():

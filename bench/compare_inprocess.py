@@ -7,7 +7,7 @@ own main() (through runpy, reading the fit_s it prints) and nncli's `fit` on the
 timed the same way (epochs only, no per-epoch validation; nncli's checkpoint writes included).
 Prints the medians, the ratio nncli / reference and the ratios' spread.
 
-  python bench/compare_inprocess.py [--repeats 21] [--cases mlp,cnn]
+  python bench/compare_inprocess.py [--repeats 21] [--cases mlp,cnn,mlp_fused,mlp_loader_vs_slice,cnn_loader_vs_slice]
 """
 import argparse
 import contextlib
@@ -34,6 +34,11 @@ CASES = {  # case: (reference_loop.py arguments, nncli config, nncli --set overr
     "cnn": (["--model", "cnn", "--loader", "slice", "--epochs", "20"], "bench/configs/cnn_reference.yaml", []),
     "mlp_fused": (["--model", "mlp", "--loader", "slice", "--epochs", "20"], "bench/configs/mlp_reference.yaml",
                   ["optimizer.fused=true"]),
+    # nncli's `loader: dataloader` against the hand-written slicing loop: what the DataLoader costs
+    "mlp_loader_vs_slice": (["--model", "mlp", "--loader", "slice", "--epochs", "20"], "bench/configs/mlp_reference.yaml",
+                            ["data.loader=dataloader"]),
+    "cnn_loader_vs_slice": (["--model", "cnn", "--loader", "slice", "--epochs", "20"], "bench/configs/cnn_reference.yaml",
+                            ["data.loader=dataloader"]),
 }
 
 

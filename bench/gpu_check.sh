@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # On a machine with a CUDA GPU: the GPU benchmark, then the GPU-marked tests.
 # Output goes to bench/results/ (or $OUT when set, as on the device tool), named after the GPU.
-#   bash bench/gpu_check.sh [bench|tests|all]      (default: all; each stage takes about 5 minutes,
-#                                                   so a 10-minute limit per command fits one stage)
+#   bash bench/gpu_check.sh [bench|tests|loader|all]  (default: all = bench and tests; bench and tests
+#                                                   take about 5 minutes each, so a 10-minute limit
+#                                                   per command fits one stage; loader: the DataLoader
+#                                                   path against the reference's, a few minutes)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stage=${1:-all}
@@ -16,6 +18,13 @@ if [[ $stage == bench || $stage == all ]]; then
     SECONDS=0
     python bench/compare_gpu.py --repeats 2 --epochs 3 2>&1 | tee "$out/gpu-bench-$gpu.md"
     echo "bench: ${SECONDS}s" | tee -a "$out/gpu-bench-$gpu.md"
+fi
+if [[ $stage == loader ]]; then
+    SECONDS=0
+    python bench/compare_gpu.py --repeats 1 --epochs 3 \
+        --variants "reference compile,reference dataloader compile,nncli dataloader compile" 2>&1 \
+        | tee "$out/gpu-loader-$gpu.md"
+    echo "loader: ${SECONDS}s" | tee -a "$out/gpu-loader-$gpu.md"
 fi
 if [[ $stage == tests || $stage == all ]]; then
     SECONDS=0

@@ -1,25 +1,32 @@
 """The `data:` section: sources, the train/validation split, normalization, and batching.
 
-Every source yields whole tensors `x` (samples first) and `y`. They are kept in memory and, for
-training, moved once to the training device and batched by slicing with a shuffled index: on
-small models a per-sample DataLoader costs more than the model itself.
+Every source yields tensors `x` (samples first) and `y`. With `loader: memory` (the default) they
+are moved once to the training device and batched by indexing with a shuffled index: on small
+models a per-sample DataLoader costs more than the model itself. With `loader: dataloader` the
+inputs stay on the host (in memory, or memory-mapped with `mmap: true`) and a torch DataLoader
+reads each batch, in `workers` processes, into pinned memory for a non-blocking copy to the GPU.
+Both draw the same batches in the same order, so they train the same model.
 """
 from __future__ import annotations
 
+import atexit
 import csv
 import math
+import signal
+import weakref
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.utils.data
 
-from nncli.config import NUMBER, REQUIRED, Config, Key, check_section, fraction, one_of, positive
-from nncli.errors import ConfigError
+from nncli.config import NUMBER, REQUIRED, Config, Key, check_section, fraction, non_negative, one_of, positive
+from nncli.errors import STOP_SIGNALS, ConfigError
 from nncli.registry import Registry
 
 CLASS_INDEX_LOSSES = {"CrossEntropyLoss", "NLLLoss", "MultiMarginLoss"}
@@ -37,6 +44,8 @@ class SourceContext:
 
     config: Config
     where: tuple  # key path of the source's mapping, e.g. ("data",) or ("data", "train")
+    streamed: bool = False  # `loader: dataloader`: the inputs are read a batch at a time
+    mapped_file: Path | None = None  # set by a source whose x is a memory map of this file
 
     def error(self, message: str, key: str | None = None, hint: str | None = None) -> ConfigError:
         return self.config.error(message, *self.where, *([key] if key else []), hint=hint)
@@ -153,19 +162,35 @@ def load_npz(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.Ten
     return out[0], out[1]
 
 
-@source("npy", x=Key((str,), REQUIRED), y=Key((str,), REQUIRED))
+@source("npy", x=Key((str,), REQUIRED), y=Key((str,), REQUIRED), mmap=Key((bool,), False))
 def load_npy(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two NumPy .npy files: `x` (the inputs) and `y` (the targets)."""
+    """Two NumPy .npy files: `x` (the inputs) and `y` (the targets). `mmap: true` maps `x` instead
+    of reading it: with `loader: dataloader` only the rows of each batch are read, so `x` may be
+    larger than memory."""
+    if options["mmap"] and not ctx.streamed:
+        raise ctx.error("mmap: true reads samples a batch at a time, which needs loader: dataloader",
+                        "mmap", hint="Add loader: dataloader to the data section, or remove mmap.")
     out = []
     for key in ("x", "y"):
         path = ctx.path(options, key)
+        mapped = options["mmap"] and key == "x"
         try:
-            out.append(_numeric_tensor(np.load(path, allow_pickle=False), ctx, key))
-        except ConfigError:
-            raise
+            array = map_npy(path) if mapped else np.load(path, allow_pickle=False)
         except Exception as err:
             raise ctx.error(f"{path.name} is not a readable .npy file: {err}", key) from None
+        if mapped and not array.flags.c_contiguous:  # a copy would read the whole file into memory
+            raise ctx.error(f"{path.name} is stored in Fortran order; a memory map can only read it "
+                            "row by row in C order", key, hint="Re-save it with "
+                            "np.save(path, np.ascontiguousarray(x)), or remove mmap.")
+        out.append(_numeric_tensor(array, ctx, key))
+        if mapped:
+            ctx.mapped_file = path
     return out[0], out[1]
+
+
+def map_npy(path: Path) -> np.ndarray:
+    """A .npy file's pages, copy-on-write: writable, as torch wants its arrays, never written back."""
+    return np.load(path, mmap_mode="c", allow_pickle=False)
 
 
 def _numeric_tensor(array: np.ndarray, ctx: SourceContext, key: str) -> torch.Tensor:
@@ -223,57 +248,230 @@ def load_torchvision(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, t
 
 # --- the data section ------------------------------------------------------------------------
 
+# How batches are read (the data section's keys, in either layout).
+LOADER_KEYS = {
+    "loader": Key((str,), "memory", one_of("memory", "dataloader")),
+    "workers": Key((int,), 0, non_negative),
+}
 # Keys of the data section itself; the rest belong to its source.
 DATA_KEYS = {
     "val_split": Key(NUMBER, 0.2, lambda v: None if v == 0 else fraction(v)),
     "normalize": Key((bool,), False),
+    **LOADER_KEYS,
 }
 PAIR_KEYS = {"train": Key((dict,), None), "val": Key((dict, type(None)), None),
-             "normalize": DATA_KEYS["normalize"]}
+             "normalize": DATA_KEYS["normalize"], **LOADER_KEYS}
+CHUNK_BYTES = 64 << 20  # one pass over the inputs (statistics, fingerprint): float64 rows at a time
 
 
 @dataclass
 class TensorPair:
+    """Samples held whole (`loader: memory`): moved to the training device once and batched by
+    indexing there."""
+
     x: torch.Tensor
     y: torch.Tensor
 
     def __len__(self) -> int:
         return len(self.x)
 
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
     def to(self, device: torch.device) -> TensorPair:
         return TensorPair(self.x.to(device), self.y.to(device))
+
+    def subset(self, index: torch.Tensor | slice) -> TensorPair:
+        return TensorPair(self.x[index], self.y[index])
+
+    def normalized(self, normalization: dict) -> TensorPair:
+        return TensorPair(normalize(self.x, normalization), self.y)
+
+    def input_chunks(self, rows: int) -> Iterator[torch.Tensor]:
+        """The inputs in order, `rows` samples at a time."""
+        return iter(self.x.split(rows))
+
+    def batches(self, index: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(x, y) for each `batch_size` entries of `index` in turn."""
+        for idx in index.to(self.x.device).split(batch_size):
+            yield self.x[idx], self.y[idx]
+
+    def close(self) -> None:
+        """Nothing to end: no loader reads these samples."""
+
+
+@dataclass(eq=False)  # compared by identity: its fields are tensors
+class HostSamples:
+    """Samples read a batch at a time (`loader: dataloader`): the inputs stay on the host as the
+    source read them (a memory map stays one); a torch DataLoader gathers each batch's rows,
+    converts and normalizes them, in `workers` processes, pins the batch when it goes to a GPU,
+    and it is copied without blocking."""
+
+    x: torch.Tensor  # every row the source read, in its own dtype
+    rows: torch.Tensor  # which rows of x are this set's samples
+    y: torch.Tensor  # their targets, in memory
+    dtype: torch.dtype  # what the model takes (model.input_dtype)
+    workers: int = 0
+    normalization: dict | None = None
+    device: torch.device = torch.device("cpu")  # where the batches go
+    mapped_file: Path | None = None  # x maps this .npy file (`mmap: true`)
+    _loader: torch.utils.data.DataLoader | None = field(default=None, init=False, repr=False)
+    _passes: PassIndex | None = field(default=None, init=False, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def to(self, device: torch.device) -> HostSamples:
+        return replace(self, device=torch.device(device))  # the samples stay; their batches move
+
+    def subset(self, index: torch.Tensor | slice) -> HostSamples:
+        return replace(self, rows=self.rows[index], y=self.y[index])
+
+    def normalized(self, normalization: dict) -> HostSamples:
+        return replace(self, normalization=normalization)
+
+    def __getitem__(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole batch: the DataLoader passes one tensor of sample indices per batch."""
+        return normalize(self.x[self.rows[index]].to(self.dtype), self.normalization), self.y[index]
+
+    def input_chunks(self, rows: int) -> Iterator[torch.Tensor]:
+        for chunk in self.rows.split(rows):
+            yield self.x[chunk].to(self.dtype)
+
+    def batches(self, index: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._loader is None:
+            # One loader for every pass, so its workers start once, not every epoch. Its own
+            # generator: otherwise it draws its workers' seed from torch's global generator, and
+            # dropout would differ from `loader: memory`.
+            self._passes = PassIndex()
+            self._loader = torch.utils.data.DataLoader(
+                self, sampler=self._passes, batch_size=None, num_workers=self.workers,
+                persistent_workers=self.workers > 0, pin_memory=self.device.type == "cuda",
+                generator=torch.Generator().manual_seed(0), worker_init_fn=_leave_stopping_to_training)
+            if self.workers:
+                _OPEN_LOADERS.add(self)
+        self._passes.batches = index.split(batch_size)
+        for xb, yb in self._loader:
+            yield xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        """End the loader's worker processes now: a DDP process leaves with os._exit, which
+        would leave them running (torch has no public call for persistent workers)."""
+        if self._loader is not None and self._loader._iterator is not None:
+            self._loader._iterator._shutdown_workers()
+        self._loader = self._passes = None
+        _OPEN_LOADERS.discard(self)
+
+    def __getstate__(self) -> dict:
+        """What a worker started by `spawn` (macOS, Windows) receives: not the loader, and a
+        mapped file by its path, to map it again, not its pages copied."""
+        state = {**self.__dict__, "_loader": None, "_passes": None}
+        if self.mapped_file is not None:
+            state["x"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.x is None:
+            x = torch.from_numpy(map_npy(self.mapped_file))
+            self.x = x.unsqueeze(1) if x.dim() == 1 else x
+
+
+_OPEN_LOADERS: weakref.WeakSet[HostSamples] = weakref.WeakSet()  # samples whose loader has workers
+
+
+@atexit.register  # after torch's own exit hooks (imported above), so it runs before them
+def _close_open_loaders() -> None:
+    """End the loaders' workers as the interpreter exits: they ignore the SIGTERM with which
+    multiprocessing would end them (see below)."""
+    for samples in list(_OPEN_LOADERS):
+        samples.close()
+
+
+def _leave_stopping_to_training(worker_id: int) -> None:
+    """A loader worker ignores the signals that ask a run to stop (the terminal and schedulers
+    send them to every process): the training process finishes its step, saves, then ends it."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class PassIndex:
+    """The sampler of a HostSamples loader: the index batches of the pass about to start."""
+
+    batches: tuple[torch.Tensor, ...] = ()
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+Samples = TensorPair | HostSamples
 
 
 @dataclass
 class Data:
-    train: TensorPair
-    val: TensorPair | None
+    train: Samples
+    val: Samples | None
     sample_shape: tuple
     normalization: dict | None  # {"mean": tensor, "std": tensor} of the training inputs
     fingerprint: str = ""  # see data_fingerprint
 
 
-def data_fingerprint(train: TensorPair, val: TensorPair | None) -> str:
-    """A CRC-32 of the training and validation tensors (about 4 GB/s). Checkpoints keep it, so
-    that eval and resume can tell that the data changed since training; it guards against
-    accidents, not tampering."""
+def _chunk_rows(samples: Samples) -> int:
+    """Rows per chunk of a pass over the inputs, sized by their float64 copy (the statistics')."""
+    return max(1, CHUNK_BYTES // (8 * max(math.prod(samples.x.shape[1:]), 1)))
+
+
+def data_fingerprint(train: Samples, val: Samples | None) -> str:
+    """A CRC-32 of the training and validation inputs (as the model takes them) and targets,
+    about 4 GB/s; the same for either loader. Checkpoints keep it, so that eval and resume can
+    tell that the data changed since training; it guards against accidents, not tampering."""
     crc = 0
-    for tensor in (train.x, train.y, *((val.x, val.y) if val is not None else ())):
-        crc = zlib.crc32(tensor.contiguous().view(torch.uint8).numpy(), crc)
+    for samples in (train, val):
+        if samples is None:
+            continue
+        for x in samples.input_chunks(_chunk_rows(samples)):
+            crc = zlib.crc32(x.contiguous().view(torch.uint8).numpy(), crc)
+        crc = zlib.crc32(samples.y.contiguous().view(torch.uint8).numpy(), crc)
     return f"crc32:{crc:08x} train:{len(train)} val:{len(val) if val is not None else 0}"
 
 
-def read_source(options: dict, config: Config, where: tuple) -> tuple[TensorPair, dict]:
-    """Check one source mapping (`source:` and that source's keys) and load it; also return the
-    mapping with the source's defaults filled in."""
+def normalization_of(samples: Samples) -> dict:
+    """Per-feature mean and standard deviation of the inputs, in one pass of float64 chunks
+    (merged as Chan et al.), so the inputs need not fit in memory at once; in the inputs' dtype
+    (float32 for integer inputs). A constant feature keeps std 1."""
+    n, mean, m2 = 0, torch.zeros(samples.x.shape[1:], dtype=torch.float64), 0.0
+    dtype = torch.float32
+    for x in samples.input_chunks(_chunk_rows(samples)):
+        dtype = x.dtype if x.is_floating_point() else torch.float32
+        x, k = x.to(torch.float64, copy=True), len(x)  # a copy: the deviations are taken in place
+        chunk_mean = x.mean(0)
+        delta = chunk_mean - mean
+        mean = mean + delta * (k / (n + k))
+        m2 = m2 + x.sub_(chunk_mean).square_().sum(0) + delta ** 2 * (n * k / (n + k))
+        n += k
+    std = (m2 / max(n - 1, 1)).sqrt()
+    return {"mean": mean.to(dtype), "std": torch.where(std > 0, std, torch.ones_like(std)).to(dtype)}
+
+
+def read_source(options: dict, config: Config, where: tuple, loader: dict) -> tuple[Samples, dict]:
+    """Check one source mapping (`source:` and that source's keys) and load it, as the `loader`
+    options ask; also return the mapping with the source's defaults filled in."""
     if not isinstance(options, dict) or not options.get("source"):
         raise config.error(f"needs 'source:', one of: {', '.join(SOURCES)}", *where)
     try:
         src = SOURCES.get(options["source"])
     except ConfigError as err:
         raise config.error(err.message, *where, "source", hint=err.hint) from None
+    misplaced = next((key for key in LOADER_KEYS if key in options and where != ("data",)), None)
+    if misplaced:
+        raise config.error("belongs to the data section itself, beside train: and val: (it applies to both)",
+                           *where, misplaced, hint=f"Move it up: data: {{{misplaced}: ..., train: {{...}}}}.")
     checked = check_section(options, {"source": Key((str,)), **src.keys}, config.error, *where)
-    ctx = SourceContext(config, where)
+    ctx = SourceContext(config, where, streamed=loader["loader"] == "dataloader")
     x, y = src.load(checked, ctx)
     if len(x) != len(y):
         raise ctx.error(f"x has {len(x)} samples but y has {len(y)}; they must match")
@@ -281,31 +479,39 @@ def read_source(options: dict, config: Config, where: tuple) -> tuple[TensorPair
         raise ctx.error("has no samples")
     if x.dim() == 1:  # x: [1, 2, 3] means three samples of one feature
         x = x.unsqueeze(1)
-    return TensorPair(x.to(getattr(torch, config["model"]["input_dtype"])), y), checked
+    dtype = getattr(torch, config["model"]["input_dtype"])
+    if ctx.streamed:
+        return HostSamples(x, torch.arange(len(x)), y, dtype, loader["workers"],
+                           mapped_file=ctx.mapped_file), checked
+    return TensorPair(x.to(dtype), y), checked
 
 
-def load_data(config: Config) -> Data:
+def load_data(config: Config, normalization: dict | None = None) -> Data:
     """Read the data section: sources, split, normalization; targets as the loss needs them.
 
     Either one source (with `val_split:`, default 0.2; 0 for no validation) or `train:` and
     optional `val:` sources. The section, its defaults filled in, replaces `config["data"]`, so
-    the run's config.yaml records them."""
+    the run's config.yaml records them. With `normalize: true`, the inputs are normalized with
+    `normalization` when given (a checkpoint's: what its model was trained with), else with the
+    training set's statistics."""
     section = config["data"]
     if section is None:
         raise config.error("the config has no 'data' section; add one, e.g. data: {source: digits}")
     if "train" in section:
         options = check_section(section, PAIR_KEYS, config.error, "data")
-        train, options["train"] = read_source(section["train"], config, ("data", "train"))
+        _check_loader(options, config)
+        train, options["train"] = read_source(section["train"], config, ("data", "train"), options)
         val = None
         if section.get("val"):
-            val, options["val"] = read_source(section["val"], config, ("data", "val"))
+            val, options["val"] = read_source(section["val"], config, ("data", "val"), options)
     else:
         if "val" in section:
             raise config.error("val: needs train: beside it (or use val_split:)", "data", "val")
         own = {k: v for k, v in section.items() if k in DATA_KEYS}
         options = check_section(own, DATA_KEYS, config.error, "data")
+        _check_loader(options, config)
         everything, source_options = read_source({k: v for k, v in section.items() if k not in DATA_KEYS},
-                                                 config, ("data",))
+                                                 config, ("data",), options)
         options.update(source_options)
         train, val = split_data(everything, options["val_split"], config)
     if val is not None and val.x.shape[1:] != train.x.shape[1:]:
@@ -319,17 +525,24 @@ def load_data(config: Config) -> Data:
             raise config.error(f"{name} targets are not class indices (e.g. {bad:g}), but "
                                f"{loss_name(config)} needs whole-number labels", "loss",
                                hint="For regression set loss: MSELoss (or another regression loss).")
-    train, val = (None if p is None else TensorPair(p.x, _class_indices(p.y) if classes else p.y.float())
+    train, val = (None if p is None else replace(p, y=_class_indices(p.y) if classes else p.y.float())
                   for p in (train, val))
     fingerprint = data_fingerprint(train, val)
-    normalization = None
-    if options["normalize"]:
-        mean, std = train.x.mean(0), train.x.std(0)
-        normalization = {"mean": mean, "std": torch.where(std > 0, std, torch.ones_like(std))}
-        train = TensorPair(normalize(train.x, normalization), train.y)
-        val = TensorPair(normalize(val.x, normalization), val.y) if val is not None else None
+    if not options["normalize"]:
+        normalization = None
+    else:
+        normalization = normalization or normalization_of(train)
+        train = train.normalized(normalization)
+        val = val.normalized(normalization) if val is not None else None
     config.values["data"] = options
     return Data(train, val, tuple(train.x.shape[1:]), normalization, fingerprint)
+
+
+def _check_loader(options: dict, config: Config) -> None:
+    if options["workers"] and options["loader"] == "memory":
+        raise config.error(f"workers: {options['workers']} does nothing with loader: memory (the data "
+                           "is indexed where it lies; no worker reads it)", "data", "workers",
+                           hint="Add loader: dataloader to read batches in worker processes, or remove workers.")
 
 
 def _class_indices(y: torch.Tensor) -> torch.Tensor:
@@ -337,7 +550,7 @@ def _class_indices(y: torch.Tensor) -> torch.Tensor:
     return (y[:, 0] if y.dim() == 2 and y.shape[1] == 1 else y).long()
 
 
-def split_data(data: TensorPair, val_split: float, config: Config) -> tuple[TensorPair, TensorPair | None]:
+def split_data(data: Samples, val_split: float, config: Config) -> tuple[Samples, Samples | None]:
     """A seeded split: the first `val_split` of a random permutation is the validation set."""
     if val_split == 0:
         return data, None
@@ -347,8 +560,7 @@ def split_data(data: TensorPair, val_split: float, config: Config) -> tuple[Tens
                            f"side empty ({len(data)} samples)", "data", "val_split",
                            hint="Use val_split: 0 to train without validation.")
     perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(config["seed"]))
-    return (TensorPair(data.x[perm[n_val:]], data.y[perm[n_val:]]),
-            TensorPair(data.x[perm[:n_val]], data.y[perm[:n_val]]))
+    return data.subset(perm[n_val:]), data.subset(perm[:n_val])
 
 
 def loss_name(config: Config) -> str:
@@ -389,15 +601,15 @@ def check_targets(data: Data, output_shape: tuple, config: Config) -> None:
 
 
 class Batches:
-    """One epoch of shuffled (x, y) batches per call, by slicing tensors already on the device.
+    """One epoch of shuffled (x, y) batches per call, from either kind of samples.
 
     The shuffle comes from its own seeded generator, so a resumed run can restore it. With
     `world_size > 1` every rank draws the same permutation and takes its own share of it.
     """
 
-    def __init__(self, data: TensorPair, batch_size: int, *, shuffle: bool, seed: int,
+    def __init__(self, data: Samples, batch_size: int, *, shuffle: bool, seed: int,
                  drop_last: bool = False, rank: int = 0, world_size: int = 1) -> None:
-        self.x, self.y, self.batch_size = data.x, data.y, batch_size
+        self.data, self.batch_size = data, batch_size
         self.shuffle, self.drop_last, self.rank, self.world_size = shuffle, drop_last, rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
         n = len(data) // world_size  # every rank takes the same number of samples
@@ -409,17 +621,14 @@ class Batches:
 
     def epoch(self, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield the epoch's batches, skipping the first `skip` (to resume inside an epoch)."""
-        n = len(self.x)
+        n = len(self.data)
         if self.shuffle:
             index = torch.randperm(n, generator=self.generator)
         else:
             index = torch.arange(n)
         if self.world_size > 1:
             index = index[self.rank:self.samples * self.world_size:self.world_size]
-        index = index.to(self.x.device)
-        for step in range(skip, self.steps):
-            idx = index[step * self.batch_size:(step + 1) * self.batch_size]
-            yield self.x[idx], self.y[idx]
+        return self.data.batches(index[skip * self.batch_size:self.steps * self.batch_size], self.batch_size)
 
     def batch_sizes(self) -> torch.Tensor:
         sizes = torch.full((self.steps,), float(self.batch_size))

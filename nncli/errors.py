@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import difflib
+import signal
 from collections.abc import Iterable
 
 
@@ -50,6 +51,10 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     if not close:  # case slips ("relu" for "ReLU") are the commonest typo in type names
         close = [c for c in choices if c.lower() == str(word).lower()]
     return f"Did you mean '{close[0]}'?" if close else None
+
+
+# What asks a run to stop and save: Ctrl-C, a scheduler's or `kill`'s SIGTERM, a closed terminal.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Interrupted(NncliError):

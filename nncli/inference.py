@@ -11,7 +11,7 @@ import torch
 
 from nncli.checkpoint import find_checkpoint, load_checkpoint
 from nncli.config import Config, config_from_mapping
-from nncli.data import CLASS_INDEX_LOSSES, Data, TensorPair, check_targets, load_data, loss_name, normalize
+from nncli.data import CLASS_INDEX_LOSSES, Data, Samples, TensorPair, check_targets, load_data, loss_name, normalize
 from nncli.devices import resolve_device
 from nncli.errors import ConfigError
 from nncli.model import ModelPlan, plan_model
@@ -48,7 +48,7 @@ def evaluate_checkpoint(path: Path, data_file: Path | None = None,
     model = plan.model
     target = next(model.parameters()).device
     if data_file is None:
-        data = load_data(config)
+        data = load_data(config, ckpt.get("normalization"))
         if data.val is None:
             raise ConfigError("the run has no validation data (val_split: 0); give --data FILE",
                               file=str(path))
@@ -61,7 +61,7 @@ def evaluate_checkpoint(path: Path, data_file: Path | None = None,
         if list(pair.x.shape[1:]) != list(ckpt["input_shape"]):
             raise ConfigError(f"its samples have shape {list(pair.x.shape[1:])}, but the model takes "
                               f"{list(ckpt['input_shape'])}", file=str(data_file))
-        pair = TensorPair(normalize(pair.x, ckpt.get("normalization")), pair.y)
+        pair = pair.normalized(ckpt.get("normalization"))
     output_shape = tuple(plan.output_shape[1:])
     pair = _checked_targets(pair, output_shape, config, source if data_file else str(path))
     results = evaluate(model, pair.to(target), create_loss(config).to(target), config["metrics"],
@@ -69,7 +69,7 @@ def evaluate_checkpoint(path: Path, data_file: Path | None = None,
     return results, source
 
 
-def _checked_targets(pair: TensorPair, output_shape: tuple, config: Config, where: str) -> TensorPair:
+def _checked_targets(pair: Samples, output_shape: tuple, config: Config, where: str) -> Samples:
     """Targets shaped as in training ((N,) -> (N, 1) for a one-output regression, else the loss
     broadcasts and reports a wrong number) and labels within the model's classes."""
     data = Data(pair, None, tuple(pair.x.shape[1:]), None)
@@ -92,7 +92,7 @@ def _read_data_file(config: Config, path: Path) -> TensorPair:
         section = {"source": kind, "target": "target"} if kind == "csv" else {"source": kind}
     elif kind == "csv" and section.get("features") is None:
         section["features"] = _training_features(config, section)  # the columns the model learnt
-    section.update(path=str(path.resolve()), val_split=0, normalize=False)
+    section.update(path=str(path.resolve()), val_split=0, normalize=False, loader="memory", workers=0)
     values = dict(config.values, data=section)
     data = load_data(config_from_mapping(values, base_dir=config.base_dir))
     return data.train

@@ -3,8 +3,9 @@ from a plain state_dict.
 
 What may change on resume: the length (`--epochs`), and settings that do not change what the
 checkpoint holds (learning rates, clipping, logging, checkpoint frequency, the device, ...).
-What may not: the model, its plugins, the data, the seed, the loss, the optimizer's type and
-groups, the schedule's type. Asking for those lists the differences and stops (exit 2).
+What may not: the model, its plugins, the data (how it is read may: `loader`, `workers`,
+`mmap`), the seed, the loss, the optimizer's type and groups, the schedule's type. Asking for
+those lists the differences and stops (exit 2).
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ from nncli.yamlio import to_plain
 
 FIXED = ("model", "plugins", "data", "seed", "loss", "optimizer.type", "optimizer.groups",
          "schedule.type", "train.batch_size", "train.accumulate", "train.drop_last", "train.shuffle")
+# Parts of a FIXED section that change how the data is read, not which batches training sees.
+HOW_DATA_IS_READ = ("data.loader", "data.workers", "data.mmap", "data.train.mmap", "data.val.mmap")
 
 
 class _Absent:
@@ -66,6 +69,8 @@ def _is_fixed(difference: tuple[str, Any, Any]) -> bool:
     """Whether a difference touches a FIXED key: the key itself, a part of it, or a section that
     holds it (`optimizer: {type: Adam} -> {type: SGD}` is reported for the whole section)."""
     key, old, new = difference
+    if key in HOW_DATA_IS_READ:
+        return False
     for fixed in FIXED:
         if key == fixed or key.startswith(fixed + "."):
             return True
@@ -162,7 +167,7 @@ def resume(path: Path, reporter: Reporter, *, overrides: list[str] = (), epochs:
                         processes=launched_processes())
     file, ckpt, config, differences = plan.file, plan.ckpt, plan.config, plan.differences
     run = prepare_run(config, device=device, run_dir=file.parent, epochs=config["train"]["epochs"],
-                      notice=reporter.print)
+                      notice=reporter.print, normalization=ckpt.get("normalization"))
     fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
     fresh_schedule = copy.deepcopy(run.schedule.scheduler.state_dict()) if run.schedule else None
     restore(run, ckpt)

@@ -27,11 +27,11 @@ from torch import nn
 from nncli import __version__
 from nncli.checkpoint import FORMAT, capture_rng, checkpoint_bytes, restore_rng, write_atomic, write_text_atomic
 from nncli.config import Config
-from nncli.data import CLASS_INDEX_LOSSES, Batches, Data, TensorPair, check_targets, load_data, loss_name
+from nncli.data import CLASS_INDEX_LOSSES, Batches, Data, Samples, check_targets, load_data, loss_name
 from nncli.devices import (Process, all_reduce_sum, autocast, configure_determinism, end_process,
                            check_parallel, grad_scaler, out_of_memory_as_error, resolve_device,
                            start_process, weights_in_sync, wrap_model)
-from nncli.errors import ConfigError, Interrupted, RunError
+from nncli.errors import STOP_SIGNALS, ConfigError, Interrupted, RunError
 from nncli.metrics import check_metric_name, create_metric, higher_is_better
 from nncli.model import ModelPlan, plan_model
 from nncli.optim import ParamGroup, Schedule, create_loss, create_optimizer, create_schedule
@@ -63,7 +63,7 @@ class Run:
     model: nn.Module
     data: Data
     batches: Batches
-    val: TensorPair | None
+    val: Samples | None
     loss_fn: nn.Module
     optimizer: torch.optim.Optimizer
     groups: list[ParamGroup]
@@ -163,7 +163,7 @@ def check_device(config: Config, device: str | None, processes: int) -> None:
         resolve_device(config["device"] if device is None else device, processes=processes)
 
 
-def make_batches(config: Config, train: TensorPair, process: Process) -> Batches:
+def make_batches(config: Config, train: Samples, process: Process) -> Batches:
     """The training batches of this process; an error when `batch_size` leaves none."""
     train_cfg = config["train"]
     batches = Batches(train, train_cfg["batch_size"], shuffle=train_cfg["shuffle"], seed=config["seed"],
@@ -184,8 +184,10 @@ def _input_shape(config: Config, data: Data) -> tuple:
 
 
 def prepare_run(config: Config, *, device: str | None = None, run_dir: Path | None = None,
-                epochs: int | None = None, notice: Callable[[str], None] = print) -> Run:
-    """Load the data, build the model, loss, optimizer and schedule; nothing is trained yet."""
+                epochs: int | None = None, notice: Callable[[str], None] = print,
+                normalization: dict | None = None) -> Run:
+    """Load the data, build the model, loss, optimizer and schedule; nothing is trained yet.
+    `normalization`: a resumed checkpoint's statistics (see load_data)."""
     with located_errors(config, device):
         target_device = resolve_device(config["device"] if device is None else device)
         process = start_process(config["parallel"], target_device)
@@ -194,7 +196,7 @@ def prepare_run(config: Config, *, device: str | None = None, run_dir: Path | No
     configure_determinism(config["deterministic"], target_device)
     seed_everything(config["seed"])
     loss_fn = create_loss(config).to(target_device)  # first: the targets' checks depend on the loss
-    data = load_data(config)
+    data = load_data(config, normalization)
     check_training_config(config, data.val is not None)
     # The weights depend on the seed alone, as in a hand-written script: built on the CPU with
     # torch's CPU generator whatever the device, then moved.
@@ -203,10 +205,13 @@ def prepare_run(config: Config, *, device: str | None = None, run_dir: Path | No
     check_targets(data, plan.output_shape[1:], config)
     with out_of_memory_as_error(f"moving the model and data to {target_device}",
                                 "The data and the model must fit in the device's memory together: "
-                                "use less data, a smaller model, or device: cpu."):
+                                "set data.loader: dataloader to keep the data on the host, or use a "
+                                "smaller model, or device: cpu."):
         model = plan.model.to(target_device)
         train_data = data.train.to(target_device)
         val = data.val.to(target_device) if data.val is not None else None
+    if val is not None and process.world_size > 1:
+        val = val.subset(slice(process.rank, None, process.world_size))  # each process validates its share
     with located_errors(config):
         step_model = wrap_model(model, parallel=config["parallel"], device=target_device,
                                 device_ids=config["device_ids"], compile_mode=config["compile"],
@@ -253,7 +258,7 @@ class StopRequest:
         return agreed
 
     def __enter__(self) -> StopRequest:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal closed
+        for sig in STOP_SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: leave signals alone
@@ -270,22 +275,19 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def evaluate(model: nn.Module, data: TensorPair, loss_fn: nn.Module, metric_names: list[str],
-             batch_size: int, amp: str = "off", process: Process = Process()) -> dict[str, float]:
+def evaluate(model: nn.Module, data: Samples, loss_fn: nn.Module, metric_names: list[str],
+             batch_size: int, amp: str = "off") -> dict[str, float]:
     """Loss and metrics over `data` under eval() and no_grad(), read from the device once.
 
-    Under DDP each process takes its share of the data and the sums are added across processes."""
+    Under DDP `data` is this process's share, and the sums are added across processes."""
     was_training = model.training
     model.eval()
-    device = data.x.device
-    if process.world_size > 1:
-        data = TensorPair(data.x[process.rank::process.world_size], data.y[process.rank::process.world_size])
+    device = data.device
     metrics = {name: create_metric(name, device) for name in metric_names}
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     count = torch.full((), float(len(data)), device=device, dtype=torch.float64)
     with torch.no_grad(), autocast(device, amp):
-        for start in range(0, len(data), batch_size):
-            xb, yb = data.x[start:start + batch_size], data.y[start:start + batch_size]
+        for xb, yb in data.batches(torch.arange(len(data)), batch_size):
             out = model(xb)
             loss_sum += loss_fn(out, yb).double() * len(xb)
             for metric in metrics.values():
@@ -359,7 +361,7 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
             row = {"epoch": epoch, "train_loss": train_loss}
             if run.val is not None:
                 results = evaluate(run.model, run.val, run.loss_fn, config["metrics"],
-                                   max(train_cfg["batch_size"], 1024), config["amp"], run.process)
+                                   max(train_cfg["batch_size"], 1024), config["amp"])
                 row.update({f"val_{k}": v for k, v in results.items()})
             row.update({f"lr_{i}": lr for i, lr in enumerate(state.epoch_lrs)})
             row["time_s"] = time.perf_counter() - started
@@ -585,6 +587,9 @@ def run_fit(run: Run, reporter: Reporter) -> None:
         raise
     finally:
         reporter.close()
+        for samples in (run.batches.data, run.val):
+            if samples is not None:
+                samples.close()
         # an agreed stop ends every process at the same step; any other error may be this one's alone
         end_process(run.process, together=error is None or isinstance(error, Interrupted))
 

@@ -148,6 +148,27 @@ def test_kill_9_after_mid_epoch_checkpoint_then_resume_is_exact(long, tmp_path):
     assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_stop_signal_with_dataloader_workers_then_resume_in_memory_is_exact(long, tmp_path, signum):
+    """`loader: dataloader` draws the batches `loader: memory` draws; its worker processes get the
+    signal too (Ctrl-C, or a scheduler's SIGTERM to the job) and must not end the run before it
+    saves; the loader may change on resume."""
+    text = LONG.replace("val_split: 0.1}", "val_split: 0.1, loader: dataloader, workers: 2}")
+    config = write_config(tmp_path, text + "checkpoint: {every_steps: 450}\n", "long.yaml")
+    run = tmp_path / "out" / "long"
+    proc = Background("train", config, "--out", tmp_path / "out", cwd=tmp_path)
+    proc.wait_for_line("epoch 1/2")
+    _wait_for_mid_epoch_checkpoint(proc, run / "last.pt")
+    os.killpg(proc.proc.pid, signum)  # to the whole process group: nncli and its two loader workers
+    code, out, err = proc.finish()
+    assert code == 130 and "Traceback" not in err, f"exit {code}\n{out}\n{err}"
+    ckpt = load(run / "last.pt")
+    assert ckpt["epoch"] == 1 and ckpt["position"] > 0 and ckpt["config"]["data"]["workers"] == 2
+
+    ok(run_nncli("resume", run, "--set", "data.loader=memory", "--set", "data.workers=0", cwd=tmp_path))
+    assert_same_run(run, long["run"])
+
+
 # --- warm start from plain weights -------------------------------------------------------------
 
 def _built_state_dict(config: Path) -> dict[str, torch.Tensor]:
