@@ -486,14 +486,15 @@ def read_source(options: dict, config: Config, where: tuple, loader: dict) -> tu
     return TensorPair(x.to(dtype), y), checked
 
 
-def load_data(config: Config, normalization: dict | None = None) -> Data:
+def load_data(config: Config, normalization: dict | None = None, *, scan: bool = True) -> Data:
     """Read the data section: sources, split, normalization; targets as the loss needs them.
 
     Either one source (with `val_split:`, default 0.2; 0 for no validation) or `train:` and
     optional `val:` sources. The section, its defaults filled in, replaces `config["data"]`, so
     the run's config.yaml records them. With `normalize: true`, the inputs are normalized with
     `normalization` when given (a checkpoint's: what its model was trained with), else with the
-    training set's statistics."""
+    training set's statistics. `scan=False` skips the passes over every input (the fingerprint,
+    the statistics) when the data is only checked: a mapped file is then not read."""
     section = config["data"]
     if section is None:
         raise config.error("the config has no 'data' section; add one, e.g. data: {source: digits}")
@@ -527,8 +528,8 @@ def load_data(config: Config, normalization: dict | None = None) -> Data:
                                hint="For regression set loss: MSELoss (or another regression loss).")
     train, val = (None if p is None else replace(p, y=_class_indices(p.y) if classes else p.y.float())
                   for p in (train, val))
-    fingerprint = data_fingerprint(train, val)
-    if not options["normalize"]:
+    fingerprint = data_fingerprint(train, val) if scan else ""
+    if not (options["normalize"] and scan):
         normalization = None
     else:
         normalization = normalization or normalization_of(train)

@@ -94,7 +94,7 @@ def _read_data_file(config: Config, path: Path) -> TensorPair:
         section["features"] = _training_features(config, section)  # the columns the model learnt
     section.update(path=str(path.resolve()), val_split=0, normalize=False, loader="memory", workers=0)
     values = dict(config.values, data=section)
-    data = load_data(config_from_mapping(values, base_dir=config.base_dir))
+    data = load_data(config_from_mapping(values, base_dir=config.base_dir), scan=False)
     return data.train
 
 

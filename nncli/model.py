@@ -443,5 +443,5 @@ def build_model(config: Config, input_shape: tuple | list | None = None,
     if input_shape is None and config["model"]["input_shape"] is None and config["data"] is not None:
         from nncli.data import load_data
 
-        input_shape = load_data(config).sample_shape
+        input_shape = load_data(config, scan=False).sample_shape
     return plan_model(config, input_shape, device=device).model

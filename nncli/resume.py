@@ -126,7 +126,7 @@ def check_resume(path: Path, *, overrides: list[str] = (), epochs: int | None = 
     if config_path is not None:
         config = load_config(config_path, with_epochs(overrides, epochs))
         if config["data"] is not None:
-            load_data(config)  # fills in the data section's defaults, as the stored config has them
+            load_data(config, scan=False)  # fills in the data section's defaults, as the stored config has them
     else:
         config = config_of(ckpt, with_epochs(overrides, epochs), run_dir=file.parent)
     if processes == 1 and config["parallel"] == "ddp":

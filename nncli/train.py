@@ -127,7 +127,7 @@ def check_config(config: Config, processes: int = 1) -> tuple[ModelPlan, list[Pa
     if config["data"] is None:
         return plan_model(config), None
     create_loss(config)  # an unknown loss name first: the targets' checks depend on the loss
-    data = load_data(config)
+    data = load_data(config, scan=False)
     check_training_config(config, data.val is not None)
     plan = plan_model(config, input_shape=_input_shape(config, data))
     check_targets(data, plan.output_shape[1:], config)

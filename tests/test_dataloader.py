@@ -192,3 +192,24 @@ def test_how_the_data_is_read_may_change_on_resume_but_not_what_it_is(tmp_path, 
     assert "epoch 4" in result.stdout
     refused = run_nncli("resume", run, "--epochs", "5", "--set", "data.val_split=0.3", cwd=tmp_path)
     assert refused.returncode == 2 and "data.val_split: 0.25 -> 0.3" in refused.stderr
+
+
+def test_checking_a_config_does_not_read_every_input(tmp_path, monkeypatch):
+    """validate, summary and `--nproc`'s check in the parent need shapes and targets, not a pass
+    over a (maybe larger than memory) mapped file for the fingerprint and the statistics."""
+    from nncli import data
+    from nncli.config import load_config
+    from nncli.train import check_config
+
+    def must_not_scan(*args):
+        raise AssertionError("a pass over every input")
+
+    write_arrays(tmp_path)
+    config = load_config(write_config(tmp_path, NPY.replace("y.npy", "y.npy, normalize: true")
+                                      % ", loader: dataloader, mmap: true"))
+    monkeypatch.setattr(data, "data_fingerprint", must_not_scan)
+    monkeypatch.setattr(data, "normalization_of", must_not_scan)
+    plan, groups = check_config(config)
+    assert plan.output_shape[1:] == (3,) and len(groups) == 1
+    with pytest.raises(AssertionError, match="a pass over every input"):
+        data.load_data(config)  # training does scan
