@@ -1,33 +1,26 @@
-"""The `data:` section: sources, the train/validation split, normalization, and batching.
+"""The `data:` section: sources, the train/validation split, normalization, the fingerprint.
 
-Every source yields tensors `x` (samples first) and `y`. With `loader: memory` (the default) they
-are moved once to the training device and batched by indexing with a shuffled index: on small
-models a per-sample DataLoader costs more than the model itself. With `loader: dataloader` the
-inputs stay on the host (in memory, or memory-mapped with `mmap: true`) and a torch DataLoader
-reads each batch, in `workers` processes, into pinned memory for a non-blocking copy to the GPU.
-Both draw the same batches in the same order, so they train the same model.
+Every source yields tensors `x` (samples first) and `y`; `data.loader` decides how they are
+batched (see nncli.samples): moved to the device once (`memory`), or kept on the host, even
+memory-mapped, and read by a torch DataLoader (`dataloader`).
 """
 from __future__ import annotations
 
-import atexit
 import csv
 import math
-import signal
-import weakref
 import zlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-import torch.utils.data
 
 from nncli.config import NUMBER, REQUIRED, Config, Key, check_section, fraction, non_negative, one_of, positive
-from nncli.errors import STOP_SIGNALS, ConfigError
+from nncli.errors import ConfigError
 from nncli.registry import Registry
+from nncli.samples import HostSamples, Samples, TensorPair, map_npy
 
 CLASS_INDEX_LOSSES = {"CrossEntropyLoss", "NLLLoss", "MultiMarginLoss"}
 
@@ -188,11 +181,6 @@ def load_npy(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.Ten
     return out[0], out[1]
 
 
-def map_npy(path: Path) -> np.ndarray:
-    """A .npy file's pages, copy-on-write: writable, as torch wants its arrays, never written back."""
-    return np.load(path, mmap_mode="c", allow_pickle=False)
-
-
 def _numeric_tensor(array: np.ndarray, ctx: SourceContext, key: str) -> torch.Tensor:
     if not np.issubdtype(array.dtype, np.number) and array.dtype != bool:
         raise ctx.error(f"array '{key}' holds {array.dtype}, not numbers", key)
@@ -265,153 +253,6 @@ CHUNK_BYTES = 64 << 20  # one pass over the inputs (statistics, fingerprint): fl
 
 
 @dataclass
-class TensorPair:
-    """Samples held whole (`loader: memory`): moved to the training device once and batched by
-    indexing there."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    @property
-    def device(self) -> torch.device:
-        return self.x.device
-
-    def to(self, device: torch.device) -> TensorPair:
-        return TensorPair(self.x.to(device), self.y.to(device))
-
-    def subset(self, index: torch.Tensor | slice) -> TensorPair:
-        return TensorPair(self.x[index], self.y[index])
-
-    def normalized(self, normalization: dict) -> TensorPair:
-        return TensorPair(normalize(self.x, normalization), self.y)
-
-    def input_chunks(self, rows: int) -> Iterator[torch.Tensor]:
-        """The inputs in order, `rows` samples at a time."""
-        return iter(self.x.split(rows))
-
-    def batches(self, index: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(x, y) for each `batch_size` entries of `index` in turn."""
-        for idx in index.to(self.x.device).split(batch_size):
-            yield self.x[idx], self.y[idx]
-
-    def close(self) -> None:
-        """Nothing to end: no loader reads these samples."""
-
-
-@dataclass(eq=False)  # compared by identity: its fields are tensors
-class HostSamples:
-    """Samples read a batch at a time (`loader: dataloader`): the inputs stay on the host as the
-    source read them (a memory map stays one); a torch DataLoader gathers each batch's rows,
-    converts and normalizes them, in `workers` processes, pins the batch when it goes to a GPU,
-    and it is copied without blocking."""
-
-    x: torch.Tensor  # every row the source read, in its own dtype
-    rows: torch.Tensor  # which rows of x are this set's samples
-    y: torch.Tensor  # their targets, in memory
-    dtype: torch.dtype  # what the model takes (model.input_dtype)
-    workers: int = 0
-    normalization: dict | None = None
-    device: torch.device = torch.device("cpu")  # where the batches go
-    mapped_file: Path | None = None  # x maps this .npy file (`mmap: true`)
-    _loader: torch.utils.data.DataLoader | None = field(default=None, init=False, repr=False)
-    _passes: PassIndex | None = field(default=None, init=False, repr=False)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def to(self, device: torch.device) -> HostSamples:
-        return replace(self, device=torch.device(device))  # the samples stay; their batches move
-
-    def subset(self, index: torch.Tensor | slice) -> HostSamples:
-        return replace(self, rows=self.rows[index], y=self.y[index])
-
-    def normalized(self, normalization: dict) -> HostSamples:
-        return replace(self, normalization=normalization)
-
-    def __getitem__(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A whole batch: the DataLoader passes one tensor of sample indices per batch."""
-        return normalize(self.x[self.rows[index]].to(self.dtype), self.normalization), self.y[index]
-
-    def input_chunks(self, rows: int) -> Iterator[torch.Tensor]:
-        for chunk in self.rows.split(rows):
-            yield self.x[chunk].to(self.dtype)
-
-    def batches(self, index: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self._loader is None:
-            # One loader for every pass, so its workers start once, not every epoch. Its own
-            # generator: otherwise it draws its workers' seed from torch's global generator, and
-            # dropout would differ from `loader: memory`.
-            self._passes = PassIndex()
-            self._loader = torch.utils.data.DataLoader(
-                self, sampler=self._passes, batch_size=None, num_workers=self.workers,
-                persistent_workers=self.workers > 0, pin_memory=self.device.type == "cuda",
-                generator=torch.Generator().manual_seed(0), worker_init_fn=_leave_stopping_to_training)
-            if self.workers:
-                _OPEN_LOADERS.add(self)
-        self._passes.batches = index.split(batch_size)
-        for xb, yb in self._loader:
-            yield xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
-
-    def close(self) -> None:
-        """End the loader's worker processes now: a DDP process leaves with os._exit, which
-        would leave them running (torch has no public call for persistent workers)."""
-        if self._loader is not None and self._loader._iterator is not None:
-            self._loader._iterator._shutdown_workers()
-        self._loader = self._passes = None
-        _OPEN_LOADERS.discard(self)
-
-    def __getstate__(self) -> dict:
-        """What a worker started by `spawn` (macOS, Windows) receives: not the loader, and a
-        mapped file by its path, to map it again, not its pages copied."""
-        state = {**self.__dict__, "_loader": None, "_passes": None}
-        if self.mapped_file is not None:
-            state["x"] = None
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        if self.x is None:
-            x = torch.from_numpy(map_npy(self.mapped_file))
-            self.x = x.unsqueeze(1) if x.dim() == 1 else x
-
-
-_OPEN_LOADERS: weakref.WeakSet[HostSamples] = weakref.WeakSet()  # samples whose loader has workers
-
-
-@atexit.register  # after torch's own exit hooks (imported above), so it runs before them
-def _close_open_loaders() -> None:
-    """End the loaders' workers as the interpreter exits: they ignore the SIGTERM with which
-    multiprocessing would end them (see below)."""
-    for samples in list(_OPEN_LOADERS):
-        samples.close()
-
-
-def _leave_stopping_to_training(worker_id: int) -> None:
-    """A loader worker ignores the signals that ask a run to stop (the terminal and schedulers
-    send them to every process): the training process finishes its step, saves, then ends it."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-
-
-class PassIndex:
-    """The sampler of a HostSamples loader: the index batches of the pass about to start."""
-
-    batches: tuple[torch.Tensor, ...] = ()
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
-Samples = TensorPair | HostSamples
-
-
-@dataclass
 class Data:
     train: Samples
     val: Samples | None
@@ -444,9 +285,8 @@ def normalization_of(samples: Samples) -> dict:
     (merged as Chan et al.), so the inputs need not fit in memory at once; in the inputs' dtype
     (float32 for integer inputs). A constant feature keeps std 1."""
     n, mean, m2 = 0, torch.zeros(samples.x.shape[1:], dtype=torch.float64), 0.0
-    dtype = torch.float32
+    dtype = samples.dtype if samples.dtype.is_floating_point else torch.float32
     for x in samples.input_chunks(_chunk_rows(samples)):
-        dtype = x.dtype if x.is_floating_point() else torch.float32
         x, k = x.to(torch.float64, copy=True), len(x)  # a copy: the deviations are taken in place
         chunk_mean = x.mean(0)
         delta = chunk_mean - mean
@@ -466,10 +306,11 @@ def read_source(options: dict, config: Config, where: tuple, loader: dict) -> tu
         src = SOURCES.get(options["source"])
     except ConfigError as err:
         raise config.error(err.message, *where, "source", hint=err.hint) from None
-    misplaced = next((key for key in LOADER_KEYS if key in options and where != ("data",)), None)
-    if misplaced:
-        raise config.error("belongs to the data section itself, beside train: and val: (it applies to both)",
-                           *where, misplaced, hint=f"Move it up: data: {{{misplaced}: ..., train: {{...}}}}.")
+    if where != ("data",):  # a source under train: or val:, where the loader keys do not go
+        for key in LOADER_KEYS:
+            if key in options:
+                raise config.error("belongs to the data section itself, beside train: and val: (it applies "
+                                   "to both)", *where, key, hint=f"Move it up: data: {{{key}: ..., train: {{...}}}}.")
     checked = check_section(options, {"source": Key((str,)), **src.keys}, config.error, *where)
     ctx = SourceContext(config, where, streamed=loader["loader"] == "dataloader")
     x, y = src.load(checked, ctx)
@@ -569,12 +410,6 @@ def loss_name(config: Config) -> str:
     return loss if isinstance(loss, str) else loss.get("type", "")
 
 
-def normalize(x: torch.Tensor, normalization: dict | None) -> torch.Tensor:
-    if normalization is None:
-        return x
-    return (x - normalization["mean"].to(x.device)) / normalization["std"].to(x.device)
-
-
 def check_targets(data: Data, output_shape: tuple, config: Config) -> None:
     """Labels within the output layer's classes; regression targets shaped like the output."""
     for name, pair in (("training", data.train), ("validation", data.val)):
@@ -599,40 +434,3 @@ def check_targets(data: Data, output_shape: tuple, config: Config) -> None:
                 raise config.error(f"{name} targets have shape {list(pair.y.shape[1:])} per sample, but "
                                    f"the model's output has shape {list(output_shape)}", "data",
                                    hint="Make the last layer's out_features match the targets.")
-
-
-class Batches:
-    """One epoch of shuffled (x, y) batches per call, from either kind of samples.
-
-    The shuffle comes from its own seeded generator, so a resumed run can restore it. With
-    `world_size > 1` every rank draws the same permutation and takes its own share of it.
-    """
-
-    def __init__(self, data: Samples, batch_size: int, *, shuffle: bool, seed: int,
-                 drop_last: bool = False, rank: int = 0, world_size: int = 1) -> None:
-        self.data, self.batch_size = data, batch_size
-        self.shuffle, self.drop_last, self.rank, self.world_size = shuffle, drop_last, rank, world_size
-        self.generator = torch.Generator().manual_seed(seed)
-        n = len(data) // world_size  # every rank takes the same number of samples
-        self.samples = n
-        self.steps = n // batch_size if drop_last else math.ceil(n / batch_size)
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def epoch(self, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield the epoch's batches, skipping the first `skip` (to resume inside an epoch)."""
-        n = len(self.data)
-        if self.shuffle:
-            index = torch.randperm(n, generator=self.generator)
-        else:
-            index = torch.arange(n)
-        if self.world_size > 1:
-            index = index[self.rank:self.samples * self.world_size:self.world_size]
-        return self.data.batches(index[skip * self.batch_size:self.steps * self.batch_size], self.batch_size)
-
-    def batch_sizes(self) -> torch.Tensor:
-        sizes = torch.full((self.steps,), float(self.batch_size))
-        if not self.drop_last and self.samples % self.batch_size:
-            sizes[-1] = self.samples % self.batch_size
-        return sizes

@@ -53,8 +53,9 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     return f"Did you mean '{close[0]}'?" if close else None
 
 
-# What asks a run to stop and save: Ctrl-C, a scheduler's or `kill`'s SIGTERM, a closed terminal.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# What asks a run to stop and save: Ctrl-C, a scheduler's or `kill`'s SIGTERM, a closed terminal
+# (SIGHUP, which Windows does not have).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 class Interrupted(NncliError):

@@ -10,8 +10,6 @@ those lists the differences and stops (exit 2).
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,7 @@ from typing import Any
 from nncli.checkpoint import (FORMAT, find_checkpoint, load_checkpoint, load_file, load_state_dict_file,
                               remove_stale_temporaries)
 from nncli.config import Config, load_config, with_epochs
-from nncli.data import load_data
+from nncli.data import LOADER_KEYS, load_data
 from nncli.devices import check_parallel, end_process, launched_processes
 from nncli.errors import ConfigError
 from nncli.inference import config_of
@@ -33,8 +31,9 @@ from nncli.yamlio import to_plain
 
 FIXED = ("model", "plugins", "data", "seed", "loss", "optimizer.type", "optimizer.groups",
          "schedule.type", "train.batch_size", "train.accumulate", "train.drop_last", "train.shuffle")
-# Parts of a FIXED section that change how the data is read, not which batches training sees.
-HOW_DATA_IS_READ = ("data.loader", "data.workers", "data.mmap", "data.train.mmap", "data.val.mmap")
+# Parts of a FIXED section that change how the data is read, not which batches training sees:
+# the loader keys, and a source's `mmap` in either layout.
+HOW_DATA_IS_READ = {f"data.{key}" for key in LOADER_KEYS} | {f"data.{part}mmap" for part in ("", "train.", "val.")}
 
 
 class _Absent:

@@ -149,7 +149,7 @@ def test_nproc_says_bad_input_once_and_a_failing_process_ends_the_job(tmp_path: 
     failed = run_nncli("resume", run, "--nproc", "2", "--epochs", "2", cwd=tmp_path, timeout=120)
     assert failed.returncode == 1
     assert sorted(failed.stderr.splitlines()) == [
-        f"[process 1] error: stopped because another process of the job failed",
+        "[process 1] error: stopped because another process of the job failed",
         f"error: {run / 'metrics.csv'}: cannot write {run / 'metrics.csv'}: Is a directory; the previous "
         "file, if any, is unchanged"]
 

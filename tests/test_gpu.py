@@ -58,8 +58,11 @@ def test_dataloader_pins_batches_and_trains_like_memory_on_the_gpu(tmp_path: Pat
 
     config = load_config(CONFIGS / "digits_mlp.yaml", ["data.loader=dataloader", "data.workers=1"])
     train = load_data(config).train.to(torch.device("cuda"))
-    xb, yb = next(train.batches(torch.arange(64), 64))
-    assert xb.is_cuda and yb.is_cuda and train._loader.pin_memory  # pinned on the host, copied without blocking
+    batches = list(train.batches(torch.arange(96), 64))
+    assert [len(xb) for xb, _ in batches] == [64, 32] and all(xb.is_cuda and yb.is_cuda for xb, yb in batches)
+    host_x, host_y = next(iter(train._loader))  # what the loader hands over before the copy
+    assert host_x.is_pinned() and host_y.is_pinned()  # so that the copy need not block
+    train.close()
 
     runs = []
     for name, sets in (("memory", []), ("loaded", ["--set", "data.loader=dataloader", "--set", "data.workers=2"])):
