@@ -162,7 +162,8 @@ def load_npy(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.Ten
     larger than memory."""
     if options["mmap"] and not ctx.streamed:
         raise ctx.error("mmap: true reads samples a batch at a time, which needs loader: dataloader",
-                        "mmap", hint="Add loader: dataloader to the data section, or remove mmap.")
+                        "mmap", hint="Add loader: dataloader to the data section, or remove mmap "
+                                     "(on the command line: --set data.mmap=false).")
     out = []
     for key in ("x", "y"):
         path = ctx.path(options, key)
@@ -311,6 +312,12 @@ def read_source(options: dict, config: Config, where: tuple, loader: dict) -> tu
             if key in options:
                 raise config.error("belongs to the data section itself, beside train: and val: (it applies "
                                    "to both)", *where, key, hint=f"Move it up: data: {{{key}: ..., train: {{...}}}}.")
+    for key in options:  # a key of another source (mmap on a csv): say whose it is
+        owners = [name for name, other in SOURCES.items() if key in other.keys and key not in src.keys]
+        if owners and key != "source":
+            own = f"its keys: {', '.join(src.keys)}" if src.keys else "it takes no keys"
+            raise config.error(f"source {options['source']} has no key '{key}' ({own}); {key} belongs to "
+                               f"the {', '.join(owners)} source{'s' if len(owners) > 1 else ''}", *where, key)
     checked = check_section(options, {"source": Key((str,)), **src.keys}, config.error, *where)
     ctx = SourceContext(config, where, streamed=loader["loader"] == "dataloader")
     x, y = src.load(checked, ctx)
@@ -384,7 +391,8 @@ def _check_loader(options: dict, config: Config) -> None:
     if options["workers"] and options["loader"] == "memory":
         raise config.error(f"workers: {options['workers']} does nothing with loader: memory (the data "
                            "is indexed where it lies; no worker reads it)", "data", "workers",
-                           hint="Add loader: dataloader to read batches in worker processes, or remove workers.")
+                           hint="Add loader: dataloader to read batches in worker processes, or remove "
+                                "workers (on the command line: --set data.workers=0).")
 
 
 def _class_indices(y: torch.Tensor) -> torch.Tensor:
