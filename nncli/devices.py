@@ -16,7 +16,7 @@ def resolve_device(name: str, processes: int | None = None) -> torch.device:
     `processes`: how many of the job's processes run on this machine (torchrun's
     LOCAL_WORLD_SIZE by default; `--nproc N` checks its N before starting them). With several,
     each process takes the GPU of its local rank."""
-    processes = processes or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    processes = processes or local_processes()
     from nncli.config import DEVICES, device_hint, device_name  # the syntax that `validate` checks
 
     if device_name(name):
@@ -83,6 +83,11 @@ def is_distributed() -> bool:
 
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def local_processes(default: int = 1) -> int:
+    """How many of the job's processes torchrun started on this machine (LOCAL_WORLD_SIZE)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", default))
 
 
 @dataclass

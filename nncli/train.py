@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import os
 import random
 import signal
 import time
@@ -28,9 +27,9 @@ from nncli import __version__
 from nncli.checkpoint import FORMAT, capture_rng, checkpoint_bytes, restore_rng, write_atomic, write_text_atomic
 from nncli.config import Config
 from nncli.data import CLASS_INDEX_LOSSES, Data, check_targets, load_data, loss_name
-from nncli.devices import (Process, all_reduce_sum, autocast, configure_determinism, end_process,
-                           check_parallel, grad_scaler, out_of_memory_as_error, resolve_device,
-                           start_process, weights_in_sync, wrap_model)
+from nncli.devices import (Process, all_reduce_sum, autocast, check_parallel, configure_determinism,
+                           end_process, grad_scaler, local_processes, out_of_memory_as_error,
+                           resolve_device, start_process, weights_in_sync, wrap_model)
 from nncli.errors import STOP_SIGNALS, ConfigError, Interrupted, RunError
 from nncli.metrics import check_metric_name, create_metric, higher_is_better
 from nncli.model import ModelPlan, plan_model
@@ -438,7 +437,7 @@ def resume_command(run_dir: Path | str, process: Process) -> str:
     it; a run over several machines goes on with the torchrun command that started it."""
     if process.world_size == 1:
         return f"nncli resume {run_dir}"
-    if int(os.environ.get("LOCAL_WORLD_SIZE", process.world_size)) == process.world_size:
+    if local_processes(default=process.world_size) == process.world_size:
         return f"nncli resume {run_dir} --nproc {process.world_size}"
     return f"torchrun <the same options> -m nncli resume {run_dir}"
 
