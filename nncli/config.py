@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from nncli.errors import ConfigError, did_you_mean
 from nncli.yamlio import YamlList, YamlMap, line_of, parse_yaml, read_yaml, to_plain
@@ -165,6 +165,29 @@ MODEL = {
     "input_dtype": Key((str,), "float32", one_of("float32", "float64", "int64")),  # int64: token ids
     "layers": Key((list, dict), REQUIRED),
 }
+# The keys of each section, to tell a user who put a key in the wrong one where it goes
+# (`epochs:` at the top level belongs under train:). data.py adds the data section's keys.
+SECTION_KEYS: dict[str, Collection[str]] = {
+    "": TOP, "train": TRAIN, "train.early_stop": EARLY_STOP, "checkpoint": CHECKPOINT, "model": MODEL,
+    "optimizer": ("lr", "momentum", "weight_decay", "betas", "groups", "fused"),
+}
+
+
+def home_of(key: str, where: tuple) -> str | None:
+    """The section ("" for the top level) that has `key`, unknown at `where`; None when none has."""
+    here = ".".join(str(part) for part in where)
+    return next((name for name, keys in SECTION_KEYS.items() if key in keys and name != here), None)
+
+
+def home_hint(key: str, where: tuple) -> str | None:
+    """'epochs belongs under train' for a key in the wrong section, or None."""
+    home = home_of(key, where)
+    if home is None:
+        return None
+    if home == "":
+        return f"'{key}' is a top-level key: move it out of {'.'.join(map(str, where))}: to the top of " \
+               "the file, unindented."
+    return f"'{key}' belongs under {home}: move it there."
 
 
 @dataclass
@@ -219,7 +242,7 @@ def check_section(mapping: dict, schema: dict[str, Key], error: Callable[..., Co
     """Check `mapping` against `schema` (unknown keys, types, checks); return it with defaults."""
     for key in mapping:
         if key not in schema:
-            hint = did_you_mean(str(key), schema)
+            hint = home_hint(str(key), where) or did_you_mean(str(key), schema)
             raise error(f"unknown key; expected one of: {', '.join(schema)}", *where, key, hint=hint)
     out = {}
     for key, spec in schema.items():
@@ -291,7 +314,9 @@ def apply_overrides(raw: YamlMap, overrides: list[str], source: str) -> None:
                                   file="--set")
             schema = _schema_at(path[:depth])
             if schema is not None and part not in schema:
-                hint = did_you_mean(part, schema)
+                home = home_of(part, tuple(path[:depth]))
+                hint = did_you_mean(part, schema) if home is None else \
+                    f"Did you mean --set {'.'.join(filter(None, (home, part)))}=...?"
                 raise ConfigError(f"unknown key '{'.'.join(path[:depth + 1])}' in '{text}'; expected "
                                   f"one of: {', '.join(schema)}", file="--set", hint=hint)
             if path[:2] == ["model", "layers"] and depth >= 2 and part not in node:

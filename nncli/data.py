@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nncli.config import NUMBER, REQUIRED, Config, Key, check_section, fraction, non_negative, one_of, positive
+from nncli.config import (NUMBER, REQUIRED, SECTION_KEYS, Config, Key, check_section, fraction, non_negative,
+                          one_of, positive)
 from nncli.errors import ConfigError
 from nncli.registry import Registry
 from nncli.samples import HostSamples, Samples, TensorPair, map_npy
@@ -250,6 +251,7 @@ DATA_KEYS = {
 }
 PAIR_KEYS = {"train": Key((dict,), None), "val": Key((dict, type(None)), None),
              "normalize": DATA_KEYS["normalize"], **LOADER_KEYS}
+SECTION_KEYS["data"] = DATA_KEYS  # `loader:` put under train: is told where it goes
 CHUNK_BYTES = 64 << 20  # one pass over the inputs (statistics, fingerprint): float64 rows at a time
 
 

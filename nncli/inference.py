@@ -82,13 +82,15 @@ def _checked_targets(pair: Samples, output_shape: tuple, config: Config, where: 
 
 
 def _read_data_file(config: Config, path: Path) -> TensorPair:
-    """A .csv / .npz / .npy file read with the run's data settings (target column, array names)."""
+    """A .csv or .npz file read with the run's data settings (target column, array names)."""
     section = dict(config["data"] or {})
     if "train" in section:
         section = dict(section["train"])
     kind = {".csv": "csv", ".npz": "npz"}.get(path.suffix.lower())
     if kind is None:
-        raise ConfigError("--data takes a .csv or .npz file", file=str(path))
+        hint = "Put the inputs and targets in one .npz: numpy.savez('data.npz', x=x, y=y)." \
+            if path.suffix.lower() == ".npy" else None
+        raise ConfigError("--data takes a .csv or .npz file", file=str(path), hint=hint)
     if section.get("source") != kind:
         section = {"source": kind, "target": "target"} if kind == "csv" else {"source": kind}
     elif kind == "csv" and section.get("features") is None:

@@ -105,6 +105,21 @@ def _numel(value: Any) -> int:
     return 0
 
 
+def _type_key_hint(spec: dict) -> str | None:
+    """For `- Linear: {out_features: 10}` (the layer's name as the key): the form nncli reads."""
+    if len(spec) != 1:
+        return None
+    name, arguments = next(iter(spec.items()))
+    if not isinstance(name, str) or name not in LAYERS:
+        return None
+    if isinstance(arguments, dict):
+        shown = ", ".join(f"{k}: {to_plain(v)}" for k, v in arguments.items())
+        return f"Write {{type: {name}{', ' + shown if shown else ''}}}."
+    if isinstance(arguments, list):
+        return f"Write {{type: {name}, args: {to_plain(arguments)}}}."
+    return f"Write {{type: {name}, ...}} with the layer's arguments as keys."
+
+
 class _Planner:
     """Walks the layer specs once, building meta modules and LayerPlans side by side."""
 
@@ -160,7 +175,7 @@ class _Planner:
         elif isinstance(spec, dict):
             if "type" not in spec:
                 raise self.fail("a layer mapping needs 'type:' (e.g. {type: Linear, out_features: 10})",
-                                line, where)
+                                line, where, hint=_type_key_hint(spec))
             type_name = spec["type"]
             line = line_of(spec, "type") or line
         else:

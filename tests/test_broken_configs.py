@@ -112,6 +112,8 @@ def test_deep_nesting_is_refused(cli, tmp_path):
                           "Did you mean 'optimizer'?"]),
     ("train.epoch=3", ["--set", "unknown key 'train.epoch' in 'train.epoch=3'", "Did you mean 'epochs'?"]),
     ("trian.epochs=3", ["--set", "Did you mean 'train'?"]),
+    ("epochs=3", ["--set", "unknown key 'epochs' in 'epochs=3'", "Did you mean --set train.epochs=...?"]),
+    ("train.lr=0.1", ["--set", "unknown key 'train.lr'", "Did you mean --set optimizer.lr=...?"]),
     ("train.epochs", ["is not KEY=VALUE"]),
     ("train.epochs=0", ["must be greater than 0, got 0"]),
 ])

@@ -307,3 +307,6 @@ def test_eval_data_file_is_read_by_column_name(tmp_path):
 
     wrong_kind = invoke("eval", run, "--data", run / "config.yaml")
     assert wrong_kind.exit_code == 2 and "--data takes a .csv or .npz file" in wrong_kind.stderr
+    np.save(tmp_path / "x.npy", np.zeros((2, 2)))
+    one_npy = invoke("eval", run, "--data", tmp_path / "x.npy")
+    assert one_npy.exit_code == 2 and "numpy.savez('data.npz', x=x, y=y)" in one_npy.stderr
