@@ -1,7 +1,7 @@
 """nncli: train PyTorch networks described in YAML.
 
 The Python API mirrors the commands: `load_config`, `build_model`, `plan_model`,
-`register_layer`, ... . Names are imported lazily so that `import nncli` (and `nncli --help`)
+`register_layer`, `register_loss`, ... . Names are imported lazily so that `import nncli` (and `nncli --help`)
 does not import torch.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ _EXPORTS = {
     "build_model": "nncli.model",
     "plan_model": "nncli.model",
     "register_layer": "nncli.registry",
+    "register_loss": "nncli.optim",
     "summarize": "nncli.summary",
     "load_data": "nncli.data",
     "prepare_run": "nncli.train",

@@ -212,6 +212,7 @@ def resume(
     config: Optional[Path] = typer.Option(None, "--config", help="A config: required to warm-start from a state_dict; for a run, its changes are checked."),
     overrides: list[str] = OverridesOpt,
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Extend or shorten the run to N epochs in all."),
+    warm: bool = typer.Option(False, "--warm-start", help="Start a new run of --config from the checkpoint's weights only (no optimizer, schedule or epoch count)."),
     strict: bool = typer.Option(True, "--strict/--no-strict", help="Warm start: refuse weights that do not all fit."),
     out: Optional[Path] = typer.Option(None, "--out", help="Warm start: put the new run directory under DIR."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
@@ -225,7 +226,7 @@ def resume(
             from nncli.resume import check_resume_launch
 
             check_resume_launch(path, config_path=config, overrides=overrides, epochs=epochs,
-                                device=device, processes=nproc)
+                                device=device, processes=nproc, warm=warm)
 
         _check_then_launch(nproc, check, debug)
 
@@ -235,7 +236,10 @@ def resume(
         from nncli.resume import is_nncli_checkpoint, resume as resume_run, warm_start
 
         reporter = make_reporter(quiet)
-        if is_nncli_checkpoint(path):
+        if warm and config is None:
+            raise ConfigError("--warm-start starts a new run: give its config with --config CONFIG",
+                              key="--warm-start")
+        if not warm and is_nncli_checkpoint(path):
             run = resume_run(path, reporter, overrides=overrides, epochs=epochs, config_path=config,
                              device=device)
         elif config is None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Collection
 
 from nncli.errors import ConfigError, did_you_mean
+from nncli.registry import load_plugins
 from nncli.yamlio import YamlList, YamlMap, line_of, parse_yaml, read_yaml, to_plain
 
 REQUIRED = object()
@@ -368,12 +369,15 @@ def config_from_mapping(raw: Any, *, path: Path | None = None, overrides: list[s
     if not values["name"] or any(ch in values["name"] for ch in "/\\") or values["name"] in (".", ".."):
         raise config.error(f"'{values['name']}' cannot name a run directory; use letters, digits, "
                            "'-', '_' or '.' without slashes", "name")
-    if values["metrics"] is None:
-        loss = values["loss"] if isinstance(values["loss"], str) else values["loss"].get("type")
-        values["metrics"] = ["accuracy"] if loss in ("CrossEntropyLoss", "NLLLoss") else []
     for i, plugin in enumerate(values["plugins"]):
         if not isinstance(plugin, str):
             raise config.error(f"expected a Python file or module name, got {plugin!r}", "plugins", i)
+    load_plugins(values["plugins"], config.base_dir, config.error)  # before any name is looked up
+    if values["metrics"] is None:
+        from nncli.optim import CLASS_INDEX_LOSSES  # imports torch, as every use of a config does
+
+        loss = values["loss"] if isinstance(values["loss"], str) else values["loss"].get("type")
+        values["metrics"] = ["accuracy"] if loss in CLASS_INDEX_LOSSES else []
     check_device_ids(config, values["device_ids"])
     shape = values["model"]["input_shape"]
     if shape is not None and not (shape and all(isinstance(d, int) and not isinstance(d, bool) and d > 0

@@ -20,10 +20,9 @@ import torch
 from nncli.config import (NUMBER, REQUIRED, SECTION_KEYS, Config, Key, check_section, fraction, non_negative,
                           one_of, positive)
 from nncli.errors import ConfigError
+from nncli.optim import CLASS_INDEX_LOSSES
 from nncli.registry import Registry
 from nncli.samples import HostSamples, Samples, TensorPair, map_npy
-
-CLASS_INDEX_LOSSES = {"CrossEntropyLoss", "NLLLoss", "MultiMarginLoss"}
 
 
 @dataclass

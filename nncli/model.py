@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nncli.config import Config
 from nncli.errors import ConfigError, did_you_mean
-from nncli.registry import LAYERS, LayerEntry, accepted_arguments, as_argument, load_plugins
+from nncli.registry import LAYERS, LayerEntry, accepted_arguments, as_argument
 from nncli.yamlio import line_of, to_plain
 
 SPEC_KEYS = {"type", "name", "args", "repeat", "layers", "trainable"}
@@ -436,7 +436,6 @@ def plan_model(config: Config, input_shape: tuple | list | None = None, batch_si
 
     `count_macs` also counts each layer's multiply-accumulates with torch's FlopCounterMode,
     whose first use costs about a second of imports: `summary` asks for it, training does not."""
-    load_plugins(config["plugins"], config.base_dir, config.error)
     shape = input_shape if input_shape is not None else config["model"]["input_shape"]
     if shape is None:
         raise config.error("missing; give one sample's shape, e.g. input_shape: [1, 8, 8], or a "

@@ -2,14 +2,15 @@
 
 Like timm's `create_optimizer` / `create_scheduler`: the `type:` name is looked up in a registry
 (every loss of `torch.nn`, every optimizer of `torch.optim`, every scheduler of
-`torch.optim.lr_scheduler`) and the other keys are its keyword arguments.
+`torch.optim.lr_scheduler`, and losses added with `register_loss`) and the other keys are its
+keyword arguments.
 """
 from __future__ import annotations
 
 import fnmatch
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -44,6 +45,7 @@ def _load_schedulers(registry: Registry) -> None:
 
 
 LOSSES = Registry("loss", _load_losses)
+CLASS_INDEX_LOSSES = {"CrossEntropyLoss", "NLLLoss", "MultiMarginLoss"}  # their targets are class labels
 OPTIMIZERS = Registry("optimizer", _load_optimizers)
 SCHEDULERS = Registry("schedule", _load_schedulers)
 
@@ -52,6 +54,20 @@ SCHEDULERS = Registry("schedule", _load_schedulers)
 LENGTH_ARGUMENT = {"CosineAnnealingLR": "T_max", "OneCycleLR": "total_steps",
                    "PolynomialLR": "total_iters", "LinearLR": "total_iters"}
 SCHEDULE_KEYS = {"warmup", "interval", "monitor"}
+
+
+def register_loss(factory: Callable[..., nn.Module] | None = None, *, name: str | None = None,
+                  class_indices: bool = False) -> Any:
+    """Register a user loss so configs can name it (`loss: MyLoss`). Usable as `@register_loss` or
+    `@register_loss(class_indices=True)` for a loss whose targets are class labels, as
+    CrossEntropyLoss's (the labels are then checked, and accuracy is the default metric)."""
+    def add(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        LOSSES.add(name or factory.__name__, factory)
+        if class_indices:
+            CLASS_INDEX_LOSSES.add(name or factory.__name__)
+        return factory
+
+    return add(factory) if factory is not None else add
 
 
 def create_loss(config: Config) -> nn.Module:

@@ -35,6 +35,7 @@ class Registry:
             self._loader(self)
 
     def add(self, name: str, item: Any) -> Any:
+        self._load()  # the built-ins first, so that a user's entry of the same name replaces one
         self._items[name] = item
         return item
 

@@ -1,15 +1,17 @@
 """`nncli resume`: continue a run exactly where its checkpoint left it, or warm-start a new run
-from a plain state_dict.
+from weights: a plain state_dict, or (`--warm-start`) the model of an nncli checkpoint.
 
 What may change on resume: the length (`--epochs`), and settings that do not change what the
 checkpoint holds (learning rates, clipping, logging, checkpoint frequency, the device, ...).
 What may not: the model, its plugins, the data (how it is read may: `loader`, `workers`,
-`mmap`), the seed, the loss, the optimizer's type and groups, the schedule's type. Asking for
-those lists the differences and stops (exit 2).
+`mmap`), the seed, the loss, the optimizer's type and which parameters its groups hold (their
+learning rates may change), the schedule's type. Asking for those lists the differences and
+stops (exit 2).
 """
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +33,11 @@ from nncli.yamlio import to_plain
 
 FIXED = ("model", "plugins", "data", "seed", "loss", "optimizer.type", "optimizer.groups",
          "schedule.type", "train.batch_size", "train.accumulate", "train.drop_last", "train.shuffle")
-# Parts of a FIXED section that change how the data is read, not which batches training sees:
-# the loader keys, and a source's `mmap` in either layout.
+# Parts of a FIXED section that may change all the same. How the data is read, not which batches
+# training sees: the loader keys, and a source's `mmap` in either layout. A parameter group's
+# settings and name (`optimizer.groups.1.lr`, the tutorial's decay by hand); not its `params`.
 HOW_DATA_IS_READ = {f"data.{key}" for key in LOADER_KEYS} | {f"data.{part}mmap" for part in ("", "train.", "val.")}
+GROUP_SETTING = re.compile(r"optimizer\.groups\.\d+\.(?!params(?:\.|$))[^.]+(?:\.\d+)*")
 
 
 class _Absent:
@@ -68,7 +72,7 @@ def _is_fixed(difference: tuple[str, Any, Any]) -> bool:
     """Whether a difference touches a FIXED key: the key itself, a part of it, or a section that
     holds it (`optimizer: {type: Adam} -> {type: SGD}` is reported for the whole section)."""
     key, old, new = difference
-    if key in HOW_DATA_IS_READ:
+    if key in HOW_DATA_IS_READ or GROUP_SETTING.fullmatch(key):
         return False
     for fixed in FIXED:
         if key == fixed or key.startswith(fixed + "."):
@@ -138,8 +142,8 @@ def check_resume(path: Path, *, overrides: list[str] = (), epochs: int | None = 
     if refused:
         raise ConfigError(f"cannot resume with a different {', '.join(sorted({d[0].split('.')[0] for d in refused}))}: "
                           f"{_describe(refused)}", file=str(config_path or file),
-                          hint="Start a new run with `nncli train`, or warm-start from the weights "
-                               "with `nncli resume WEIGHTS --config CONFIG`.")
+                          hint=f"Start a new run from this checkpoint's weights: nncli resume {file} "
+                               f"--config {config_path or 'CONFIG'} --warm-start.")
     if config["train"]["epochs"] < ckpt["epoch"]:
         raise ConfigError(f"the run has already trained {ckpt['epoch']} epochs; --epochs "
                           f"{config['train']['epochs']} cannot take them back", file=str(file),
@@ -148,10 +152,10 @@ def check_resume(path: Path, *, overrides: list[str] = (), epochs: int | None = 
 
 
 def check_resume_launch(path: Path, *, config_path: Path | None, overrides: list[str], epochs: int | None,
-                        device: str | None, processes: int) -> None:
+                        device: str | None, processes: int, warm: bool = False) -> None:
     """What `resume --nproc N` checks once before it starts N processes (which would each say
     it): the resume, or the warm start's config, and the device for N processes."""
-    if is_nncli_checkpoint(path):
+    if not warm and is_nncli_checkpoint(path):
         config = check_resume(path, overrides=overrides, epochs=epochs, config_path=config_path,
                               processes=processes).config
         check_device(config, device, processes)
@@ -238,7 +242,9 @@ def _replan_schedule(run: Run, fresh_groups: list[dict], fresh_schedule: dict | 
 def warm_start(weights: Path, config_path: Path, reporter: Reporter, *, overrides: list[str] = (),
                epochs: int | None = None, strict: bool = True, device: str | None = None,
                out_dir: Path | None = None) -> Run:
-    """A new run of `config_path` whose model starts from a plain state_dict's weights."""
+    """A new run of `config_path` whose model starts from `weights`: a plain state_dict, or the
+    model of an nncli checkpoint (from a run directory: its best.pt)."""
+    weights = find_checkpoint(weights, prefer=("best.pt", "last.pt"))
     state = load_state_dict_file(weights)
     config = load_config(config_path, with_epochs(overrides, epochs))
     run = prepare_run(config, device=device, notice=reporter.print)

@@ -26,14 +26,14 @@ from torch import nn
 from nncli import __version__
 from nncli.checkpoint import FORMAT, capture_rng, checkpoint_bytes, restore_rng, write_atomic, write_text_atomic
 from nncli.config import Config
-from nncli.data import CLASS_INDEX_LOSSES, Data, check_targets, load_data, loss_name
+from nncli.data import Data, check_targets, load_data, loss_name
 from nncli.devices import (Process, all_reduce_sum, autocast, check_parallel, configure_determinism,
                            end_process, grad_scaler, local_processes, out_of_memory_as_error,
                            resolve_device, start_process, weights_in_sync, wrap_model)
 from nncli.errors import STOP_SIGNALS, ConfigError, Interrupted, RunError
 from nncli.metrics import check_metric_name, create_metric, higher_is_better
 from nncli.model import ModelPlan, plan_model
-from nncli.optim import ParamGroup, Schedule, create_loss, create_optimizer, create_schedule
+from nncli.optim import CLASS_INDEX_LOSSES, ParamGroup, Schedule, create_loss, create_optimizer, create_schedule
 from nncli.reporting import Reporter
 from nncli.samples import Batches, Samples
 from nncli.yamlio import to_plain

@@ -168,8 +168,10 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
         if "could not determine a constructor" in problem:
             problem = (f"the tag {problem.split('tag ', 1)[-1]} is not allowed: "
                        "nncli configs hold plain values only")
-        raise ConfigError(f"not valid YAML: {problem}", file=source,
-                          line=mark.line + 1 if mark else None) from None
+        # a --set value is one line; a glob such as *.b reads as a YAML alias unless quoted
+        hint = "Quote the value: --set 'KEY=\"VALUE\"'." if source.startswith("--set") else None
+        raise ConfigError(f"not valid YAML: {problem}", file=source, hint=hint,
+                          line=None if hint else mark.line + 1 if mark else None) from None
     except yaml.YAMLError as err:
         raise ConfigError(f"not valid YAML: {err}", file=source) from None
     except RecursionError:  # PyYAML composes and constructs recursively

@@ -8,12 +8,14 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
+import numpy as np
+
 import pytest
 import torch
 from torch import nn
 
 import nncli
-from helpers import CONFIGS, FROZEN_AND_HEAD, write_config
+from helpers import CONFIGS, FROZEN_AND_HEAD, invoke, write_config
 from nncli.yamlio import parse_yaml
 
 
@@ -115,6 +117,28 @@ def test_seed_forms_state_dict_keys():
     assert isinstance(build(CONFIGS / "seed_positional.yaml")[1], nn.BatchNorm2d)
 
 
+def test_seed_module_list_registers_the_layers_as_the_tutorial_does():
+    """MyModule's ModuleList as a nested block: the same state_dict keys, and with the same seed
+    the same weights as an nn.ModuleList of the same layers; the block also runs them in turn."""
+    class MyModule(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.li = [nn.Linear(3, 4), nn.Conv2d(3, 3, (1, 2)), nn.ReLU()]  # not registered
+            self.module_li = nn.ModuleList([nn.Linear(3, 4), nn.Conv2d(3, 3, (1, 2)), nn.ReLU()])
+
+    model = build(CONFIGS / "seed_module_list.yaml", seed=5)
+    assert list(model.state_dict()) == list(MyModule().state_dict()) == [
+        "module_li.0.weight", "module_li.0.bias", "module_li.1.weight", "module_li.1.bias"]
+    torch.manual_seed(5)
+    expected = nn.ModuleList([nn.Linear(3, 4), nn.Conv2d(3, 3, (1, 2)), nn.ReLU()])
+    for got, want in zip(model.module_li, expected):
+        assert repr(got) == repr(want)
+        for (name, a), b in zip(got.state_dict().items(), want.state_dict().values()):
+            assert torch.equal(a, b), name
+    x = torch.randn(2, 3, 5, 3)
+    torch.testing.assert_close(model(x), expected[2](expected[1](expected[0](x))))
+
+
 def test_different_seed_gives_different_weights():
     a = build(CONFIGS / "seed_positional.yaml", seed=0)
     b = build(CONFIGS / "seed_positional.yaml", seed=1)
@@ -136,6 +160,74 @@ def test_seed_perceptron_matches_tutorial_with_bug_fixed():
     out = model(x)
     assert out.shape == (5, 1)
     torch.testing.assert_close(out, reference(x))
+
+
+HALF_SQUARED_NORM = '''
+from torch import nn
+import nncli
+
+
+@nncli.register_loss
+class HalfSquaredNorm(nn.Module):
+    """0.5 * sum(output ** 2), whose gradient is the output: the tutorial's out.backward(out)."""
+
+    def forward(self, output, target):
+        return 0.5 * (output ** 2).sum()
+
+
+@nncli.register_loss(class_indices=True)
+class LabelSmoothed(nn.CrossEntropyLoss):
+    def __init__(self, smoothing: float = 0.1):
+        super().__init__(label_smoothing=smoothing)
+'''
+
+
+def test_plugin_loss_reproduces_the_tutorials_backward_step(tmp_path):
+    """The tutorial's optimizer step: SGD(lr=1) on the perceptron, out.backward(out) on a batch of
+    torch.rand(32, 3); through `nncli train` with a registered loss, the same weights."""
+    torch.manual_seed(0)
+    inputs = torch.rand(32, 3)
+    np.savez(tmp_path / "batch.npz", x=inputs.numpy(), y=np.zeros((32, 1), dtype=np.float32))
+    (tmp_path / "half_squared_norm.py").write_text(HALF_SQUARED_NORM)
+    path = write_config(tmp_path, f"""
+        seed: 7
+        plugins: [{(CONFIGS / "plugins" / "seed_linear.py").resolve()}, half_squared_norm.py]
+        data: {{source: npz, path: batch.npz, val_split: 0}}
+        loss: HalfSquaredNorm
+        optimizer: {{type: SGD, lr: 1}}
+        train: {{epochs: 1, batch_size: 32, shuffle: false}}
+        model:
+          layers:
+            layer1: {{type: SeedLinear, out_feature: 4}}
+            sigmoid: Sigmoid
+            layer2: {{type: SeedLinear, out_feature: 1}}
+    """)
+    result = invoke("train", path, "--out", tmp_path / "runs", "-q")
+    assert result.exit_code == 0, result.stderr
+    torch.manual_seed(7)
+    perception = TutorialPerceptron(3, 4, 1)
+    optimizer = torch.optim.SGD(params=perception.parameters(), lr=1)
+    optimizer.zero_grad()
+    out = perception(inputs)
+    out.backward(out)
+    optimizer.step()
+    saved = torch.load(tmp_path / "runs" / "config" / "last.pt", weights_only=True)
+    for name, value in perception.state_dict().items():
+        assert torch.equal(saved["model"][name], value), name
+    assert nncli.load_config(path)["metrics"] == []  # a loss not registered for class labels
+    labels = nncli.load_config(path, ["loss={type: LabelSmoothed, smoothing: 0.2}"])
+    assert labels["metrics"] == ["accuracy"]  # registered with class_indices=True
+    from nncli.optim import create_loss
+
+    assert create_loss(labels).label_smoothing == 0.2
+
+
+def test_a_registered_name_replaces_a_built_in_one():
+    from nncli.registry import Registry
+
+    registry = Registry("thing", lambda r: r.add("Linear", "torch's"))
+    registry.add("Linear", "the user's")  # before the built-ins are loaded, as a plugin may
+    assert registry.get("Linear") == "the user's"
 
 
 def test_plugin_infers_in_feature(tmp_path):

@@ -246,6 +246,32 @@ def test_warm_start_dataparallel_prefix_no_strict_loads_what_fits(short, tmp_pat
             assert torch.equal(model[key], state[key]), key
 
 
+def test_warm_start_from_an_nncli_run_with_another_optimizer(short, tmp_path):
+    """`--warm-start` takes only the weights of a run (its best.pt) into a new run of --config;
+    without it, another optimizer type is refused, and the refusal names the command."""
+    other = write_config(tmp_path, SHORT.replace("{type: SGD, lr: 0.1, momentum: 0.9, weight_decay: 1.0e-4}",
+                                                 "{type: Adam, lr: 0.0}"), "other.yaml")
+    refused = run_nncli("resume", short["run"], "--config", other, cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "cannot resume with a different optimizer" in refused.stderr
+    assert f"nncli resume {short['run'] / 'last.pt'} --config {other} --warm-start" in refused.stderr
+
+    before = snapshot(short["run"])
+    result = ok(run_nncli("resume", short["run"], "--config", other, "--warm-start", "--epochs", "1",
+                          "--out", tmp_path / "out", cwd=tmp_path))
+    source = load(short["run"] / "best.pt")["model"]
+    assert f"warm start from {short['run'] / 'best.pt'}: loaded {len(source)} of {len(source)} tensors" \
+        in result.stdout
+    ckpt = load(tmp_path / "out" / "other" / "last.pt")
+    assert ckpt["epoch"] == 1 and ckpt["config"]["optimizer"]["type"] == "Adam"
+    for key, value in source.items():  # lr 0: the weights stay as loaded (BatchNorm has none here)
+        assert torch.equal(ckpt["model"][key], value), key
+    assert snapshot(short["run"]) == before  # the source run is untouched
+
+    no_config = run_nncli("resume", short["run"], "--warm-start", cwd=tmp_path)
+    assert no_config.returncode == 2 and "--warm-start starts a new run" in no_config.stderr
+
+
 # --- what may change on resume -----------------------------------------------------------------
 
 def test_resume_extends_cosine_run_and_records_changes(long, tmp_path):
@@ -286,6 +312,27 @@ def test_resume_refuses_another_optimizer_or_schedule_type(short, tmp_path, sett
     result = run_nncli("resume", run, "--set", setting, "--epochs", "5", cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"cannot resume with a different {section}: {section}: " in result.stderr
+    assert snapshot(run) == before
+
+
+def test_resume_changes_a_groups_learning_rate_but_not_its_parameters(tmp_path):
+    """The tutorial's `param_group['lr'] *= 0.1` on a saved run: a group's own lr may change on
+    resume (and the schedule goes on from it); which parameters the group holds may not."""
+    config, run = train_config(tmp_path, SHORT.replace("momentum: 0.9,", "momentum: 0.9, groups: "
+                                                       "[{name: biases, params: '*.bias', lr: 0.02}],"), "groups")
+    run_two = copy_run(run, tmp_path / "two")
+    ok(run_nncli("resume", run_two, "--epochs", "5", "--set", "optimizer.groups.0.lr=0.002", cwd=tmp_path))
+    rows = metrics_rows(run_two)
+    assert [r["lr_0"] for r in rows[:4]] == [r["lr_0"] for r in metrics_rows(run)]
+    # StepLR (step 2, gamma 0.5) after a 1-epoch warmup: epochs 4 and 5 at half the base rates
+    assert float(rows[4]["lr_0"]) == pytest.approx(0.002 * 0.5)
+    assert float(rows[4]["lr_1"]) == pytest.approx(0.1 * 0.5)
+
+    before = snapshot(run)
+    refused = run_nncli("resume", run, "--epochs", "5", "--set", "optimizer.groups.0.params='*.weight'",
+                        cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "optimizer.groups.0.params: '*.bias' -> '*.weight'" in refused.stderr
     assert snapshot(run) == before
 
 

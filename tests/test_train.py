@@ -81,6 +81,26 @@ def test_shipped_config_trains(name, tmp_path):
     assert rows[best_epoch - 1][monitor] == min(row[monitor] for row in rows)
 
 
+def test_linear_regression_100_epochs_equals_the_tutorials_code(tmp_path):
+    """The tutorial's own run (100 epochs) gives bit for bit the weights of its code, seed 0."""
+    result = invoke("train", CONFIGS / "linear_regression.yaml", "--epochs", 100, "--out", tmp_path, "--quiet")
+    assert result.exit_code == 0, result.stderr
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1, 1)
+    x = torch.tensor([[1.0], [2.0], [3.0]])
+    criterion = torch.nn.MSELoss(reduction="sum")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(100):
+        optimizer.zero_grad()
+        loss = criterion(model(x), 2 * x)
+        loss.backward()
+        optimizer.step()
+    saved = load(tmp_path / "linear_regression" / "last.pt")["model"]
+    assert torch.equal(saved["linear.weight"], model.weight.detach())
+    assert torch.equal(saved["linear.bias"], model.bias.detach())
+    assert float(model.weight) == pytest.approx(1.7463, abs=1e-4)
+
+
 def test_linear_regression_learns_y_equals_2x(tmp_path):
     """The tutorial: 1000 epochs of SGD on three points; weight 2, prediction for x = 4 is 8."""
     result = invoke("train", CONFIGS / "linear_regression.yaml", "--out", tmp_path, "--quiet")
