@@ -323,7 +323,7 @@ def predict(
             return
         for i, row in enumerate(rows):
             label = f"  class={row['class']}" if "class" in row else ""
-            print(f"{i}: {row['output']}{label}")
+            print(f"{i}: {[round(v, 6) for v in row['output']]}{label}")  # --json gives every digit
 
     run_command(action, debug)
 

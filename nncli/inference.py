@@ -189,7 +189,7 @@ def predict_checkpoint(path: Path, inputs: str, device: str | None = None) -> li
     classifier = loss_name(config) in CLASS_INDEX_LOSSES
     rows = []
     for row in out:
-        entry = {"output": [round(v, 6) for v in row.reshape(-1).tolist()]}
+        entry = {"output": row.reshape(-1).tolist()}  # float32 values, exactly
         if classifier:
             entry["class"] = int(row.argmax())
         rows.append(entry)
