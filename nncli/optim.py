@@ -262,6 +262,15 @@ def recorded_metrics(config: Config) -> list[str]:
     return ["train_loss", *val]
 
 
+def monitored_metric(config: Config) -> str:
+    """What picks the best epoch (best.pt) and early stopping: early_stop's metric, else the
+    validation loss, else the training loss."""
+    early = config["train"]["early_stop"]
+    if early:
+        return early["metric"]
+    return "val_loss" if "val_loss" in recorded_metrics(config) else "train_loss"
+
+
 def optimizer_settings(group: ParamGroup) -> str:
     """`lr=0.1, momentum=0.9` for the group table, leaving out torch's bookkeeping."""
     skip = {"params", "initial_lr", "foreach", "maximize", "capturable", "differentiable", "fused",

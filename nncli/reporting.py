@@ -86,14 +86,22 @@ class Reporter:
         from rich.table import Table
 
         table = Table(title="Metrics (* best)", title_justify="left")
-        for key in history[0]:
+        columns = history_columns(history)
+        for key in columns:
             table.add_column(key, justify="right")
         for row in history:
             if len(history) > 30 and row["epoch"] % log_every and row["epoch"] not in (1, best_epoch, history[-1]["epoch"]):
                 continue  # long runs: every log_every-th epoch, the first, the best and the last
             mark = " *" if row["epoch"] == best_epoch else ""
-            table.add_row(*(format_value(k, v) + (mark if k == "epoch" else "") for k, v in row.items()))
+            table.add_row(*(format_value(k, row[k]) + (mark if k == "epoch" else "") if k in row else ""
+                            for k in columns))
         self.print(table)
+
+
+def history_columns(history: list[dict]) -> list[str]:
+    """The columns of metrics.csv and of the table: the latest row's first, then any that only
+    earlier rows have (metrics added or dropped on resume leave empty cells)."""
+    return list(dict.fromkeys([*history[-1], *(key for row in history for key in row)]))
 
 
 class ProgressReporter(Reporter):

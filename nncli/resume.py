@@ -24,7 +24,7 @@ from nncli.data import LOADER_KEYS, load_data
 from nncli.devices import check_parallel, end_process, launched_processes
 from nncli.errors import ConfigError
 from nncli.inference import config_of
-from nncli.optim import LENGTH_ARGUMENT
+from nncli.optim import LENGTH_ARGUMENT, monitored_metric
 from nncli.reporting import Reporter
 from nncli.train import (Run, check_device, check_launch, located_errors, new_run_dir, prepare_run,
                          resolved_config_text, restore, resume_command, run_fit, write_metrics_csv,
@@ -144,6 +144,12 @@ def check_resume(path: Path, *, overrides: list[str] = (), epochs: int | None = 
                           f"{_describe(refused)}", file=str(config_path or file),
                           hint=f"Start a new run from this checkpoint's weights: nncli resume {file} "
                                f"--config {config_path or 'CONFIG'} --warm-start.")
+    stored_monitor, monitor = ckpt["best"]["metric"], monitored_metric(config)
+    if monitor != stored_monitor:
+        raise ConfigError(f"the run's best epoch (best.pt, early stopping) is chosen by {stored_monitor}; "
+                          f"it cannot change to {monitor} on resume", file=str(config_path or file),
+                          hint=f"Keep train.early_stop.metric: {stored_monitor}, or start a new run from this "
+                               f"checkpoint's weights: nncli resume {file} --config CONFIG --warm-start.")
     if config["train"]["epochs"] < ckpt["epoch"]:
         raise ConfigError(f"the run has already trained {ckpt['epoch']} epochs; --epochs "
                           f"{config['train']['epochs']} cannot take them back", file=str(file),

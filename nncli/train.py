@@ -33,8 +33,9 @@ from nncli.devices import (Process, all_reduce_sum, autocast, check_parallel, co
 from nncli.errors import STOP_SIGNALS, ConfigError, Interrupted, RunError
 from nncli.metrics import check_metric_name, create_metric, higher_is_better
 from nncli.model import ModelPlan, plan_model
-from nncli.optim import CLASS_INDEX_LOSSES, ParamGroup, Schedule, create_loss, create_optimizer, create_schedule
-from nncli.reporting import Reporter
+from nncli.optim import (CLASS_INDEX_LOSSES, ParamGroup, Schedule, create_loss, create_optimizer, create_schedule,
+                         monitored_metric, recorded_metrics)
+from nncli.reporting import Reporter, history_columns
 from nncli.samples import Batches, Samples
 from nncli.yamlio import to_plain
 
@@ -81,10 +82,7 @@ class Run:
 
     @property
     def monitor(self) -> str:
-        early = self.config["train"]["early_stop"]
-        if early:
-            return early["metric"]
-        return "val_loss" if self.val is not None else "train_loss"
+        return monitored_metric(self.config)
 
 
 def seed_everything(seed: int) -> None:
@@ -96,8 +94,8 @@ def seed_everything(seed: int) -> None:
 CLASSIFICATION_METRICS = ("accuracy", "top")
 
 
-def check_training_config(config: Config, has_val: bool) -> None:
-    """Checks that need the metric names and whether there is validation data."""
+def check_training_config(config: Config) -> None:
+    """Checks of the metric names: they fit the loss, and early stopping follows a recorded one."""
     classifier = loss_name(config) in CLASS_INDEX_LOSSES
     for i, name in enumerate(config["metrics"]):
         try:
@@ -111,7 +109,7 @@ def check_training_config(config: Config, has_val: bool) -> None:
                                                   "mae, rmse, r2.")
     early = config["train"]["early_stop"]
     if early:
-        known = ["train_loss"] + (["val_loss"] + [f"val_{m}" for m in config["metrics"]] if has_val else [])
+        known = recorded_metrics(config)
         if early["metric"] not in known:
             raise config.error(f"metric '{early['metric']}' is not recorded; expected one of: "
                                f"{', '.join(known)}", "train", "early_stop", "metric")
@@ -128,10 +126,9 @@ def check_config(config: Config, processes: int = 1) -> tuple[ModelPlan, list[Pa
         return plan_model(config), None
     create_loss(config)  # an unknown loss name first: the targets' checks depend on the loss
     data = load_data(config, scan=False)
-    check_training_config(config, data.val is not None)
+    check_training_config(config)
     plan = plan_model(config, input_shape=_input_shape(config, data))
     check_targets(data, plan.output_shape[1:], config)
-    create_loss(config)
     optimizer, groups = create_optimizer(plan.model, config)
     batches = make_batches(config, data.train, Process(0, processes))
     create_schedule(optimizer, config, -(-len(batches) // config["train"]["accumulate"]))
@@ -197,7 +194,7 @@ def prepare_run(config: Config, *, device: str | None = None, run_dir: Path | No
     seed_everything(config["seed"])
     loss_fn = create_loss(config).to(target_device)  # first: the targets' checks depend on the loss
     data = load_data(config, normalization)
-    check_training_config(config, data.val is not None)
+    check_training_config(config)
     # The weights depend on the seed alone, as in a hand-written script: built on the CPU with
     # torch's CPU generator whatever the device, then moved.
     seed_everything(config["seed"])
@@ -304,7 +301,9 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
     accumulate, grad_clip = train_cfg["accumulate"], train_cfg["grad_clip"]
     params = [p for p in model.parameters() if p.requires_grad]
     steps = len(run.batches)
-    batch_sizes = run.batches.batch_sizes().to(run.device)
+    batch_sizes = run.batches.batch_sizes()
+    divisors = accumulation_divisors(batch_sizes.tolist(), accumulate)
+    batch_sizes = batch_sizes.to(run.device)
     every_steps = config["checkpoint"]["every_steps"]
     channels_last = config["channels_last"]
     mixed_precision = autocast(run.device, config["amp"])  # one context, entered every step
@@ -329,7 +328,7 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
                 with model.no_sync() if accumulating_ddp and not last_micro_batch else no_context:
                     with mixed_precision:
                         loss = run.loss_fn(model(xb), yb)
-                    scaled = loss / accumulate if accumulate > 1 else loss
+                    scaled = loss / divisors[i] if accumulate > 1 else loss
                     (scaler.scale(scaled) if scaler else scaled).backward()
                 losses.append(loss.detach())
                 if last_micro_batch:
@@ -377,6 +376,18 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
                 save_checkpoints(run, best=False, force=True)
                 raise Interrupted(_stopped_message(run))
     return state
+
+
+def accumulation_divisors(batch_sizes: list[float], accumulate: int) -> list[float]:
+    """What each batch's (mean) loss is divided by when `accumulate` batches make one optimizer
+    step: the step's samples over the batch's, so that the step's gradient is the mean over all
+    of them, as one large batch would give. That is `accumulate` for equal batches of a full
+    step; a last, shorter step (steps % accumulate) or a short last batch weigh what they hold."""
+    divisors = []
+    for start in range(0, len(batch_sizes), accumulate):
+        step = batch_sizes[start:start + accumulate]
+        divisors += [sum(step) / size for size in step]
+    return divisors
 
 
 def _mean_over_processes(losses: list[torch.Tensor], process: Process) -> torch.Tensor:
@@ -546,7 +557,7 @@ def write_metrics_csv(history: list[dict], path: Path) -> None:
     if not history:
         return
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(history[0]), lineterminator="\n")
+    writer = csv.DictWriter(out, fieldnames=history_columns(history), restval="", lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
     write_text_atomic(out.getvalue(), path)

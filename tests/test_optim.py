@@ -313,6 +313,24 @@ def test_gradient_accumulation_equals_a_larger_batch(tmp_path):
     assert [r["train_loss"] for r in rows_a] == pytest.approx([r["train_loss"] for r in rows_b], rel=1e-5)
 
 
+@pytest.mark.parametrize("samples", [48, 50])  # 3 batches of 16 for 4 to accumulate; 16, 16, 16 and 2
+def test_accumulating_a_short_step_equals_one_batch_of_it(tmp_path, samples):
+    """An optimizer step of fewer batches than `accumulate`, or with a short last batch, is the
+    mean over the samples it holds, as one batch of them would give."""
+    base = TINY_REGRESSION.replace("n: 64, features: 2, val_split: 0.25", f"n: {samples}, features: 2, val_split: 0")
+    one = write_config(tmp_path, base.replace("train: {epochs: 3, batch_size: 16}",
+                                              "train: {epochs: 3, batch_size: 64, shuffle: false}"), "one.yaml")
+    acc = write_config(tmp_path, base.replace("train: {epochs: 3, batch_size: 16}",
+                                              "train: {epochs: 3, batch_size: 16, accumulate: 4, shuffle: false}"),
+                       "acc.yaml")
+    for config in (one, acc):
+        assert invoke("train", config, "--out", tmp_path / "runs", "-q").exit_code == 0
+    a, b = load(tmp_path / "runs" / "one" / "last.pt"), load(tmp_path / "runs" / "acc" / "last.pt")
+    assert a["step"] == b["step"] == 3
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6)
+
+
 def test_grad_clip_bounds_each_step(tmp_path):
     config = write_config(tmp_path, TINY_REGRESSION.replace("lr: 0.1", "lr: 1.0").replace(
         "train: {epochs: 3, batch_size: 16}", "train: {epochs: 2, batch_size: 16, grad_clip: 0.001}"), "clip.yaml")

@@ -336,6 +336,34 @@ def test_resume_changes_a_groups_learning_rate_but_not_its_parameters(tmp_path):
     assert snapshot(run) == before
 
 
+def test_resume_with_another_metric_adds_its_column(short, tmp_path):
+    """A metric added on resume gets a column of its own; the earlier rows leave it empty, in
+    metrics.csv and in the table, and a later resume goes on from there."""
+    run = copy_run(short["run"], tmp_path / "run")
+    result = ok(run_nncli("resume", run, "--epochs", "5", "--set", "metrics=[accuracy, top2]", cwd=tmp_path))
+    assert "val_top2" in result.stdout
+    lines = (run / "metrics.csv").read_text().splitlines()
+    assert lines[0] == "epoch,train_loss,val_loss,val_accuracy,val_top2,lr_0,time_s"
+    assert [line.split(",")[4] for line in lines[1:5]] == ["", "", "", ""]
+    assert 0 < float(lines[5].split(",")[4]) <= 1
+    ok(run_nncli("resume", run, "--epochs", "6", "--set", "metrics=[accuracy, top2]", cwd=tmp_path))
+    assert len((run / "metrics.csv").read_text().splitlines()) == 7
+
+
+def test_resume_refuses_to_pick_the_best_epoch_by_another_metric(short, tmp_path):
+    run = copy_run(short["run"], tmp_path / "run")
+    before = snapshot(run)
+    result = run_nncli("resume", run, "--epochs", "5", "--set", "train.early_stop.metric=val_accuracy",
+                       cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "best epoch (best.pt, early stopping) is chosen by val_loss; it cannot change to val_accuracy" \
+        in result.stderr
+    assert snapshot(run) == before
+    same = ok(run_nncli("resume", run, "--epochs", "5", "--set", "train.early_stop={metric: val_loss, patience: 3}",
+                        cwd=tmp_path))
+    assert "train.early_stop" in same.stdout  # early stopping by the same metric may be added
+
+
 def test_resume_refuses_other_config_with_different_model(long, tmp_path):
     run = copy_run(long["run"], tmp_path / "run")
     other = write_config(tmp_path, LONG.replace("out_features: 32}", "out_features: 64}")
