@@ -248,10 +248,22 @@ def configure_determinism(deterministic: bool, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
 
 
+def share_buffers(model: torch.nn.Module, process: Process) -> None:
+    """Give every process rank 0's buffers (BatchNorm's running statistics). DDP copies them at
+    the start of each training forward pass, so after an epoch's last one each process holds
+    its own; shared before validation, every process's share is scored with the model that
+    rank 0 saves."""
+    if process.world_size > 1:
+        import torch.distributed as dist
+
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def weights_in_sync(model: torch.nn.Module) -> bool:
     """Whether every process holds the same weights (compares per-tensor sums' max and min).
-    Parameters only: buffers such as BatchNorm's running statistics are each process's own after
-    its last forward pass (DDP copies rank 0's at the start of each one), and rank 0's are saved."""
+    Parameters only: buffers are rank 0's after each validation (share_buffers), and rank 0's
+    are saved."""
     import torch.distributed as dist
 
     sums = torch.stack([p.detach().double().sum().cpu() for p in model.parameters()])

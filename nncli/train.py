@@ -29,7 +29,7 @@ from nncli.config import Config
 from nncli.data import Data, check_targets, load_data, loss_name
 from nncli.devices import (Process, all_reduce_sum, autocast, check_parallel, configure_determinism,
                            end_process, grad_scaler, local_processes, out_of_memory_as_error,
-                           resolve_device, start_process, weights_in_sync, wrap_model)
+                           resolve_device, share_buffers, start_process, weights_in_sync, wrap_model)
 from nncli.errors import STOP_SIGNALS, ConfigError, Interrupted, RunError
 from nncli.metrics import check_metric_name, create_metric, higher_is_better
 from nncli.model import ModelPlan, plan_model
@@ -359,6 +359,7 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
             _check_finite(epoch_losses.tolist(), epoch, run.process)
             row = {"epoch": epoch, "train_loss": train_loss}
             if run.val is not None:
+                share_buffers(run.model, run.process)
                 results = evaluate(run.model, run.val, run.loss_fn, config["metrics"],
                                    max(train_cfg["batch_size"], 1024), config["amp"])
                 row.update({f"val_{k}": v for k, v in results.items()})

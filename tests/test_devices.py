@@ -1,4 +1,5 @@
 """Devices on CPU: DDP through torchrun and --nproc (gloo), dp without GPUs, device errors, AMP."""
+import json
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,20 @@ def test_torchrun_directly_and_a_ddp_checkpoint_loads_in_a_single_process(tmp_pa
     assert "parallel: none" in (run / "config.yaml").read_text()
     evaluated = run_nncli("eval", run, cwd=tmp_path)
     assert evaluated.returncode == 0 and "accuracy=" in evaluated.stdout
+
+
+def test_ddp_validation_scores_the_saved_model_with_batchnorm(tmp_path: Path) -> None:
+    """BatchNorm's running statistics are each process's own after the epoch's last step; the
+    validation under DDP uses rank 0's, which last.pt holds: `eval` of it gives the same numbers."""
+    config = write_config(tmp_path, CONFIG.replace("    - {type: Dropout, p: 0.2}\n", "    - BatchNorm1d\n"),
+                          "bn.yaml")
+    assert "BatchNorm1d" in config.read_text()
+    ok(run_nncli("train", config, "--nproc", "2", "--out", "runs", "-q", cwd=tmp_path))
+    last = metrics_rows(tmp_path / "runs" / "bn")[-1]
+    evaluated = ok(run_nncli("eval", tmp_path / "runs" / "bn" / "last.pt", "--json", cwd=tmp_path))
+    scores = json.loads(evaluated.stdout)
+    assert scores["accuracy"] == pytest.approx(float(last["val_accuracy"]), abs=1e-9)
+    assert scores["loss"] == pytest.approx(float(last["val_loss"]), rel=1e-5)
 
 
 def test_ddp_with_accumulation_takes_the_steps_of_one_process_with_the_whole_batch(tmp_path: Path) -> None:
