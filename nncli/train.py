@@ -459,14 +459,15 @@ def resume_command(run_dir: Path | str, process: Process) -> str:
 def new_run_dir(base: Path, name: str) -> Path:
     """`<base>/<name>`, or `<name>-2`, `<name>-3`, ... so an earlier run is never overwritten."""
     candidate, n = base / name, 1
-    while candidate.exists() and any(candidate.iterdir()):
+    while candidate.exists() and (not candidate.is_dir() or any(candidate.iterdir())):
         n += 1
         candidate = base / f"{name}-{n}"
     try:
         candidate.mkdir(parents=True, exist_ok=True)
     except (NotADirectoryError, FileExistsError):
-        raise ConfigError("cannot create the run directory: a file is in the way", file=str(candidate),
-                          hint="Give --out (or checkpoint.dir) a folder.") from None
+        blocker = next((p for p in candidate.parents if p.exists() and not p.is_dir()), candidate)
+        raise ConfigError(f"cannot create the run directory {candidate}: {blocker} is a file",
+                          file=str(blocker), hint="Give --out (or checkpoint.dir) a folder.") from None
     except OSError as err:
         raise RunError(f"cannot create the run directory: {err.strerror or err}",
                        file=str(candidate)) from None
