@@ -119,7 +119,7 @@ def parse_inputs(inputs: str, config: Config, input_shape: list[int]) -> torch.T
     text = inputs.strip()
     if text.startswith("["):
         try:
-            array = np.asarray(json.loads(text), dtype=np.float32)
+            array = np.asarray(json.loads(text), dtype=np.float64)
         except (json.JSONDecodeError, ValueError) as err:
             raise ConfigError(f"not a JSON list of numbers: {err}", key="--input") from None
     else:
@@ -131,15 +131,15 @@ def parse_inputs(inputs: str, config: Config, input_shape: list[int]) -> torch.T
         try:
             suffix = path.suffix.lower()
             if suffix == ".json":
-                array = np.asarray(json.loads(path.read_text()), dtype=np.float32)
+                array = np.asarray(json.loads(path.read_text()), dtype=np.float64)
             elif suffix == ".csv":
                 array = _read_input_csv(path, config)
             elif suffix == ".npy":
-                array = np.load(path, allow_pickle=False).astype(np.float32)
+                array = np.load(path, allow_pickle=False).astype(np.float64)
             elif suffix == ".npz":
                 arrays = np.load(path, allow_pickle=False)
                 name = (config["data"] or {}).get("x", "x")
-                array = arrays[name if name in arrays.files else arrays.files[0]].astype(np.float32)
+                array = arrays[name if name in arrays.files else arrays.files[0]].astype(np.float64)
             else:
                 raise ConfigError("--input takes a .json, .csv, .npy or .npz file", file=str(path))
         except ConfigError:
@@ -157,7 +157,12 @@ def parse_inputs(inputs: str, config: Config, input_shape: list[int]) -> torch.T
         raise ConfigError(f"each input has {row} numbers (shape {list(array.shape[1:])}), but the model "
                           f"takes samples of shape {input_shape} ({per_sample} numbers each)",
                           key="--input")
-    return torch.from_numpy(np.ascontiguousarray(array)).reshape(-1, *input_shape)
+    x = torch.from_numpy(np.ascontiguousarray(array)).reshape(-1, *input_shape)
+    dtype = getattr(torch, config["model"]["input_dtype"])  # read as float64, then as the model takes them
+    if not dtype.is_floating_point and not torch.equal(x, x.round()):
+        raise ConfigError(f"the model takes whole numbers (model.input_dtype: {config['model']['input_dtype']}, "
+                          "e.g. token ids), and the inputs hold fractions", key="--input")
+    return x.to(dtype)
 
 
 def _read_input_csv(path: Path, config: Config) -> np.ndarray:
@@ -176,7 +181,7 @@ def _read_input_csv(path: Path, config: Config) -> np.ndarray:
         features = section.get("features") or _training_features(config, section)
         if features and all(name in header for name in features):
             columns = [header.index(name) for name in features]
-    return np.array([[float(r[c]) for c in columns] for r in body], dtype=np.float32)
+    return np.array([[float(r[c]) for c in columns] for r in body], dtype=np.float64)
 
 
 def predict_checkpoint(path: Path, inputs: str, device: str | None = None) -> list[dict]:
@@ -185,7 +190,7 @@ def predict_checkpoint(path: Path, inputs: str, device: str | None = None) -> li
     model = plan.model
     x = normalize(parse_inputs(inputs, config, ckpt["input_shape"]), ckpt.get("normalization"))
     with torch.no_grad():
-        out = model(x.to(next(model.parameters()).device)).float().cpu()
+        out = model(x.to(next(model.parameters()).device)).cpu()
     classifier = loss_name(config) in CLASS_INDEX_LOSSES
     rows = []
     for row in out:

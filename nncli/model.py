@@ -15,6 +15,7 @@ import inspect
 import types
 import typing
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,7 @@ from nncli.registry import LAYERS, LayerEntry, accepted_arguments, as_argument
 from nncli.yamlio import line_of, to_plain
 
 SPEC_KEYS = {"type", "name", "args", "repeat", "layers", "trainable"}
+INDEX_LAYERS = {"Embedding", "EmbeddingBag"}  # they take integer indices (model.input_dtype: int64)
 # Arguments that are sizes: every number in them must be positive.
 POSITIVE_SIZES = {"in_channels", "out_channels", "kernel_size", "in_features", "out_features",
                   "num_features", "num_channels", "num_groups", "hidden_size", "input_size",
@@ -55,7 +57,7 @@ class LayerPlan:
     params: int = 0
     trainable_params: int = 0
     macs: int = 0  # for the whole batch of the shape pass
-    activation_numel: int = 0  # elements of this layer's output (leaves only)
+    activation_bytes: int = 0  # the size of this layer's output (leaves only)
 
     def walk(self):
         yield self
@@ -97,11 +99,11 @@ def _shape_of(value: Any) -> Any:
     return ()
 
 
-def _numel(value: Any) -> int:
+def _nbytes(value: Any) -> int:
     if isinstance(value, torch.Tensor):
-        return value.numel()
+        return value.numel() * value.element_size()
     if isinstance(value, (tuple, list)):
-        return sum(_numel(v) for v in value)
+        return sum(_nbytes(v) for v in value)
     return 0
 
 
@@ -262,6 +264,7 @@ class _Planner:
         except Exception as err:  # the layer's own argument checks: report them at its line
             raise self.fail(f"cannot be built with {self.describe_arguments(plan)}: "
                             f"{_first_line(err)}", plan.line, where) from None
+        self.check_input_dtype(plan, module, x, source, where)
         module.eval()  # shape pass only: BatchNorm in training mode refuses a batch of one
         counter = FlopCounterMode(display=False) if self.count_macs else None
         try:
@@ -272,8 +275,20 @@ class _Planner:
                             f"{_first_line(err)}", plan.line, where) from None
         module.train()
         plan.macs = counter.get_total_flops() // 2 if counter else 0
-        plan.activation_numel = _numel(out)
+        plan.activation_bytes = _nbytes(out)
         return module, out
+
+    def check_input_dtype(self, plan: LayerPlan, module: nn.Module, x: Any, source: str, where: str) -> None:
+        """Token ids (integers) go into an Embedding, numbers into every other layer with weights:
+        the meta device does not check it, so a mismatch would pass the plan and fail in training."""
+        if not isinstance(x, torch.Tensor) or not any(p.is_floating_point() for p in module.parameters()):
+            return
+        if plan.type in INDEX_LAYERS and x.is_floating_point():
+            raise self.fail(f"takes integer indices (token ids), but gets {str(x.dtype)[6:]} values from "
+                            f"{source}", plan.line, where, hint="Set model.input_dtype: int64.")
+        if plan.type not in INDEX_LAYERS and not x.is_floating_point():
+            raise self.fail(f"takes numbers, but gets {str(x.dtype)[6:]} token ids from {source}", plan.line,
+                            where, hint="Integer inputs (model.input_dtype: int64) go into an Embedding first.")
 
     def bind_arguments(self, plan: LayerPlan, options: dict, sample_shape: tuple,
                        prev_module: nn.Module | None, source: str, where: str) -> inspect.BoundArguments:
@@ -429,6 +444,17 @@ def _describe_hint(hint: Any) -> str:
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Layers built inside have weights of `dtype` (float64 inputs: a float64 model)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def plan_model(config: Config, input_shape: tuple | list | None = None, batch_size: int = 1,
                count_macs: bool = False, device: str | torch.device = "meta") -> ModelPlan:
     """Check the model section and run the shape pass, by default on the meta device (no weights
@@ -443,9 +469,11 @@ def plan_model(config: Config, input_shape: tuple | list | None = None, batch_si
     shape = tuple(int(d) for d in shape)
     device = torch.device(device)
     planner = _Planner(config, count_macs, device)
-    x = torch.zeros(batch_size, *shape, device=device, dtype=getattr(torch, config["model"]["input_dtype"]))
-    layers, modules, _ = planner.plan_sequence(config["model"]["layers"], config.line("model", "layers"),
-                                               "", 0, x)
+    input_dtype = getattr(torch, config["model"]["input_dtype"])
+    x = torch.zeros(batch_size, *shape, device=device, dtype=input_dtype)
+    with _default_dtype(input_dtype if input_dtype.is_floating_point else torch.get_default_dtype()):
+        layers, modules, _ = planner.plan_sequence(config["model"]["layers"], config.line("model", "layers"),
+                                                   "", 0, x)
     model = nn.Sequential(OrderedDict((p.name, m) for p, m in zip(layers, modules)))
     return ModelPlan(shape, batch_size, layers, model)
 

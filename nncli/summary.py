@@ -6,7 +6,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from nncli.model import LayerPlan, ModelPlan, describe_shape
+from nncli.model import ModelPlan, describe_shape
 
 
 def _shape_json(shape: Any) -> Any:
@@ -44,14 +44,10 @@ def summarize(plan: ModelPlan, depth: int | None = None,
         "trainable_params": trainable,
         "non_trainable_params": total - trainable,
         "param_bytes": sum(p.numel() * p.element_size() for p in params),
-        "activation_bytes": sum(_leaf_activation_bytes(layer) for layer in plan.walk()),
+        "activation_bytes": sum(layer.activation_bytes for layer in plan.walk() if layer.children is None),
         "macs": sum(layer.macs for layer in plan.layers) // plan.batch_size,
         "layers": rows,
     }
-
-
-def _leaf_activation_bytes(layer: LayerPlan) -> int:
-    return 0 if layer.children is not None else layer.activation_numel * 4  # float32
 
 
 def human_count(n: float) -> str:

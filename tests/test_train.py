@@ -81,6 +81,41 @@ def test_shipped_config_trains(name, tmp_path):
     assert rows[best_epoch - 1][monitor] == min(row[monitor] for row in rows)
 
 
+def test_float64_and_token_id_models_train_and_predict(tmp_path):
+    """model.input_dtype: float64 builds a float64 model (its outputs given in full by predict);
+    int64 feeds token ids to an Embedding, and predict takes whole numbers only."""
+    f64 = write_config(tmp_path, TINY_REGRESSION.replace("model:\n", "model:\n  input_dtype: float64\n"), "f64.yaml")
+    assert invoke("train", f64, "--out", tmp_path, "-q").exit_code == 0
+    weights = load(tmp_path / "f64" / "best.pt")["model"]  # what predict takes from a run directory
+    assert {v.dtype for v in weights.values()} == {torch.float64}
+    out = invoke("predict", tmp_path / "f64", "--input", "[[0.25, -0.5]]", "--json")
+    assert out.exit_code == 0, out.stderr
+    x = torch.tensor([[0.25, -0.5]], dtype=torch.float64)
+    expected = x @ weights["0.weight"].T + weights["0.bias"]
+    assert json.loads(out.stdout)[0]["output"] == expected[0].tolist()  # float64, every digit
+
+    tokens = write_config(tmp_path, """
+        data:
+          source: tensors
+          x: [[1, 2, 3], [4, 5, 6], [7, 8, 9], [0, 1, 2], [3, 4, 5], [6, 7, 8]]
+          y: [0, 1, 0, 1, 0, 1]
+          val_split: 0
+        train: {epochs: 2, batch_size: 2}
+        model:
+          input_dtype: int64
+          layers:
+            - {type: Embedding, num_embeddings: 10, embedding_dim: 4}
+            - Flatten
+            - {type: Linear, out_features: 2}
+    """, "tokens.yaml")
+    assert invoke("train", tokens, "--out", tmp_path, "-q").exit_code == 0
+    out = invoke("predict", tmp_path / "tokens", "--input", "[[1, 2, 3]]", "--json")
+    assert out.exit_code == 0, out.stderr
+    assert len(json.loads(out.stdout)[0]["output"]) == 2
+    fraction = invoke("predict", tmp_path / "tokens", "--input", "[[1.5, 2, 3]]")
+    assert fraction.exit_code == 2 and "the model takes whole numbers" in fraction.stderr
+
+
 def test_linear_regression_100_epochs_equals_the_tutorials_code(tmp_path):
     """The tutorial's own run (100 epochs) gives bit for bit the weights of its code, seed 0."""
     result = invoke("train", CONFIGS / "linear_regression.yaml", "--epochs", 100, "--out", tmp_path, "--quiet")
