@@ -215,9 +215,11 @@ class _Planner:
                 module, x = self.plan_leaf(plan, options, x, where, prev_plan, prev_module)
             plan.output_shape = _shape_of(x)
             plan.params = sum(p.numel() for p in module.parameters())
-            plan.trainable_params = plan.params if plan.trainable else 0
             if not plan.trainable:
                 module.requires_grad_(False)
+                for inner in plan.walk():  # a frozen block freezes all it holds
+                    inner.trainable_params = 0
+            plan.trainable_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
             plans.append(plan)
             modules.append(module)
             prev_plan, prev_module = plan, module

@@ -398,6 +398,29 @@ def test_repeat(tmp_path):
     assert not torch.equal(model[1].weight, model[2].weight)
 
 
+def test_trainable_counts_in_nested_blocks(tmp_path):
+    """A block counts only what its layers leave trainable; a frozen block freezes all it holds."""
+    p = plan(tmp_path, """
+        model:
+          input_shape: [4]
+          layers:
+            block:
+              type: Sequential
+              layers:
+                a: {type: Linear, out_features: 4}
+                b: {type: Linear, out_features: 4, trainable: false}
+            frozen:
+              type: Sequential
+              trainable: false
+              layers:
+                c: {type: Linear, out_features: 4, trainable: true}
+    """)
+    counts = {layer.path: (layer.params, layer.trainable_params) for layer in p.walk()}
+    assert counts == {"block": (40, 20), "block.a": (20, 20), "block.b": (20, 0), "frozen": (20, 0),
+                      "frozen.c": (20, 0)}
+    assert sum(t.numel() for t in p.model.parameters() if t.requires_grad) == 20
+
+
 def test_trainable_false(tmp_path):
     path = write_config(tmp_path, FROZEN_AND_HEAD)
     model = build(path)
