@@ -97,7 +97,10 @@ def _read_data_file(config: Config, path: Path) -> TensorPair:
         section["features"] = _training_features(config, section)  # the columns the model learnt
     section.update(path=str(path.resolve()), val_split=0, normalize=False, loader="memory", workers=0)
     values = dict(config.values, data=section)
-    data = load_data(config_from_mapping(values, base_dir=config.base_dir), scan=False)
+    try:
+        data = load_data(config_from_mapping(values, base_dir=config.base_dir), scan=False)
+    except ConfigError as err:  # about the --data file, not about a line of the run's config
+        raise ConfigError(err.message, file=str(path), hint=err.hint) from None
     return data.train
 
 

@@ -89,7 +89,7 @@ class R2(Metric):
 
 
 METRICS = {"accuracy": Accuracy, "mae": MAE, "rmse": RMSE, "r2": R2}
-TOPK = re.compile(r"^top(\d+)$")
+TOPK = re.compile(r"^top([1-9]\d*)$")
 
 
 def check_metric_name(name: str) -> None:

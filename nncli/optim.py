@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from nncli.config import Config, Key, check_section, one_of
+from nncli.config import Config, Key, check_section, one_of, positive
 from nncli.errors import did_you_mean
 from nncli.registry import Registry, accepted_arguments, create
 
@@ -111,6 +111,10 @@ def split_param_groups(model: nn.Module, config: Config) -> list[ParamGroup]:
                 raise config.error(f"pattern '{pattern}' matches no trainable parameter (they are "
                                    f"named like: {names})", *where, "params",
                                    hint="Run `nncli summary --params` to list them.")
+        if not members:  # each parameter goes to the first group that matches it
+            raise config.error(f"every parameter that {', '.join(patterns)} matches is taken by an earlier "
+                               "group, so this group's settings would apply to nothing", *where, "params",
+                               hint="Put the more specific group first.")
         taken.update(members)
         groups.append(ParamGroup(str(group.get("name", i)), patterns, members,
                                  {k: v for k, v in group.items() if k not in ("params", "name")}))
@@ -148,8 +152,8 @@ def group_of_each_parameter(groups: list[ParamGroup]) -> dict[str, str]:
 
 # --- schedule --------------------------------------------------------------------------------
 
-WARMUP_KEYS = {"epochs": Key((int,), None), "steps": Key((int,), None),
-               "start_factor": Key((int, float), 0.01)}
+WARMUP_KEYS = {"epochs": Key((int,), None, positive), "steps": Key((int,), None, positive),
+               "start_factor": Key((int, float), 0.01, lambda v: None if 0 < v <= 1 else "must lie in (0, 1]")}
 
 
 @dataclass
@@ -187,6 +191,8 @@ def create_schedule(optimizer: torch.optim.Optimizer, config: Config, steps_per_
         raise config.error(f"interval {problem}", "schedule", "interval")
     warmup = check_section(spec.get("warmup") or {}, WARMUP_KEYS, config.error, "schedule", "warmup")
     per_interval = steps_per_epoch if interval == "step" else 1
+    if warmup["steps"] is not None and warmup["epochs"] is not None:
+        raise config.error("give the warmup's length once: epochs or steps", "schedule", "warmup", "steps")
     if warmup["steps"] is not None and interval == "epoch":
         raise config.error("warmup in steps needs interval: step", "schedule", "warmup", "steps")
     warmup_len = warmup["steps"] or (warmup["epochs"] or 0) * per_interval
@@ -214,9 +220,6 @@ def create_schedule(optimizer: torch.optim.Optimizer, config: Config, steps_per_
     if warmup_len > total:
         raise config.error(f"the warmup ({warmup_len} {interval}s) is longer than the run ({total} "
                            f"{interval}s), so the schedule would never start", "schedule", "warmup")
-    if warmup and not 0 < warmup["start_factor"] <= 1:
-        raise config.error(f"start_factor must lie in (0, 1], got {warmup['start_factor']}",
-                           "schedule", "warmup", "start_factor")
     note = note.replace(" after warmup", "") if not warmup_len else note
 
     def build(opt: torch.optim.Optimizer) -> Any:

@@ -298,7 +298,8 @@ def test_eval_data_file_is_read_by_column_name(tmp_path):
     (tmp_path / "other.csv").write_text("a,c,label\n1,2,0\n")
     result = invoke("eval", run, "--data", tmp_path / "other.csv")
     assert result.exit_code == 2
-    assert "column 'b' is not in other.csv (columns: a, c, label)" in result.stderr
+    assert result.stderr.startswith(f"error: {tmp_path / 'other.csv'}: column 'b' is not in other.csv "
+                                    "(columns: a, c, label)")  # the --data file, not a line of the run's config
     ckpt = load(run / "best.pt")
     x = torch.tensor([[float(a), float(b)] for a, b, _ in rows])
     y = torch.tensor([t for _, _, t in rows])

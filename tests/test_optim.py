@@ -119,6 +119,15 @@ def test_a_pattern_matching_nothing_exits_2_with_file_and_line(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_group_that_earlier_groups_leave_empty_exits_2(tmp_path):
+    config = write_config(tmp_path, GROUPS.replace('params: "*.bias"', 'params: "*"'), "groups.yaml")
+    result = invoke("validate", config)
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"error: {config}:13: optimizer.groups.1.params: every parameter that fc2.* matches is taken by an "
+        "earlier group, so this group's settings would apply to nothing. Put the more specific group first.\n")
+
+
 @pytest.mark.parametrize("change, message", [
     (('params: "*.bias"', 'weight_decay: 0.5'), "optimizer.groups.0: each group needs 'params:'"),
     (('params: "*.bias"', "params: []"), "optimizer.groups.0.params: params must be a glob string or a list of them"),
@@ -285,6 +294,12 @@ def test_reduce_on_plateau_on_val_loss_by_default(tmp_path):
      ":10: schedule.interval: interval must be one of epoch, step"),
     ("{type: CosineAnealingLR}", "val_split: 0.25",
      ":10: schedule.type: unknown schedule 'CosineAnealingLR'. Did you mean 'CosineAnnealingLR'?"),
+    ("{type: StepLR, step_size: 1, interval: step, warmup: {steps: -3}}", "val_split: 0.25",
+     ":10: schedule.warmup.steps: must be greater than 0, got -3"),
+    ("{type: StepLR, step_size: 1, warmup: {epochs: 1, start_factor: 0}}", "val_split: 0.25",
+     ":10: schedule.warmup.start_factor: must lie in (0, 1], got 0"),
+    ("{type: StepLR, step_size: 1, interval: step, warmup: {epochs: 1, steps: 5}}", "val_split: 0.25",
+     ":10: schedule.warmup.steps: give the warmup's length once: epochs or steps"),
 ])
 def test_bad_schedules_exit_2_before_training(tmp_path, schedule, data, message):
     config = schedule_config(tmp_path, schedule, data=data)
