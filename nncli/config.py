@@ -128,6 +128,7 @@ EARLY_STOP = {
 TRAIN = {
     "epochs": Key((int,), 10, positive),
     "batch_size": Key((int,), 64, positive),
+    "eval_batch_size": Key((int, type(None)), None, positive),  # validation's; null: max(batch_size, 1024)
     "grad_clip": Key(NUMBER + (type(None),), None, positive),
     "accumulate": Key((int,), 1, positive),
     "early_stop": Key((dict, type(None)), None, schema=EARLY_STOP),

@@ -17,7 +17,7 @@ from nncli.errors import ConfigError
 from nncli.model import ModelPlan, plan_model
 from nncli.optim import CLASS_INDEX_LOSSES, create_loss
 from nncli.samples import Samples, TensorPair, normalize
-from nncli.train import evaluate, located_errors
+from nncli.train import eval_batch_size, evaluate, located_errors
 
 
 def config_of(ckpt: dict, overrides: list[str] = (), run_dir: Path | None = None) -> Config:
@@ -65,8 +65,9 @@ def evaluate_checkpoint(path: Path, data_file: Path | None = None,
         pair = pair.normalized(ckpt.get("normalization"))
     output_shape = tuple(plan.output_shape[1:])
     pair = _checked_targets(pair, output_shape, config, source if data_file else str(path))
+    # as the run's own validation did, so that the numbers agree with its metrics.csv
     results = evaluate(model, pair.to(target), create_loss(config).to(target), config["metrics"],
-                       1024, config["amp"] if target.type != "cpu" else "off")
+                       eval_batch_size(config), config["amp"])
     return results, source
 
 

@@ -294,6 +294,12 @@ def evaluate(model: nn.Module, data: Samples, loss_fn: nn.Module, metric_names: 
     return {"loss": float(loss_sum / count), **{k: m.compute() for k, m in metrics.items()}}
 
 
+def eval_batch_size(config: Config) -> int:
+    """Validation's batch size: `train.eval_batch_size`, by default larger than training's, as no
+    activations are kept for a backward pass."""
+    return config["train"]["eval_batch_size"] or max(config["train"]["batch_size"], 1024)
+
+
 def fit(run: Run, reporter: Reporter) -> TrainState:
     """Train from `run.state` to `run.epochs`; checkpoints and metrics.csv go to `run.run_dir`."""
     config, model, optimizer, state, scaler = run.config, run.step_model, run.optimizer, run.state, run.scaler
@@ -361,7 +367,7 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
             if run.val is not None:
                 share_buffers(run.model, run.process)
                 results = evaluate(run.model, run.val, run.loss_fn, config["metrics"],
-                                   max(train_cfg["batch_size"], 1024), config["amp"])
+                                   eval_batch_size(config), config["amp"])
                 row.update({f"val_{k}": v for k, v in results.items()})
             row.update({f"lr_{i}": lr for i, lr in enumerate(state.epoch_lrs)})
             row["time_s"] = time.perf_counter() - started
@@ -589,7 +595,8 @@ def run_fit(run: Run, reporter: Reporter) -> None:
     try:
         with out_of_memory_as_error(f"training on {run.device}",
                                     "Lower train.batch_size (train.accumulate keeps the effective batch "
-                                    "size), or set amp: bf16. The checkpoints of earlier epochs are unchanged."):
+                                    "size), or train.eval_batch_size if it failed in validation, or set "
+                                    "amp: bf16. The checkpoints of earlier epochs are unchanged."):
             fit(run, reporter)
         if run.process.world_size > 1:
             same = weights_in_sync(run.model)

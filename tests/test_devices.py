@@ -211,6 +211,10 @@ def test_amp_bf16_runs_on_cpu(tmp_path: Path, config: Path) -> None:
     assert ckpt["config"]["amp"] == "bf16" and ckpt["scaler"] is None
     assert ckpt["model"]["0.weight"].dtype == torch.float32  # autocast computes in bf16, keeps fp32 weights
     assert ckpt["metrics"][-1]["val_accuracy"] > 0.5
+    # eval validates as training did (bf16 autocast, the same batches): the same numbers
+    evaluated = ok(run_nncli("eval", tmp_path / "runs" / "ddp" / "last.pt", "--json", cwd=tmp_path))
+    assert json.loads(evaluated.stdout) == {"loss": ckpt["metrics"][-1]["val_loss"],
+                                            "accuracy": ckpt["metrics"][-1]["val_accuracy"]}
 
 
 def test_amp_fp16_saves_its_grad_scaler(tmp_path: Path, config: Path) -> None:

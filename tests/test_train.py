@@ -291,8 +291,37 @@ def test_running_out_of_device_memory_is_exit_1_with_a_hint(tmp_path):
     assert done.returncode == 1
     assert done.stderr == ("error: out of memory training on cpu: CUDA out of memory. Tried to allocate "
                            "20.00 GiB. Lower train.batch_size (train.accumulate keeps the effective batch "
-                           "size), or set amp: bf16. The checkpoints of earlier epochs are unchanged.\n")
+                           "size), or train.eval_batch_size if it failed in validation, or set amp: bf16. "
+                           "The checkpoints of earlier epochs are unchanged.\n")
     assert load(tmp_path / "runs" / "config" / "last.pt")["epoch"] == 1
+
+
+def test_validation_batches_are_eval_batch_size(tmp_path):
+    """Validation reads batches of train.eval_batch_size (default: at least 1024), in training and
+    in `nncli eval`; a plugin layer writes down the batch sizes it sees in eval mode."""
+    (tmp_path / "records.py").write_text(
+        "from pathlib import Path\nfrom torch import nn\nimport nncli\n\n\n"
+        "@nncli.register_layer\nclass Records(nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        if not self.training and len(x) > 1:  # not the shape pass, a batch of 1\n"
+        "            with open(Path(__file__).with_suffix('.log'), 'a') as log:\n"
+        "                log.write(f'{len(x)}\\n')\n"
+        "        return x\n")
+    config = write_config(tmp_path, """
+        plugins: [records.py]
+        data: {source: synthetic, n: 100, features: 4, classes: 2, val_split: 0.3}
+        train: {epochs: 2, batch_size: 16, eval_batch_size: 8}
+        model: {layers: [{type: Linear, out_features: 2}, Records]}
+        """)
+    assert invoke("train", config, "--out", tmp_path / "runs", "-q").exit_code == 0
+    assert (tmp_path / "records.log").read_text().split() == ["8", "8", "8", "6"] * 2  # 30 samples, 2 epochs
+    (tmp_path / "records.log").unlink()
+    assert invoke("eval", tmp_path / "runs" / "config").exit_code == 0
+    assert (tmp_path / "records.log").read_text().split() == ["8", "8", "8", "6"]
+    default = invoke("train", config, "--set", "train.eval_batch_size=null", "--epochs", "1", "--out",
+                     tmp_path / "runs", "-q")
+    assert default.exit_code == 0
+    assert (tmp_path / "records.log").read_text().split()[-1] == "30"
 
 
 def test_torch_warnings_are_one_line_each_and_in_full_with_debug(tmp_path):
