@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nncli.errors import ConfigError, RunError
+from nncli.errors import ConfigError, RunError, first_line
 
 
 def resolve_device(name: str, processes: int | None = None) -> torch.device:
@@ -64,9 +64,15 @@ def out_of_memory_as_error(doing: str, hint: str) -> Iterator[None]:
     a hint, instead of torch's multi-line message and a traceback."""
     try:
         yield
-    except torch.OutOfMemoryError as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else "out of memory"
-        raise RunError(f"out of memory {doing}: {first_line}", hint=hint) from None
+    except RuntimeError as err:
+        if not is_out_of_memory(err):
+            raise
+        raise RunError(f"out of memory {doing}: {first_line(err)}", hint=hint) from None
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """A GPU's OutOfMemoryError, or the CPU allocator's RuntimeError (which has no class of its own)."""
+    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
 
 
 # --- distributed -----------------------------------------------------------------------------

@@ -53,6 +53,12 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     return f"Did you mean '{close[0]}'?" if close else None
 
 
+def first_line(err: BaseException) -> str:
+    """An exception's message in one line (torch's often run on over several), or its type."""
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]
+
+
 # What asks a run to stop and save: Ctrl-C, a scheduler's or `kill`'s SIGTERM, a closed terminal
 # (SIGHUP, which Windows does not have).
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))

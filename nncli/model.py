@@ -24,7 +24,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from nncli.config import Config
-from nncli.errors import ConfigError, did_you_mean
+from nncli.devices import is_out_of_memory
+from nncli.errors import ConfigError, did_you_mean, first_line
 from nncli.registry import LAYERS, LayerEntry, accepted_arguments, as_argument
 from nncli.yamlio import line_of, to_plain
 
@@ -264,8 +265,10 @@ class _Planner:
             with self.device:
                 module = entry.factory(*plan.args, **plan.kwargs)
         except Exception as err:  # the layer's own argument checks: report them at its line
+            if is_out_of_memory(err):  # not the config's fault: the caller says what to do (exit 1)
+                raise
             raise self.fail(f"cannot be built with {self.describe_arguments(plan)}: "
-                            f"{_first_line(err)}", plan.line, where) from None
+                            f"{first_line(err)}", plan.line, where) from None
         self.check_input_dtype(plan, module, x, source, where)
         module.eval()  # shape pass only: BatchNorm in training mode refuses a batch of one
         counter = FlopCounterMode(display=False) if self.count_macs else None
@@ -274,7 +277,7 @@ class _Planner:
                 out = module(x)
         except Exception as err:
             raise self.fail(f"does not fit its input {describe_shape(_shape_of(x))} from {source}: "
-                            f"{_first_line(err)}", plan.line, where) from None
+                            f"{first_line(err)}", plan.line, where) from None
         module.train()
         plan.macs = counter.get_total_flops() // 2 if counter else 0
         plan.activation_bytes = _nbytes(out)
@@ -366,11 +369,6 @@ class _FreeArguments:
 
     def __init__(self, args: list, kwargs: dict) -> None:
         self.args, self.kwargs, self.arguments = tuple(args), kwargs, kwargs
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0]
 
 
 def _plain(value: Any) -> Any:

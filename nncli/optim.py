@@ -70,8 +70,23 @@ def register_loss(factory: Callable[..., nn.Module] | None = None, *, name: str 
     return add(factory) if factory is not None else add
 
 
+# Loss arguments that torch takes as tensors (class weights); YAML gives them as lists.
+TENSOR_ARGUMENTS = {"weight", "pos_weight"}
+
+
 def create_loss(config: Config) -> nn.Module:
-    return create(LOSSES, config["loss"], config.error, "loss")
+    spec = config["loss"]
+    if isinstance(spec, dict):
+        spec = {key: _as_tensor(value, config, key) if key in TENSOR_ARGUMENTS and isinstance(value, list)
+                else value for key, value in spec.items()}
+    return create(LOSSES, spec, config.error, "loss")
+
+
+def _as_tensor(value: list, config: Config, key: str) -> torch.Tensor:
+    try:
+        return torch.tensor(value, dtype=torch.float32)
+    except (TypeError, ValueError):
+        raise config.error(f"expected a list of numbers, got {value!r}", "loss", key) from None
 
 
 # --- optimizer and parameter groups ----------------------------------------------------------

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nncli.errors import ConfigError, did_you_mean
+from nncli.errors import ConfigError, did_you_mean, first_line
 
 Shape = tuple  # one sample's shape, without the batch dimension
 
@@ -289,8 +289,8 @@ def create(registry: Registry, spec: str | dict, error: Callable[..., ConfigErro
     try:
         return factory(*positional, **kwargs)
     except Exception as err:  # the class's own argument checks, whatever they raise
-        raise error(f"{name} cannot be built with {', '.join(f'{k}={v!r}' for k, v in kwargs.items())}: "
-                    f"{err or type(err).__name__}", *where) from None
+        given = f" with {', '.join(f'{k}={v!r}' for k, v in kwargs.items())}" if kwargs else ""
+        raise error(f"{name} cannot be built{given}: {first_line(err)}", *where) from None
 
 
 def as_argument(value: Any) -> Any:

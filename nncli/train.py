@@ -13,6 +13,7 @@ import io
 import random
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from collections.abc import Iterator
@@ -30,7 +31,7 @@ from nncli.data import Data, check_targets, load_data, loss_name
 from nncli.devices import (Process, all_reduce_sum, autocast, check_parallel, configure_determinism,
                            end_process, grad_scaler, local_processes, out_of_memory_as_error,
                            resolve_device, share_buffers, start_process, weights_in_sync, wrap_model)
-from nncli.errors import STOP_SIGNALS, ConfigError, Interrupted, RunError
+from nncli.errors import STOP_SIGNALS, ConfigError, Interrupted, RunError, first_line
 from nncli.metrics import check_metric_name, create_metric, higher_is_better
 from nncli.model import ModelPlan, plan_model
 from nncli.optim import (CLASS_INDEX_LOSSES, ParamGroup, Schedule, create_loss, create_optimizer, create_schedule,
@@ -129,10 +130,27 @@ def check_config(config: Config, processes: int = 1) -> tuple[ModelPlan, list[Pa
     check_training_config(config)
     plan = plan_model(config, input_shape=_input_shape(config, data))
     check_targets(data, plan.output_shape[1:], config)
+    check_loss(config, plan.output_shape[1:], data.train.y)
     optimizer, groups = create_optimizer(plan.model, config)
     batches = make_batches(config, data.train, Process(0, processes))
     create_schedule(optimizer, config, -(-len(batches) // config["train"]["accumulate"]))
     return plan, groups
+
+
+def check_loss(config: Config, output_shape: tuple, targets: torch.Tensor) -> None:
+    """Compute the loss once, on zeros shaped as the model's output and two of the targets, on the
+    CPU: settings that fail only then (reduction: avg, label_smoothing: 2) are config errors
+    before training, not a crash in its first step."""
+    dtype = getattr(torch, config["model"]["input_dtype"])
+    output = torch.zeros(min(len(targets), 2), *output_shape,
+                         dtype=dtype if dtype.is_floating_point else torch.float32)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # said once in training, not here too
+            create_loss(config)(output, targets[:2])
+    except Exception as err:
+        raise config.error(f"{loss_name(config)} fails on the model's output {list(output_shape)} and "
+                           f"the targets: {first_line(err)}", "loss") from None
 
 
 @contextlib.contextmanager
@@ -198,8 +216,11 @@ def prepare_run(config: Config, *, device: str | None = None, run_dir: Path | No
     # The weights depend on the seed alone, as in a hand-written script: built on the CPU with
     # torch's CPU generator whatever the device, then moved.
     seed_everything(config["seed"])
-    plan = plan_model(config, input_shape=_input_shape(config, data), device="cpu")
+    with out_of_memory_as_error("building the model on the CPU", "`nncli summary` shows its size without "
+                                "building it; use a smaller model, or a machine with more memory."):
+        plan = plan_model(config, input_shape=_input_shape(config, data), device="cpu")
     check_targets(data, plan.output_shape[1:], config)
+    check_loss(config, plan.output_shape[1:], data.train.y)
     with out_of_memory_as_error(f"moving the model and data to {target_device}",
                                 "The data and the model must fit in the device's memory together: "
                                 "set data.loader: dataloader to keep the data on the host, or use a "

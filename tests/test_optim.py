@@ -170,6 +170,47 @@ def test_loss_with_arguments_and_loss_errors(tmp_path):
     assert "loss.delt: HuberLoss has no argument 'delt'" in result.stderr and "Did you mean 'delta'?" in result.stderr
 
 
+CLASSES = """
+seed: 0
+data: {source: synthetic, n: 96, features: 4, classes: 3, val_split: 0}
+train: {epochs: 1, batch_size: 96, shuffle: false}
+model:
+  layers:
+    - {type: Linear, out_features: 3}
+"""
+
+
+def test_class_weights_are_given_as_a_list(tmp_path):
+    """loss.weight (CrossEntropyLoss's class weights) as a YAML list becomes the tensor torch takes:
+    the first epoch's loss is the weighted one of the initial model."""
+    config = write_config(tmp_path, CLASSES + "loss: {type: CrossEntropyLoss, weight: [1, 1, 3]}\n", "w.yaml")
+    assert invoke("train", config, "--out", tmp_path / "runs", "-q").exit_code == 0
+    run = prepare(config, run_dir=tmp_path / "x")
+    with torch.no_grad():  # one batch of everything: the initial model's loss
+        out = run.model(run.data.train.x)
+    expected = torch.nn.functional.cross_entropy(out, run.data.train.y, weight=torch.tensor([1.0, 1.0, 3.0]))
+    assert read_metrics(tmp_path / "runs" / "w")[1][0]["train_loss"] == pytest.approx(float(expected), rel=1e-6)
+
+
+@pytest.mark.parametrize("loss, message", [
+    ("{type: CrossEntropyLoss, weight: [1, 2]}", ":7: loss: CrossEntropyLoss fails on the model's output [3] and "
+     "the targets: weight tensor should be defined either for all 3 classes or no classes"),
+    ("{type: CrossEntropyLoss, weight: [1, a, 2]}", ":7: loss.weight: expected a list of numbers, got [1, 'a', 2]"),
+    ("{type: CrossEntropyLoss, reduction: avg}", ":7: loss: CrossEntropyLoss fails on the model's output [3] and "
+     "the targets: avg is not a valid value for reduction"),
+    ("{type: CrossEntropyLoss, label_smoothing: 2}", ":7: loss: CrossEntropyLoss fails on the model's output [3] "
+     "and the targets: label_smoothing must be between 0.0 and 1.0. Got: 2"),
+])
+def test_a_loss_that_fails_when_computed_is_refused_before_training(tmp_path, loss, message):
+    config = write_config(tmp_path, CLASSES + f"loss: {loss}\n", "bad.yaml")
+    for command in ("validate", "train"):
+        result = invoke(command, config, "--out", tmp_path / "runs") if command == "train" else \
+            invoke(command, config)
+        assert result.exit_code == 2, result.stdout
+        assert result.stderr.startswith(f"error: {config}{message}"), result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_sum_reduction_is_passed_to_the_loss(tmp_path):
     """The tutorial's MSELoss(size_average=False): the epoch loss is a sum over the batch."""
     result = invoke("train", CONFIGS / "linear_regression.yaml", "--epochs", 1, "--out", tmp_path, "-q")

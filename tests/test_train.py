@@ -296,6 +296,32 @@ def test_running_out_of_device_memory_is_exit_1_with_a_hint(tmp_path):
     assert load(tmp_path / "runs" / "config" / "last.pt")["epoch"] == 1
 
 
+def test_a_model_too_big_for_the_cpu_is_exit_1_with_a_hint(tmp_path):
+    """The CPU allocator's failure (a RuntimeError, not torch's OutOfMemoryError) while the model
+    is built: exit 1 with a hint, not a config error; validate, on the meta device, is fine."""
+    (tmp_path / "huge.py").write_text(
+        "import torch\nfrom torch import nn\nimport nncli\n\n\n"
+        "@nncli.register_layer(infer={'in_features': -1})\nclass Huge(nn.Linear):\n"
+        "    def __init__(self, in_features: int, out_features: int):\n"
+        "        if torch.empty(0).device.type != 'meta':\n"
+        "            raise RuntimeError('[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can\\'t '\n"
+        "                               'allocate memory: you tried to allocate 40000000000 bytes.\\nmore')\n"
+        "        super().__init__(in_features, out_features)\n")
+    config = write_config(tmp_path, """
+        plugins: [huge.py]
+        data: {source: synthetic, n: 40, features: 4, classes: 2}
+        model: {layers: [{type: Huge, out_features: 2}]}
+        """)
+    assert invoke("validate", config).exit_code == 0
+    done = run_nncli("train", config, "--out", tmp_path / "runs", cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr == ("error: out of memory building the model on the CPU: [enforce fail at alloc_cpu.cpp:127] "
+                           "data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 40000000000 "
+                           "bytes. `nncli summary` shows its size without building it; use a smaller model, or a "
+                           "machine with more memory.\n")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_validation_batches_are_eval_batch_size(tmp_path):
     """Validation reads batches of train.eval_batch_size (default: at least 1024), in training and
     in `nncli eval`; a plugin layer writes down the batch sizes it sees in eval mode."""
