@@ -328,6 +328,13 @@ def read_source(options: dict, config: Config, where: tuple, loader: dict) -> tu
         raise ctx.error("has no samples")
     if x.dim() == 1:  # x: [1, 2, 3] means three samples of one feature
         x = x.unsqueeze(1)
+    for name, values in (("x", None if ctx.mapped_file else x), ("y", y)):  # a mapped file is not read here
+        if values is not None and values.is_floating_point() and not (finite := torch.isfinite(values)).all():
+            bad = (~finite).nonzero()[0].tolist()
+            position = f", position {bad[1:]}" if len(bad) > 2 else f", column {bad[1]}" if len(bad) == 2 else ""
+            raise ctx.error(f"{name} holds {values[tuple(bad)].item()} at sample {bad[0]} (counting from 0)"
+                            f"{position}; a NaN or infinite value makes the loss NaN",
+                            hint="Remove or fill in those samples.")
     dtype = getattr(torch, config["model"]["input_dtype"])
     if ctx.streamed:
         return HostSamples(x, torch.arange(len(x)), y, dtype, loader["workers"],
