@@ -49,6 +49,9 @@ def run_command(action: Callable[[], Optional[int]], debug: bool) -> None:
             traceback.print_exc()
         say("interrupted")
         raise typer.Exit(130) from None
+    except BrokenPipeError:  # `nncli predict ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        raise typer.Exit(1) from None
     except Exception as err:
         if debug:
             traceback.print_exc()
@@ -242,6 +245,8 @@ def resume(
         if not warm and is_nncli_checkpoint(path):
             run = resume_run(path, reporter, overrides=overrides, epochs=epochs, config_path=config,
                              device=device)
+            if run is None:  # finished already: nothing trained, nothing saved
+                return
         elif config is None:
             raise ConfigError("is not an nncli checkpoint; if it is a plain state_dict, give the "
                               "model's config to warm-start from it: nncli resume WEIGHTS --config CONFIG",

@@ -128,6 +128,8 @@ def parse_inputs(inputs: str, config: Config, input_shape: list[int]) -> torch.T
             raise ConfigError(f"not a JSON list of numbers: {err}", key="--input") from None
     else:
         path = Path(text)
+        if not path.is_file() and path.suffix.lower() in (".json", ".csv", ".npy", ".npz"):
+            raise ConfigError("no such file", file=str(path), key="--input")
         if not path.is_file():
             raise ConfigError("is neither a JSON list of samples nor a file; give e.g. "
                               "--input '[[0.1, 0.2, 0.3]]' or a .json, .csv, .npy or .npz file",

@@ -170,8 +170,9 @@ def check_resume_launch(path: Path, *, config_path: Path | None, overrides: list
 
 
 def resume(path: Path, reporter: Reporter, *, overrides: list[str] = (), epochs: int | None = None,
-           config_path: Path | None = None, device: str | None = None) -> Run:
-    """Continue the run saved at `path` (a run directory or a checkpoint file)."""
+           config_path: Path | None = None, device: str | None = None) -> Run | None:
+    """Continue the run saved at `path` (a run directory or a checkpoint file); None when it
+    has nothing left to do (finished, or stopped early)."""
     plan = check_resume(path, overrides=overrides, epochs=epochs, config_path=config_path,
                         processes=launched_processes())
     file, ckpt, config, differences = plan.file, plan.ckpt, plan.config, plan.differences
@@ -207,7 +208,7 @@ def resume(path: Path, reporter: Reporter, *, overrides: list[str] = (), epochs:
         reporter.print(f"the run {why} at epoch {state.epoch} of {plan.stored['train']['epochs']}; nothing "
                        f"to do. Extend it with: {resume_command(path, run.process)} --epochs N")
         end_process(run.process)
-        return run
+        return None
     if (differences or plan.processes != plan.trained_by) and run.process.is_main:
         write_text_atomic(resolved_config_text(config), file.parent / "config.yaml")
     where = f"epoch {state.epoch + 1} of {run.epochs}"
@@ -269,9 +270,10 @@ def warm_start(weights: Path, config_path: Path, reporter: Reporter, *, override
     if run.process.is_main:
         run.run_dir = new_run_dir(out_dir or Path(config["checkpoint"]["dir"]), config["name"])
         write_text_atomic(resolved_config_text(config), run.run_dir / "config.yaml")
-    reporter.print(f"warm start from {weights}: loaded {len(fitting)} of {len(own)} tensors"
-                   + (f" (not loaded: {'; '.join(problems)})" if problems else "")
-                   + f"; run directory: {run.run_dir}")
+    reporter.print(f"warm start from {weights}: loaded {len(fitting)} of {len(own)} tensors; run directory: "
+                   f"{run.run_dir}")
+    if problems:  # a warning: shown with --quiet too
+        warnings.warn(f"warm start from {weights}: not loaded: {'; '.join(problems)}")
     run_fit(run, reporter)
     return run
 

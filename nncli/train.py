@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import random
 import signal
@@ -495,9 +496,11 @@ def new_run_dir(base: Path, name: str) -> Path:
         blocker = next((p for p in candidate.parents if p.exists() and not p.is_dir()), candidate)
         raise ConfigError(f"cannot create the run directory {candidate}: {blocker} is a file",
                           file=str(blocker), hint="Give --out (or checkpoint.dir) a folder.") from None
-    except OSError as err:
-        raise RunError(f"cannot create the run directory: {err.strerror or err}",
-                       file=str(candidate)) from None
+    except OSError as err:  # a place the user cannot write to is bad input; a full disk is not
+        error = ConfigError if err.errno in (errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS) else RunError
+        raise error(f"cannot create the run directory: {err.strerror or err}", file=str(candidate),
+                    hint="Give --out (or checkpoint.dir) a folder you can write to." if error is ConfigError
+                    else None) from None
     return candidate
 
 

@@ -309,6 +309,14 @@ def test_run_directory_inside_a_file_is_a_clear_error(tmp_path):
     assert blocker.read_text() == "a regular file\n"
 
 
+def test_run_directory_where_nothing_can_be_created_is_exit_2(tmp_path):
+    config = write_config(tmp_path, SMALL, "small.yaml")
+    result = run_nncli("train", config, "--out", "/proc/nncli-test", "--epochs", "1", cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr == ("error: /proc/nncli-test/small: cannot create the run directory: No such file or "
+                             "directory. Give --out (or checkpoint.dir) a folder you can write to.\n")
+
+
 def test_a_file_named_like_the_run_directory_is_left_alone(tmp_path):
     config = write_config(tmp_path, SMALL, "small.yaml")
     (tmp_path / "runs").mkdir()

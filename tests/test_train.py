@@ -14,7 +14,7 @@ import torch
 import yaml
 from torch import nn
 
-from helpers import (BAR_CHARS, CONFIGS, REPO, TINY_REGRESSION, invoke, load, ok, only_run_dir,
+from helpers import (BAR_CHARS, CONFIGS, ENV, REPO, TINY_REGRESSION, invoke, load, nncli_argv, ok, only_run_dir,
                      read_metrics, run_nncli, write_config)
 
 REFERENCE_LOOP = REPO.parent / "shared" / "bench" / "reference_loop.py"
@@ -405,6 +405,17 @@ def test_eval_on_the_validation_split_as_a_file_equals_plain_eval(mlp_run, tmp_p
     assert on_file == pytest.approx(plain, abs=1e-6)
 
 
+def test_predict_into_a_pipe_closed_early_stops_quietly(mlp_run, tmp_path):
+    """`nncli predict ... | head -1`: the reader leaves; no error message, no traceback."""
+    np.save(tmp_path / "many.npy", np.zeros((20_000, 1, 8, 8), np.float32))
+    process = subprocess.Popen(nncli_argv("predict", mlp_run, "--input", tmp_path / "many.npy"), env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().startswith("0: [")
+    process.stdout.close()  # as `head -1` does
+    assert process.wait(timeout=120) == 1
+    assert process.stderr.read() == ""
+
+
 def test_predict_npy_json_one_row_per_input_with_class(mlp_run, tmp_path):
     arrays = np.load(REPO / "nncli" / "datasets" / "digits.npz")
     x = arrays["images"][:7]
@@ -432,7 +443,8 @@ def test_predict_npy_json_one_row_per_input_with_class(mlp_run, tmp_path):
     (str([[0.5] * 32] * 4), "each input has 32 numbers (shape [32]), but the model takes samples of shape "
                             "[1, 8, 8] (64 numbers each)"),
     ("[]", "0 numbers given"),
-    ("missing.npy", "neither a JSON list of samples nor a file"),
+    ("missing.npy", "error: missing.npy: --input: no such file"),
+    ("missing", "neither a JSON list of samples nor a file"),
     ("inputs.txt", "--input takes a .json, .csv, .npy or .npz file"),
     ("broken.npy", "cannot read the inputs"),
     (str([[float("nan")] + [0.5] * 63]).replace("nan", "NaN"), "the inputs hold NaN or infinite values"),
