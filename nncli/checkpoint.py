@@ -23,7 +23,6 @@ import torch
 from nncli.errors import ConfigError, RunError
 
 FORMAT = "nncli-checkpoint-1"
-CHECKPOINT_NAMES = ("last.pt", "best.pt")
 
 
 def checkpoint_bytes(obj: Any) -> memoryview:

@@ -17,7 +17,7 @@ app = typer.Typer(help="Train PyTorch networks described in YAML.", no_args_is_h
                   add_completion=False, pretty_exceptions_enable=False,
                   rich_markup_mode="rich", context_settings={"help_option_names": ["-h", "--help"]})
 
-ConfigArg = typer.Argument(..., help="The YAML config file.", show_default=False)
+ConfigArg = typer.Argument(..., help="The YAML config file.", show_default=False, metavar="CONFIG")
 DebugOpt = typer.Option(False, "--debug", help="Show the Python traceback of an error.")
 OverridesOpt = typer.Option([], "--set", help="Override a config value: KEY=VALUE (dotted key, YAML value).")
 
@@ -75,12 +75,6 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         print(f"warning: {text}", file=sys.stderr)
 
 
-def _console():
-    from rich.console import Console
-
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 120)  # logs: no wrapping at 80
-
-
 @app.command()
 def summary(
     config: Path = ConfigArg,
@@ -98,6 +92,7 @@ def summary(
         from nncli.config import load_config
         from nncli.model import plan_model
         from nncli.optim import group_of_each_parameter
+        from nncli.reporting import make_console
         from nncli.summary import print_parameters, print_summary, summarize
         from nncli.train import check_config
 
@@ -109,7 +104,7 @@ def summary(
         if as_json:
             print(json.dumps(result, indent=2))
             return
-        console = _console()
+        console = make_console()
         print_summary(result, console, title=f"{cfg['name']} ({config})")
         if params:
             print_parameters(plan, console)
@@ -141,7 +136,7 @@ def validate(
 
 @app.command()
 def layers(
-    name: Optional[str] = typer.Argument(None, help="A layer type: show its arguments."),
+    name: Optional[str] = typer.Argument(None, help="A layer type: show its arguments.", metavar="NAME"),
     plugins: list[str] = typer.Option([], "--plugin", help="Load a plugin first: a .py file or a module name, as in `plugins:`."),
     debug: bool = DebugOpt,
 ) -> None:
@@ -150,9 +145,10 @@ def layers(
         from nncli.errors import ConfigError
         from nncli.layer_docs import print_layer, print_registry
         from nncli.registry import load_plugins
+        from nncli.reporting import make_console
 
         load_plugins(plugins, Path.cwd(), lambda message, *key, hint=None: ConfigError(message, key="--plugin", hint=hint))
-        console = _console()
+        console = make_console()
         if name:
             print_layer(name, console)
         else:
@@ -180,7 +176,8 @@ def train(
 
             check_launch(load_config(config, with_epochs(overrides, epochs)), device, nproc)
 
-        _check_then_launch(nproc, check, debug)
+        _check_then_launch(nproc, check, debug)  # exits with the job's status
+        return
 
     def action() -> None:
         from nncli.config import load_config, with_epochs
@@ -211,7 +208,8 @@ def _print_result(run, reporter) -> None:
 
 @app.command()
 def resume(
-    path: Path = typer.Argument(..., help="A run directory or checkpoint; or a plain state_dict file with --config."),
+    path: Path = typer.Argument(..., help="A run directory or checkpoint; or a plain state_dict file with --config.",
+                                metavar="PATH"),
     config: Optional[Path] = typer.Option(None, "--config", help="A config: required to warm-start from a state_dict; for a run, its changes are checked."),
     overrides: list[str] = OverridesOpt,
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Extend or shorten the run to N epochs in all."),
@@ -231,7 +229,8 @@ def resume(
             check_resume_launch(path, config_path=config, overrides=overrides, epochs=epochs,
                                 device=device, processes=nproc, warm=warm)
 
-        _check_then_launch(nproc, check, debug)
+        _check_then_launch(nproc, check, debug)  # exits with the job's status
+        return
 
     def action() -> None:
         from nncli.errors import ConfigError
@@ -287,7 +286,7 @@ def _check_then_launch(nproc: int, check: Callable[[], None], debug: bool) -> No
 
 @app.command(name="eval")
 def evaluate(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint file or run directory."),
+    checkpoint: Path = typer.Argument(..., help="A checkpoint file or run directory.", metavar="RUN_OR_CHECKPOINT"),
     data: Optional[Path] = typer.Option(None, "--data", help="A data file (.csv, .npz) to evaluate on, read with the run's data settings."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
@@ -310,7 +309,7 @@ def evaluate(
 
 @app.command()
 def predict(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint file or run directory."),
+    checkpoint: Path = typer.Argument(..., help="A checkpoint file or run directory.", metavar="RUN_OR_CHECKPOINT"),
     inputs: str = typer.Option(..., "--input", help="Inputs: a JSON list of samples, or a .json, .csv, .npy or .npz file."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),

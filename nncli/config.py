@@ -12,12 +12,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection
 
+import yaml
+
 from nncli.errors import ConfigError, did_you_mean
 from nncli.registry import load_plugins
 from nncli.yamlio import YamlList, YamlMap, line_of, parse_yaml, read_yaml, to_plain
 
 REQUIRED = object()
 NUMBER = (int, float)
+# Python types in a config's words: one, and several ("expected a list of 2 integers")
+TYPE_NOUNS = {int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings"),
+              bool: ("true or false", "booleans"), list: ("a list", "lists"), dict: ("a mapping", "mappings"),
+              type(None): ("null", "nulls")}
 
 
 @dataclass(frozen=True)
@@ -31,9 +37,7 @@ class Key:
     hint: Callable[[Any], str | None] | None = None  # a hint for a wrong value (else 'did you mean')
 
     def describe(self) -> str:
-        names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-                 list: "a list", dict: "a mapping", type(None): "null"}
-        return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in self.types))
+        return " or ".join(dict.fromkeys(TYPE_NOUNS[t][0] if t in TYPE_NOUNS else t.__name__ for t in self.types))
 
 
 def positive(value: Any) -> str | None:
@@ -330,7 +334,7 @@ def apply_overrides(raw: YamlMap, overrides: list[str], source: str) -> None:
             else:
                 if node.get(part) is None:  # start from the section's default, if it has one
                     default = schema[part].default if schema is not None and part in schema else None
-                    node[part] = parse_yaml(__import__("yaml").safe_dump(default), "--set") \
+                    node[part] = parse_yaml(yaml.safe_dump(default), "--set") \
                         if isinstance(default, dict) and default else YamlMap()
                 node = node[part]
         raw.overridden = [*getattr(raw, "overridden", []), ".".join(path)]
@@ -357,7 +361,7 @@ def config_from_mapping(raw: Any, *, path: Path | None = None, overrides: list[s
                           file=source, line=getattr(raw, "line", None))
     if not isinstance(raw, YamlMap):
         # the same dump as a run's config.yaml, so error lines point into that file
-        raw = parse_yaml(__import__("yaml").safe_dump(to_plain(raw), sort_keys=False), source)
+        raw = parse_yaml(yaml.safe_dump(to_plain(raw), sort_keys=False), source)
     apply_overrides(raw, list(overrides), source)
     config = Config(values={}, raw=raw, path=path,
                     base_dir=base_dir or (path.resolve().parent if path else Path.cwd()))
@@ -374,11 +378,6 @@ def config_from_mapping(raw: Any, *, path: Path | None = None, overrides: list[s
         if not isinstance(plugin, str):
             raise config.error(f"expected a Python file or module name, got {plugin!r}", "plugins", i)
     load_plugins(values["plugins"], config.base_dir, config.error)  # before any name is looked up
-    if values["metrics"] is None:
-        from nncli.optim import CLASS_INDEX_LOSSES  # imports torch, as every use of a config does
-
-        loss = values["loss"] if isinstance(values["loss"], str) else values["loss"].get("type")
-        values["metrics"] = ["accuracy"] if loss in CLASS_INDEX_LOSSES else []
     check_device_ids(config, values["device_ids"])
     shape = values["model"]["input_shape"]
     if shape is not None and not (shape and all(isinstance(d, int) and not isinstance(d, bool) and d > 0
@@ -386,6 +385,10 @@ def config_from_mapping(raw: Any, *, path: Path | None = None, overrides: list[s
         raise config.error(f"expected a list of positive integers (one sample's shape, no batch "
                            f"dimension), got {to_plain(shape)}", "model", "input_shape")
     config.values = values
+    if values["metrics"] is None:
+        from nncli.optim import CLASS_INDEX_LOSSES, loss_name  # imports torch, as every use of a config does
+
+        values["metrics"] = ["accuracy"] if loss_name(config) in CLASS_INDEX_LOSSES else []
     return config
 
 

@@ -20,7 +20,7 @@ import torch
 from nncli.config import (NUMBER, REQUIRED, SECTION_KEYS, Config, Key, check_section, fraction, non_negative,
                           one_of, positive)
 from nncli.errors import ConfigError
-from nncli.optim import CLASS_INDEX_LOSSES
+from nncli.optim import CLASS_INDEX_LOSSES, loss_name
 from nncli.registry import Registry
 from nncli.samples import HostSamples, Samples, TensorPair, map_npy
 
@@ -421,18 +421,13 @@ def split_data(data: Samples, val_split: float, config: Config) -> tuple[Samples
     return data.subset(perm[n_val:]), data.subset(perm[:n_val])
 
 
-def loss_name(config: Config) -> str:
-    loss = config["loss"]
-    return loss if isinstance(loss, str) else loss.get("type", "")
-
-
 def check_targets(data: Data, output_shape: tuple, config: Config) -> None:
     """Labels within the output layer's classes; regression targets shaped like the output."""
     for name, pair in (("training", data.train), ("validation", data.val)):
         if pair is None:
             continue
         if pair.y.dtype == torch.long:
-            expected = 1 + pair.y.dim() - 1  # (classes,) per sample, or (classes, *spatial) for maps
+            expected = pair.y.dim()  # the output per sample: classes, then the labels' own dims (for maps)
             if len(output_shape) != expected:
                 raise config.error(f"the model's output has shape {list(output_shape)} per sample, but "
                                    f"class labels need {'[classes]' if expected == 1 else f'{expected} dimensions'}",

@@ -11,11 +11,11 @@ import torch
 
 from nncli.checkpoint import find_checkpoint, load_checkpoint
 from nncli.config import Config, config_from_mapping
-from nncli.data import Data, check_targets, load_data, loss_name
+from nncli.data import Data, check_targets, load_data
 from nncli.devices import resolve_device
 from nncli.errors import ConfigError
 from nncli.model import ModelPlan, plan_model
-from nncli.optim import CLASS_INDEX_LOSSES, create_loss
+from nncli.optim import CLASS_INDEX_LOSSES, create_loss, loss_name
 from nncli.samples import Samples, TensorPair, normalize
 from nncli.train import eval_batch_size, evaluate, located_errors
 

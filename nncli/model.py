@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from nncli.config import Config
+from nncli.config import TYPE_NOUNS, Config
 from nncli.devices import is_out_of_memory
 from nncli.errors import ConfigError, did_you_mean, first_line
 from nncli.registry import LAYERS, LayerEntry, accepted_arguments, as_argument
@@ -60,7 +60,7 @@ class LayerPlan:
     macs: int = 0  # for the whole batch of the shape pass
     activation_bytes: int = 0  # the size of this layer's output (leaves only)
 
-    def walk(self):
+    def walk(self) -> Iterator[LayerPlan]:
         yield self
         for child in self.children or ():
             yield from child.walk()
@@ -80,7 +80,7 @@ class ModelPlan:
     def output_shape(self) -> Any:
         return self.layers[-1].output_shape if self.layers else (self.batch_size, *self.input_shape)
 
-    def walk(self):
+    def walk(self) -> Iterator[LayerPlan]:
         for layer in self.layers:
             yield from layer.walk()
 
@@ -127,11 +127,15 @@ class _Planner:
     """Walks the layer specs once, building meta modules and LayerPlans side by side."""
 
     def __init__(self, config: Config, count_macs: bool, device: torch.device) -> None:
-        self.config, self.count_macs, self.device = config, count_macs, device
+        self.count_macs, self.device = count_macs, device
         self.file = config.source
+        # the file's line is blamed for a layer; say when --set changed the layers after reading it
+        changed = [key for key in getattr(config.raw, "overridden", ()) if key.startswith("model")]
+        self.note = f"(--set changed {', '.join(changed)}.)" if changed else None
 
     def fail(self, message: str, line: int | None, where: str, hint: str | None = None) -> ConfigError:
-        return ConfigError(message, file=self.file, line=line, key=where, hint=hint)
+        return ConfigError(message, file=self.file, line=line, key=where,
+                           hint=" ".join(filter(None, (hint, self.note))) or None)
 
     # -- reading specs ------------------------------------------------------------------------
 
@@ -421,24 +425,19 @@ def _matches(value: Any, hint: Any) -> bool:
     return True  # a class we cannot check from YAML (a dtype, a module): let the layer decide
 
 
-_HINT_NOUNS = {int: ("an integer", "integers"), float: ("a number", "numbers"),
-               bool: ("true or false", "booleans"), str: ("a string", "strings"),
-               type(None): ("null", "nulls")}
-
-
 def _describe_hint(hint: Any) -> str:
     """A constructor annotation in YAML words: Union[int, tuple[int, int]] -> 'an integer or a
     list of 2 integers'."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(dict.fromkeys(_describe_hint(a) for a in args))
-    if hint in _HINT_NOUNS:
-        return _HINT_NOUNS[hint][0]
+    if hint in TYPE_NOUNS:
+        return TYPE_NOUNS[hint][0]
     if origin in (tuple, list) and args:
         items = [a for a in args if a is not Ellipsis]
-        if len(set(items)) == 1 and items[0] in _HINT_NOUNS:
+        if len(set(items)) == 1 and items[0] in TYPE_NOUNS:
             count = "" if args[-1] is Ellipsis or origin is list else f"{len(args)} "
-            return f"a list of {count}{_HINT_NOUNS[items[0]][1]}"
+            return f"a list of {count}{TYPE_NOUNS[items[0]][1]}"
     if origin in (tuple, list) or hint in (tuple, list) or hint is torch.Size:
         return "a list"
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")

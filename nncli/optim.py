@@ -70,6 +70,11 @@ def register_loss(factory: Callable[..., nn.Module] | None = None, *, name: str 
     return add(factory) if factory is not None else add
 
 
+def loss_name(config: Config) -> str:
+    loss = config["loss"]
+    return loss if isinstance(loss, str) else loss.get("type", "")
+
+
 # Loss arguments that torch takes as tensors (class weights); YAML gives them as lists.
 TENSOR_ARGUMENTS = {"weight", "pos_weight"}
 

@@ -19,6 +19,14 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 
+def make_console() -> Console:
+    """rich's console for tables: as wide as the terminal; in a log, wide enough that a table of
+    many metrics keeps its headers (rich would fit it into 80 columns)."""
+    from rich.console import Console
+
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+
+
 def format_value(key: str, value: object) -> str:
     if not isinstance(value, float):
         return str(value)
@@ -39,8 +47,7 @@ class Reporter:
     @property
     def console(self) -> Console:
         if self._console is None:  # rich is imported when there is something to show, not for --quiet
-            from rich.console import Console
-            self._console = Console(highlight=False)
+            self._console = make_console()
         return self._console
 
     def print(self, item: object) -> None:

@@ -26,9 +26,9 @@ from nncli.errors import ConfigError
 from nncli.inference import config_of
 from nncli.optim import LENGTH_ARGUMENT, monitored_metric
 from nncli.reporting import Reporter
-from nncli.train import (Run, check_device, check_launch, located_errors, new_run_dir, prepare_run,
-                         resolved_config_text, restore, resume_command, run_fit, write_metrics_csv,
-                         write_text_atomic)
+from nncli.train import (Run, announce, check_device, check_launch, located_errors, prepare_run,
+                         resolved_config_text, restore, resume_command, run_fit, start_run_dir,
+                         write_metrics_csv, write_text_atomic)
 from nncli.yamlio import to_plain
 
 FIXED = ("model", "plugins", "data", "seed", "loss", "optimizer.type", "optimizer.groups",
@@ -267,13 +267,11 @@ def warm_start(weights: Path, config_path: Path, reporter: Reporter, *, override
                           file=str(weights), hint="Pass --no-strict to load the tensors that fit.")
     fitting = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
     run.model.load_state_dict(fitting, strict=False)
-    if run.process.is_main:
-        run.run_dir = new_run_dir(out_dir or Path(config["checkpoint"]["dir"]), config["name"])
-        write_text_atomic(resolved_config_text(config), run.run_dir / "config.yaml")
-    reporter.print(f"warm start from {weights}: loaded {len(fitting)} of {len(own)} tensors; run directory: "
-                   f"{run.run_dir}")
+    start_run_dir(run, out_dir)
+    reporter.print(f"warm start from {weights}: loaded {len(fitting)} of {len(own)} tensors")
     if problems:  # a warning: shown with --quiet too
         warnings.warn(f"warm start from {weights}: not loaded: {'; '.join(problems)}")
+    announce(run, reporter)
     run_fit(run, reporter)
     return run
 

@@ -28,7 +28,7 @@ from torch import nn
 from nncli import __version__
 from nncli.checkpoint import FORMAT, capture_rng, checkpoint_bytes, restore_rng, write_atomic, write_text_atomic
 from nncli.config import Config
-from nncli.data import Data, check_targets, load_data, loss_name
+from nncli.data import Data, check_targets, load_data
 from nncli.devices import (Process, all_reduce_sum, autocast, check_parallel, configure_determinism,
                            end_process, grad_scaler, local_processes, out_of_memory_as_error,
                            resolve_device, share_buffers, start_process, weights_in_sync, wrap_model)
@@ -36,7 +36,7 @@ from nncli.errors import STOP_SIGNALS, ConfigError, Interrupted, RunError, first
 from nncli.metrics import check_metric_name, create_metric, higher_is_better
 from nncli.model import ModelPlan, plan_model
 from nncli.optim import (CLASS_INDEX_LOSSES, ParamGroup, Schedule, create_loss, create_optimizer, create_schedule,
-                         monitored_metric, recorded_metrics)
+                         loss_name, monitored_metric, recorded_metrics)
 from nncli.reporting import Reporter, history_columns
 from nncli.samples import Batches, Samples
 from nncli.yamlio import to_plain
@@ -599,18 +599,29 @@ def train(config: Config, reporter: Reporter, *, device: str | None = None,
           out_dir: Path | None = None) -> Run:
     """`nncli train`: prepare a run, write its directory (the main process only), fit it."""
     run = prepare_run(config, device=device, notice=reporter.print)
+    start_run_dir(run, out_dir)
+    announce(run, reporter)
+    run_fit(run, reporter)
+    return run
+
+
+def start_run_dir(run: Run, out_dir: Path | None) -> None:
+    """A new run directory (never an earlier run's) holding the resolved config.yaml; the main
+    process only."""
     if run.process.is_main:
-        run.run_dir = new_run_dir(out_dir or Path(config["checkpoint"]["dir"]), config["name"])
-        write_text_atomic(resolved_config_text(config), run.run_dir / "config.yaml")
+        run.run_dir = new_run_dir(out_dir or Path(run.config["checkpoint"]["dir"]), run.config["name"])
+        write_text_atomic(resolved_config_text(run.config), run.run_dir / "config.yaml")
+
+
+def announce(run: Run, reporter: Reporter) -> None:
+    """What a new run says before its first epoch: where it writes, on which device, how much data;
+    the schedule length nncli filled in; the optimizer's groups."""
     processes = f" x {run.process.world_size} processes" if run.process.world_size > 1 else ""
     reporter.print(f"run directory: {run.run_dir}   device: {run.device}{processes}   "
                    f"train/val samples: {len(run.data.train)}/{len(run.data.val) if run.val else 0}")
     if run.schedule and run.schedule.note:
         reporter.print(f"schedule: {run.schedule.note}")
-    counts = {n: p.numel() for n, p in run.model.named_parameters()}
-    reporter.groups(run.groups, counts)
-    run_fit(run, reporter)
-    return run
+    reporter.groups(run.groups, {n: p.numel() for n, p in run.model.named_parameters()})
 
 
 def run_fit(run: Run, reporter: Reporter) -> None:
