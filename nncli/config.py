@@ -14,16 +14,13 @@ from typing import Any, Callable, Collection
 
 import yaml
 
+from nncli.annotations import TYPE_NOUNS
 from nncli.errors import ConfigError, did_you_mean
 from nncli.registry import load_plugins
 from nncli.yamlio import YamlList, YamlMap, line_of, parse_yaml, read_yaml, to_plain
 
 REQUIRED = object()
 NUMBER = (int, float)
-# Python types in a config's words: one, and several ("expected a list of 2 integers")
-TYPE_NOUNS = {int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings"),
-              bool: ("true or false", "booleans"), list: ("a list", "lists"), dict: ("a mapping", "mappings"),
-              type(None): ("null", "nulls")}
 
 
 @dataclass(frozen=True)

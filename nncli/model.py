@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import types
-import typing
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,7 +21,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from nncli.config import TYPE_NOUNS, Config
+from nncli.annotations import describe_annotation, fits_annotation, type_hints
+from nncli.config import Config
 from nncli.devices import is_out_of_memory
 from nncli.errors import ConfigError, did_you_mean, first_line
 from nncli.registry import LAYERS, LayerEntry, accepted_arguments, as_argument
@@ -346,7 +345,7 @@ class _Planner:
             raise self.fail(f"missing required argument{'s' if len(missing) > 1 else ''} "
                             f"{', '.join(repr(m) for m in missing)}", plan.line, where,
                             hint=f"Run `nncli layers {plan.type}` for its arguments.")
-        hints = _type_hints(entry.factory)
+        hints = type_hints(entry.factory)
         for arg, value in bound.arguments.items():
             line = line_of(options, arg) or line_of(options, "args") or plan.line
             hint = hints.get(arg)
@@ -354,8 +353,8 @@ class _Planner:
             # `*dims: int` annotates each positional item, `**options: int` each keyword value
             items = (list(value) if kind == inspect.Parameter.VAR_POSITIONAL
                      else list(value.values()) if kind == inspect.Parameter.VAR_KEYWORD else [value])
-            if hint is not None and not all(_matches(item, hint) for item in items):
-                raise self.fail(f"argument '{arg}' expects {_describe_hint(hint)}, got {_plain(value)!r}",
+            if hint is not None and not all(fits_annotation(item, hint) for item in items):
+                raise self.fail(f"argument '{arg}' expects {describe_annotation(hint)}, got {_plain(value)!r}",
                                 line, where)
             if arg in POSITIVE_SIZES and not _all_positive(value):
                 raise self.fail(f"argument '{arg}' is a size and must be positive, got {_plain(value)!r}",
@@ -387,60 +386,6 @@ def _all_positive(value: Any) -> bool:
     if isinstance(value, (tuple, list)):
         return all(_all_positive(v) for v in value)
     return True
-
-
-def _type_hints(factory: Any) -> dict[str, Any]:
-    try:
-        target = factory.__init__ if isinstance(factory, type) else factory
-        return typing.get_type_hints(target)
-    except Exception:  # unresolvable annotations: skip type checks rather than fail
-        return {}
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    """Whether a YAML value fits a constructor annotation (int, float, bool, str, tuples, unions)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is typing.Any or hint is None:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, a) for a in args)
-    if hint is type(None):
-        return value is None
-    if origin is typing.Literal:
-        return value in args
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    if origin in (tuple, list) or hint in (tuple, list) or hint is torch.Size:
-        if not isinstance(value, (tuple, list)):
-            return False
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            return len(args) == len(value) and all(_matches(v, a) for v, a in zip(value, args))
-        return not args or all(_matches(v, args[0]) for v in value)
-    return True  # a class we cannot check from YAML (a dtype, a module): let the layer decide
-
-
-def _describe_hint(hint: Any) -> str:
-    """A constructor annotation in YAML words: Union[int, tuple[int, int]] -> 'an integer or a
-    list of 2 integers'."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(dict.fromkeys(_describe_hint(a) for a in args))
-    if hint in TYPE_NOUNS:
-        return TYPE_NOUNS[hint][0]
-    if origin in (tuple, list) and args:
-        items = [a for a in args if a is not Ellipsis]
-        if len(set(items)) == 1 and items[0] in TYPE_NOUNS:
-            count = "" if args[-1] is Ellipsis or origin is list else f"{len(args)} "
-            return f"a list of {count}{TYPE_NOUNS[items[0]][1]}"
-    if origin in (tuple, list) or hint in (tuple, list) or hint is torch.Size:
-        return "a list"
-    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
 @contextlib.contextmanager

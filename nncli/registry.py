@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nncli.annotations import describe_annotation, fits_annotation, type_hints
 from nncli.errors import ConfigError, did_you_mean, first_line
+from nncli.yamlio import to_plain
 
 Shape = tuple  # one sample's shape, without the batch dimension
 
@@ -261,6 +263,16 @@ def accepted_arguments(factory: Callable[..., Any]) -> list[str] | None:
     return [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
+def required_arguments(factory: Callable[..., Any]) -> list[str]:
+    """The arguments `factory` must be given (no default), in order; [] when it is opaque."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return []
+    return [n for n, p in params.items() if p.default is p.empty and n != "self"
+            and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
 def create(registry: Registry, spec: str | dict, error: Callable[..., ConfigError], *where: Any,
            positional: tuple = (), reserved: tuple[str, ...] = (), defaults: dict | None = None) -> Any:
     """Build `registry[spec.type](*positional, **spec-keywords)`, checking the keywords first.
@@ -286,6 +298,16 @@ def create(registry: Registry, spec: str | dict, error: Callable[..., ConfigErro
             raise error(f"{name} has no argument '{key}'; it takes: "
                         f"{', '.join(a for a in accepted if a not in ('self',))}", *where, key,
                         hint=did_you_mean(key, accepted))
+    hints = type_hints(factory)
+    for key, value in kwargs.items():
+        if key in hints and not fits_annotation(value, hints[key]):
+            raise error(f"{name}'s {key} expects {describe_annotation(hints[key])}, got {to_plain(value)!r}",
+                        *where, key)
+    missing = required_arguments(factory)[len(positional):]
+    missing = [m for m in missing if m not in kwargs]
+    if missing:
+        raise error(f"{name} needs {', '.join(missing)}", *where,
+                    hint=f"e.g. {{type: {name}, {missing[0]}: ...}}")
     try:
         return factory(*positional, **kwargs)
     except Exception as err:  # the class's own argument checks, whatever they raise

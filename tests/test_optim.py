@@ -330,7 +330,7 @@ def test_reduce_on_plateau_on_val_loss_by_default(tmp_path):
      ":10: schedule: monitor 'val_loss' is not recorded; expected one of: train_loss."),
     ("{type: ReduceLROnPlateau, warmup: {epochs: 1}}", "val_split: 0.25",
      ":10: schedule.warmup: warmup does not combine with ReduceLROnPlateau"),
-    ("{type: StepLR}", "val_split: 0.25", ":10: schedule: StepLR cannot be built"),
+    ("{type: StepLR}", "val_split: 0.25", ":10: schedule: StepLR needs step_size. e.g. {type: StepLR, step_size: ...}"),
     ("{type: StepLR, step_size: 1, interval: batch}", "val_split: 0.25",
      ":10: schedule.interval: interval must be one of epoch, step"),
     ("{type: CosineAnealingLR}", "val_split: 0.25",
