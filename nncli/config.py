@@ -7,6 +7,7 @@ optimizer's, a data source's) are checked by the module that builds them, throug
 """
 from __future__ import annotations
 
+import importlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,6 +179,7 @@ SECTION_KEYS: dict[str, Collection[str]] = {
 
 def home_of(key: str, where: tuple) -> str | None:
     """The section ("" for the top level) that has `key`, unknown at `where`; None when none has."""
+    importlib.import_module("nncli.data")  # adds the data section's keys (on this error path only)
     here = ".".join(str(part) for part in where)
     return next((name for name, keys in SECTION_KEYS.items() if key in keys and name != here), None)
 

@@ -285,13 +285,13 @@ def recorded_metrics(config: Config) -> list[str]:
     return ["train_loss", *val]
 
 
-def monitored_metric(config: Config) -> str:
+def monitored_metric(config: Config, has_val: bool) -> str:
     """What picks the best epoch (best.pt) and early stopping: early_stop's metric, else the
     validation loss, else the training loss."""
     early = config["train"]["early_stop"]
     if early:
         return early["metric"]
-    return "val_loss" if "val_loss" in recorded_metrics(config) else "train_loss"
+    return "val_loss" if has_val else "train_loss"
 
 
 def optimizer_settings(group: ParamGroup) -> str:

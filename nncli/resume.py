@@ -24,7 +24,7 @@ from nncli.data import LOADER_KEYS, load_data
 from nncli.devices import check_parallel, end_process, launched_processes
 from nncli.errors import ConfigError
 from nncli.inference import config_of
-from nncli.optim import LENGTH_ARGUMENT, monitored_metric
+from nncli.optim import LENGTH_ARGUMENT, monitored_metric, recorded_metrics
 from nncli.reporting import Reporter
 from nncli.train import (Run, announce, check_device, check_launch, located_errors, prepare_run,
                          resolved_config_text, restore, resume_command, run_fit, start_run_dir,
@@ -144,7 +144,8 @@ def check_resume(path: Path, *, overrides: list[str] = (), epochs: int | None = 
                           f"{_describe(refused)}", file=str(config_path or file),
                           hint=f"Start a new run from this checkpoint's weights: nncli resume {file} "
                                f"--config {config_path or 'CONFIG'} --warm-start.")
-    stored_monitor, monitor = ckpt["best"]["metric"], monitored_metric(config)
+    stored_monitor = ckpt["best"]["metric"]
+    monitor = monitored_metric(config, "val_loss" in recorded_metrics(config))
     if monitor != stored_monitor:
         raise ConfigError(f"the run's best epoch (best.pt, early stopping) is chosen by {stored_monitor}; "
                           f"it cannot change to {monitor} on resume", file=str(config_path or file),

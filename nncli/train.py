@@ -84,7 +84,7 @@ class Run:
 
     @property
     def monitor(self) -> str:
-        return monitored_metric(self.config)
+        return monitored_metric(self.config, self.val is not None)
 
 
 def seed_everything(seed: int) -> None:
