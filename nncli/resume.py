@@ -247,6 +247,19 @@ def _replan_schedule(run: Run, fresh_groups: list[dict], fresh_schedule: dict | 
                    + f"; fast-forwarded {done} {run.schedule.interval}s")
 
 
+def _as_layer_of(state: dict, own: dict) -> tuple[dict, str | None]:
+    """A module's own state_dict (the tutorial's Linear: W, b) for a model that has it as a layer
+    (lin.W, lin.b, or 0.W, 0.b in a Sequential): its keys with that layer's name in front, and the
+    name; unchanged, and None, when the keys match the model's as they are or fit no one layer."""
+    if set(state) & set(own):
+        return state, None
+    for layer in dict.fromkeys(key.split(".", 1)[0] for key in own):
+        renamed = {f"{layer}.{key}": value for key, value in state.items()}
+        if set(renamed) <= set(own):
+            return renamed, layer
+    return state, None
+
+
 def warm_start(weights: Path, config_path: Path, reporter: Reporter, *, overrides: list[str] = (),
                epochs: int | None = None, strict: bool = True, device: str | None = None,
                out_dir: Path | None = None) -> Run:
@@ -257,6 +270,9 @@ def warm_start(weights: Path, config_path: Path, reporter: Reporter, *, override
     config = load_config(config_path, with_epochs(overrides, epochs))
     run = prepare_run(config, device=device, notice=reporter.print)
     own = run.model.state_dict()
+    state, layer = _as_layer_of(state, own)
+    if layer is not None:
+        reporter.print(f"the weights are one module's ({len(state)} tensors): loaded into layer {layer}")
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     misshaped = [f"{k} {list(state[k].shape)} (model: {list(own[k].shape)})" for k in state

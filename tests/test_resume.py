@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import DROPOUT_MLP, Background, load, metrics_rows, ok, run_nncli, snapshot, train_config, write_config
+from helpers import DROPOUT_MLP, REPO, Background, load, metrics_rows, ok, run_nncli, snapshot, train_config, write_config
 
 # Short epochs: StepLR after an epoch-wise warmup; an MLP with Dropout; SGD with momentum and decay.
 SHORT = """
@@ -196,6 +196,29 @@ def test_warm_start_from_state_dict(short, tmp_path):
     assert list(ckpt["model"]) == list(state)
     for key, value in state.items():
         assert torch.equal(ckpt["model"][key], value), key
+
+
+def test_warm_start_from_one_modules_state_dict(tmp_path):
+    """The tutorial's own Linear saved alone (keys W, b) warm-starts a model that has it as a layer:
+    the keys get that layer's name (lin.W, lin.b)."""
+    plugin = (REPO / "configs" / "plugins" / "seed_linear.py").resolve()
+    config = write_config(tmp_path, f"""
+        plugins: [{plugin}]
+        data: {{source: synthetic, kind: regression, n: 32, features: 4}}
+        loss: MSELoss
+        optimizer: {{type: SGD, lr: 0}}
+        train: {{epochs: 1}}
+        model:
+          layers:
+            lin: {{type: SeedLinear, out_feature: 1}}
+    """)
+    state = {"W": torch.randn(4, 1), "b": torch.randn(1)}  # torch.save(linear.state_dict()) of the tutorial's
+    torch.save(state, tmp_path / "linear.pth")
+    result = ok(run_nncli("resume", tmp_path / "linear.pth", "--config", config, "--out", tmp_path / "out",
+                          cwd=tmp_path))
+    assert "the weights are one module's (2 tensors): loaded into layer lin" in result.stdout
+    model = load(tmp_path / "out" / "config" / "last.pt")["model"]
+    assert torch.equal(model["lin.W"], state["W"]) and torch.equal(model["lin.b"], state["b"])
 
 
 def _mismatched(short, tmp_path, prefix: str = "") -> tuple[Path, dict]:
