@@ -165,6 +165,19 @@ def find_checkpoint(path: str | Path, prefer: tuple[str, ...] = ("last.pt", "bes
     return path
 
 
+def holds_checkpoint(path: Path) -> bool:
+    """Whether the file holds an nncli checkpoint rather than a plain state_dict, read from its
+    pickle alone, not its tensors: `resume` chooses between going on and a warm start without
+    reading a large file twice. Files not in torch's zip format are loaded (and checked) whole."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickle_name = next(name for name in archive.namelist() if name.endswith("/data.pkl"))
+            return FORMAT.encode() in archive.read(pickle_name)
+    except (zipfile.BadZipFile, StopIteration, OSError):
+        obj = load_file(path)  # says what is wrong with a damaged or missing file
+        return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
 def load_checkpoint(path: Path) -> dict:
     """An nncli checkpoint (a dict with `format`, `model`, `config`, ...), checked."""
     ckpt = load_file(path)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nncli.checkpoint import (FORMAT, find_checkpoint, load_checkpoint, load_file, load_state_dict_file,
+from nncli.checkpoint import (find_checkpoint, holds_checkpoint, load_checkpoint, load_state_dict_file,
                               remove_stale_temporaries)
 from nncli.config import Config, load_config, with_epochs
 from nncli.data import LOADER_KEYS, load_data
@@ -93,10 +93,8 @@ def _describe(differences: list[tuple[str, Any, Any]]) -> str:
 
 
 def is_nncli_checkpoint(path: Path) -> bool:
-    if path.is_dir():
-        return True
-    obj = load_file(path)
-    return isinstance(obj, dict) and obj.get("format") == FORMAT
+    """A run directory or an nncli checkpoint file: what `resume` goes on with (else a warm start)."""
+    return path.is_dir() or holds_checkpoint(path)
 
 
 @dataclass

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import DROPOUT_MLP, REPO, Background, load, metrics_rows, ok, run_nncli, snapshot, train_config, write_config
+from helpers import (DROPOUT_MLP, REPO, Background, invoke, load, metrics_rows, ok, run_nncli, snapshot, train_config,
+                     write_config)
 
 # Short epochs: StepLR after an epoch-wise warmup; an MLP with Dropout; SGD with momentum and decay.
 SHORT = """
@@ -400,6 +401,21 @@ def test_resume_refuses_other_config_with_different_model(long, tmp_path):
     assert "model.layers.0.out_features: 32 -> 64" in err
     assert "model.layers.2" in err  # the Dropout that went, and the layers that moved
     assert snapshot(run) == before
+
+
+def test_resume_of_a_checkpoint_file_reads_it_once(short, tmp_path, monkeypatch):
+    """`resume FILE` tells a checkpoint from a plain state_dict by its pickle alone, then loads it
+    once (a large checkpoint is not read twice)."""
+    import nncli.checkpoint
+
+    loads = []
+    real = nncli.checkpoint.load_file
+    monkeypatch.setattr(nncli.checkpoint, "load_file", lambda path: loads.append(path) or real(path))
+    run = copy_run(short["run"], tmp_path / "run")
+    result = invoke("resume", run / "last.pt", "--epochs", "5", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert loads == [run / "last.pt"]
+    assert load(run / "last.pt")["epoch"] == 5
 
 
 def test_resume_finished_run_says_so(short, tmp_path):
