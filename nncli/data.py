@@ -19,7 +19,7 @@ import torch
 
 from nncli.config import (NUMBER, REQUIRED, SECTION_KEYS, Config, Key, check_section, fraction, non_negative,
                           one_of, positive)
-from nncli.errors import ConfigError
+from nncli.errors import ConfigError, did_you_mean
 from nncli.optim import CLASS_INDEX_LOSSES, loss_name
 from nncli.registry import Registry
 from nncli.samples import HostSamples, Samples, TensorPair, map_npy
@@ -85,19 +85,25 @@ def load_tensors(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch
     return tensors[0], tensors[1]
 
 
+def read_csv_rows(path: Path, delimiter: str) -> tuple[list[str], list[list[str]]]:
+    """A CSV file's header row (names stripped; [] for an empty file) and its non-blank rows."""
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f, delimiter=delimiter))
+    header = [h.strip() for h in rows[0]] if rows else []
+    return header, [row for row in rows[1:] if any(cell.strip() for cell in row)]
+
+
 @source("csv", path=Key((str,), REQUIRED), target=Key((str, list), REQUIRED),
         features=Key((list, type(None)), None), delimiter=Key((str,), ","))
 def load_csv(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.Tensor]:
     """A CSV file with a header row; `target` names the label column(s), `features` the inputs."""
     path = ctx.path(options)
     try:
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f, delimiter=options["delimiter"]))
+        header, body = read_csv_rows(path, options["delimiter"])
     except (UnicodeDecodeError, csv.Error) as err:
         raise ctx.error(f"{path.name} is not a text CSV file ({err})", "path") from None
-    if not rows:
+    if not header:
         raise ctx.error(f"{path} is empty; expected a header row and data rows", "path")
-    header, body = [h.strip() for h in rows[0]], [r for r in rows[1:] if any(c.strip() for c in r)]
     if not body:
         raise ctx.error(f"{path} has a header but no data rows", "path")
     targets = options["target"] if isinstance(options["target"], list) else [options["target"]]
@@ -111,7 +117,6 @@ def load_csv(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.Ten
     for key, names in (("target", targets), ("features", features)):
         for name in names:
             if name not in header:
-                from nncli.errors import did_you_mean
                 raise ctx.error(f"column '{name}' is not in {path.name} (columns: {', '.join(header)})",
                                 key, hint=did_you_mean(str(name), header))
     columns = {name: header.index(name) for name in header}
@@ -125,10 +130,14 @@ def load_csv(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.Ten
             for c, name in enumerate(names):
                 cell = row[columns[name]].strip()
                 try:
-                    out[r, c] = float(cell)
+                    out[r, c] = value = float(cell)
                 except ValueError:
                     raise ctx.error(f"{path.name} row {r + 2}, column '{name}': '{cell}' is not a "
                                     "number", "path") from None
+                if not math.isfinite(value):
+                    raise ctx.error(f"{path.name} row {r + 2}, column '{name}': '{cell}' is not a finite "
+                                    "number; a NaN or infinite value makes the loss NaN", "path",
+                                    hint="Remove or fill in that row.")
         return torch.from_numpy(out)
 
     y = numbers(targets)

@@ -11,7 +11,7 @@ import torch
 
 from nncli.checkpoint import find_checkpoint, load_checkpoint
 from nncli.config import Config, config_from_mapping
-from nncli.data import Data, check_targets, load_data
+from nncli.data import Data, check_targets, load_data, read_csv_rows
 from nncli.devices import resolve_device
 from nncli.errors import ConfigError
 from nncli.model import ModelPlan, plan_model
@@ -177,11 +177,9 @@ def _read_input_csv(path: Path, config: Config) -> np.ndarray:
     section = dict(config["data"] or {})
     section = dict(section["train"]) if "train" in section else section
     delimiter = section.get("delimiter", ",") if section.get("source") == "csv" else ","
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = [r for r in csv.reader(f, delimiter=delimiter) if any(c.strip() for c in r)]
-    if len(rows) < 2:
+    header, body = read_csv_rows(path, delimiter)
+    if not body:
         raise ConfigError("expected a header row and at least one row of inputs", file=str(path))
-    header, body = [h.strip() for h in rows[0]], rows[1:]
     columns = list(range(len(header)))
     if section.get("source") == "csv":
         features = section.get("features") or _training_features(config, section)

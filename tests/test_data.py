@@ -134,6 +134,7 @@ def test_synthetic_and_digits_sources():
 def write_files(tmp_path):
     (tmp_path / "scores.csv").write_text("a,b,label\n1,2,0\n3,4,1\n5,6,1\n")
     (tmp_path / "scores_bad.csv").write_text("a,b,label\n1,2,0\n3,x,1\n5,6,1\n")
+    (tmp_path / "scores_inf.csv").write_text("a,b,label\n1,2,0\n3,4,1\n-inf,6,1\n")
     (tmp_path / "ragged.csv").write_text("a,b,label\n1,2,0\n3,1\n")
     (tmp_path / "empty.csv").write_text("")
     (tmp_path / "header_only.csv").write_text("a,b,label\n")
@@ -160,6 +161,14 @@ BAD_DATA = {
     "non-numeric cell": (
         "  source: csv\n  path: scores_bad.csv\n  target: label\n",
         "{cfg}:3: data.path: scores_bad.csv row 3, column 'b': 'x' is not a number"),
+    "infinite cell": (
+        "  source: csv\n  path: scores_inf.csv\n  target: label\n",
+        "{cfg}:3: data.path: scores_inf.csv row 4, column 'a': '-inf' is not a finite number; a NaN or "
+        "infinite value makes the loss NaN. Remove or fill in that row."),
+    "NaN in inline tensors": (
+        "  source: tensors\n  x: [[1.0], [.nan], [3.0]]\n  y: [0.5, 1.5, 2.5]\n",
+        "{cfg}:1: data: x holds nan at sample 1 (counting from 0), column 0; a NaN or infinite value "
+        "makes the loss NaN. Remove or fill in those samples."),
     "ragged row": (
         "  source: csv\n  path: ragged.csv\n  target: label\n",
         "{cfg}:3: data.path: ragged.csv row 3 has 2 cells, the header has 3"),
