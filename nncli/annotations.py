@@ -24,7 +24,7 @@ def type_hints(factory: Any) -> dict[str, Any]:
 
 def fits_annotation(value: Any, hint: Any) -> bool:
     """Whether a YAML value fits an annotation (int, float, bool, str, tensors, tuples, unions)."""
-    import torch  # here: `nncli.config` imports this module, and needs no torch
+    import torch  # here, not at the top: importing nncli.config (which imports this) needs no torch
 
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is typing.Any or hint is None:

@@ -49,7 +49,10 @@ def run_command(action: Callable[[], Optional[int]], debug: bool) -> None:
             traceback.print_exc()
         say("interrupted")
         raise typer.Exit(130) from None
-    except BrokenPipeError:  # `nncli predict ... | head`: the reader has what it wanted
+    except BrokenPipeError:  # `nncli predict ... | head`: the reader has what it wanted (training
+        # is not stopped by it: see Reporter.print)
+        if debug:
+            traceback.print_exc()
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         raise typer.Exit(1) from None
     except Exception as err:
@@ -235,12 +238,10 @@ def resume(
     def action() -> None:
         from nncli.errors import ConfigError
         from nncli.reporting import make_reporter
-        from nncli.resume import is_nncli_checkpoint, resume as resume_run, warm_start
+        from nncli.resume import check_warm_start, is_nncli_checkpoint, resume as resume_run, warm_start
 
         reporter = make_reporter(quiet)
-        if warm and config is None:
-            raise ConfigError("--warm-start starts a new run: give its config with --config CONFIG",
-                              key="--warm-start")
+        check_warm_start(warm, config)
         if not warm and is_nncli_checkpoint(path):
             run = resume_run(path, reporter, overrides=overrides, epochs=epochs, config_path=config,
                              device=device)

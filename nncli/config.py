@@ -192,7 +192,8 @@ def home_hint(key: str, where: tuple) -> str | None:
     if home == "":
         return f"'{key}' is a top-level key: move it out of {'.'.join(map(str, where))}: to the top of " \
                "the file, unindented."
-    return f"'{key}' belongs under {home}: move it there."
+    section = f"the top-level {home}:" if where else f"{home}:"  # data.train.batch_size: not data's train
+    return f"'{key}' belongs under {section} move it there."
 
 
 @dataclass
@@ -321,7 +322,7 @@ def apply_overrides(raw: YamlMap, overrides: list[str], source: str) -> None:
             if schema is not None and part not in schema:
                 home = home_of(part, tuple(path[:depth]))
                 hint = did_you_mean(part, schema) if home is None else \
-                    f"Did you mean --set {'.'.join(filter(None, (home, part)))}=...?"
+                    f"Did you mean --set {'.'.join(filter(None, (home, *path[depth:])))}={text.split('=', 1)[1]}?"
                 raise ConfigError(f"unknown key '{'.'.join(path[:depth + 1])}' in '{text}'; expected "
                                   f"one of: {', '.join(schema)}", file="--set", hint=hint)
             if path[:2] == ["model", "layers"] and depth >= 2 and part not in node:

@@ -338,8 +338,7 @@ def read_source(options: dict, config: Config, where: tuple, loader: dict) -> tu
     if x.dim() == 1:  # x: [1, 2, 3] means three samples of one feature
         x = x.unsqueeze(1)
     for name, values in (("x", None if ctx.mapped_file else x), ("y", y)):  # a mapped file is not read here
-        if values is not None and values.is_floating_point() and not (finite := torch.isfinite(values)).all():
-            bad = (~finite).nonzero()[0].tolist()
+        if values is not None and (bad := _first_non_finite(values)) is not None:
             position = f", position {bad[1:]}" if len(bad) > 2 else f", column {bad[1]}" if len(bad) == 2 else ""
             raise ctx.error(f"{name} holds {values[tuple(bad)].item()} at sample {bad[0]} (counting from 0)"
                             f"{position}; a NaN or infinite value makes the loss NaN",
@@ -349,6 +348,19 @@ def read_source(options: dict, config: Config, where: tuple, loader: dict) -> tu
         return HostSamples(x, torch.arange(len(x)), y, dtype, loader["workers"],
                            mapped_file=ctx.mapped_file), checked
     return TensorPair(x.to(dtype), y), checked
+
+
+def _first_non_finite(values: torch.Tensor) -> list[int] | None:
+    """The index of the first NaN or infinite value, or None; read CHUNK_BYTES at a time, so the
+    check needs little memory beside the data."""
+    if not values.is_floating_point():
+        return None
+    rows = max(1, CHUNK_BYTES // max(values[:1].numel() * values.element_size(), 1))
+    for start in range(0, len(values), rows):
+        bad = (~torch.isfinite(values[start:start + rows])).nonzero()
+        if len(bad):
+            return [start + int(bad[0, 0]), *bad[0, 1:].tolist()]
+    return None
 
 
 def load_data(config: Config, normalization: dict | None = None, *, scan: bool = True) -> Data:

@@ -268,8 +268,8 @@ def share_buffers(model: torch.nn.Module, process: Process) -> None:
 
 def weights_in_sync(model: torch.nn.Module) -> bool:
     """Whether every process holds the same weights (compares per-tensor sums' max and min).
-    Parameters only: buffers are rank 0's after each validation (share_buffers), and rank 0's
-    are saved."""
+    Parameters only: buffers are each process's own after its last forward pass (made rank 0's
+    before each validation by share_buffers), and rank 0's are saved."""
     import torch.distributed as dist
 
     sums = torch.stack([p.detach().double().sum().cpu() for p in model.parameters()])

@@ -29,7 +29,7 @@ from nncli.registry import LAYERS, LayerEntry, accepted_arguments, as_argument
 from nncli.yamlio import line_of, to_plain
 
 SPEC_KEYS = {"type", "name", "args", "repeat", "layers", "trainable"}
-INDEX_LAYERS = {"Embedding", "EmbeddingBag"}  # they take integer indices (model.input_dtype: int64)
+INDEX_LAYERS = (nn.Embedding, nn.EmbeddingBag)  # they take integer indices (model.input_dtype: int64)
 # Arguments that are sizes: every number in them must be positive.
 POSITIVE_SIZES = {"in_channels", "out_channels", "kernel_size", "in_features", "out_features",
                   "num_features", "num_channels", "num_groups", "hidden_size", "input_size",
@@ -287,14 +287,17 @@ class _Planner:
         return module, out
 
     def check_input_dtype(self, plan: LayerPlan, module: nn.Module, x: Any, source: str, where: str) -> None:
-        """Token ids (integers) go into an Embedding, numbers into every other layer with weights:
-        the meta device does not check it, so a mismatch would pass the plan and fail in training."""
-        if not isinstance(x, torch.Tensor) or not any(p.is_floating_point() for p in module.parameters()):
+        """Token ids (integers) go into an Embedding, numbers into torch's other layers with weights:
+        the meta device does not check it, so a mismatch would pass the plan and fail in training.
+        (A plugin layer may take either: it is left to say so itself.)"""
+        if (not isinstance(x, torch.Tensor) or plan.entry.source == "plugin"
+                or not any(p.is_floating_point() for p in module.parameters())):
             return
-        if plan.type in INDEX_LAYERS and x.is_floating_point():
+        takes_indices = isinstance(module, INDEX_LAYERS)
+        if takes_indices and x.is_floating_point():
             raise self.fail(f"takes integer indices (token ids), but gets {str(x.dtype)[6:]} values from "
                             f"{source}", plan.line, where, hint="Set model.input_dtype: int64.")
-        if plan.type not in INDEX_LAYERS and not x.is_floating_point():
+        if not takes_indices and not x.is_floating_point():
             raise self.fail(f"takes numbers, but gets {str(x.dtype)[6:]} token ids from {source}", plan.line,
                             where, hint="Integer inputs (model.input_dtype: int64) go into an Embedding first.")
 

@@ -15,7 +15,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from nncli.config import Config, Key, check_section, one_of, positive
+from nncli.annotations import describe_annotation, fits_annotation, type_hints
+from nncli.config import Config, Key, check_section, non_negative, one_of
 from nncli.errors import did_you_mean
 from nncli.registry import Registry, accepted_arguments, create
 
@@ -82,16 +83,20 @@ TENSOR_ARGUMENTS = {"weight", "pos_weight"}
 def create_loss(config: Config) -> nn.Module:
     spec = config["loss"]
     if isinstance(spec, dict):
-        spec = {key: _as_tensor(value, config, key) if key in TENSOR_ARGUMENTS and isinstance(value, list)
-                else value for key, value in spec.items()}
+        spec = {key: _as_tensor(value, config, key) if key in TENSOR_ARGUMENTS and value is not None else value
+                for key, value in spec.items()}
     return create(LOSSES, spec, config.error, "loss")
 
 
-def _as_tensor(value: list, config: Config, key: str) -> torch.Tensor:
+def _as_tensor(value: Any, config: Config, key: str) -> torch.Tensor:
+    """A number or a list of numbers as a tensor of the model's float dtype (float64 models too)."""
+    dtype = getattr(torch, config["model"]["input_dtype"])
     try:
-        return torch.tensor(value, dtype=torch.float32)
+        if isinstance(value, (bool, str, dict)):
+            raise TypeError
+        return torch.tensor(value, dtype=dtype if dtype.is_floating_point else torch.float32)
     except (TypeError, ValueError):
-        raise config.error(f"expected a list of numbers, got {value!r}", "loss", key) from None
+        raise config.error(f"expected a number or a list of numbers, got {value!r}", "loss", key) from None
 
 
 # --- optimizer and parameter groups ----------------------------------------------------------
@@ -131,10 +136,11 @@ def split_param_groups(model: nn.Module, config: Config) -> list[ParamGroup]:
                 raise config.error(f"pattern '{pattern}' matches no trainable parameter (they are "
                                    f"named like: {names})", *where, "params",
                                    hint="Run `nncli summary --params` to list them.")
-        if not members:  # each parameter goes to the first group that matches it
-            raise config.error(f"every parameter that {', '.join(patterns)} matches is taken by an earlier "
-                               "group, so this group's settings would apply to nothing", *where, "params",
-                               hint="Put the more specific group first.")
+        if not members:  # each parameter goes to the first group that matches it; a warning, as
+            # a run saved before this check must still resume (its groups may not change)
+            warnings.warn(str(config.error(f"every parameter that {', '.join(patterns)} matches is taken by "
+                                           "an earlier group, so this group's settings apply to nothing",
+                                           *where, "params", hint="Put the more specific group first.")))
         taken.update(members)
         groups.append(ParamGroup(str(group.get("name", i)), patterns, members,
                                  {k: v for k, v in group.items() if k not in ("params", "name")}))
@@ -152,15 +158,17 @@ def create_optimizer(model: nn.Module, config: Config) -> tuple[torch.optim.Opti
                        positional=(torch_groups,), reserved=("groups",))
     # torch keeps any key of a group without a word: a misspelt `lrr:` would silently train
     # that group at the top-level lr, so check the groups' settings against the optimizer's
-    accepted = accepted_arguments(type(optimizer))
-    if accepted is not None:
-        allowed = [a for a in accepted if a not in ("self", "params")]
-        for i, group in enumerate(groups):
-            for key in group.settings:
-                if key not in allowed:
-                    raise config.error(f"{type(optimizer).__name__} has no setting '{key}'; a group may "
-                                       f"set: {', '.join(allowed)}", "optimizer", "groups", i, key,
-                                       hint=did_you_mean(str(key), allowed))
+    # (and against its annotations: torch checks a group's lr only when it steps)
+    accepted, hints, name = accepted_arguments(type(optimizer)), type_hints(type(optimizer)), type(optimizer).__name__
+    allowed = [a for a in accepted or () if a not in ("self", "params")]
+    for i, group in enumerate(groups):
+        for key, value in group.settings.items():
+            if accepted is not None and key not in allowed:
+                raise config.error(f"{name} has no setting '{key}'; a group may set: {', '.join(allowed)}",
+                                   "optimizer", "groups", i, key, hint=did_you_mean(str(key), allowed))
+            if key in hints and not fits_annotation(value, hints[key]):
+                raise config.error(f"{name}'s {key} expects {describe_annotation(hints[key])}, got {value!r}",
+                                   "optimizer", "groups", i, key)
     for group, settings in zip(groups, optimizer.param_groups):
         group.settings = {k: v for k, v in settings.items() if k != "params"}
     return optimizer, groups
@@ -172,7 +180,7 @@ def group_of_each_parameter(groups: list[ParamGroup]) -> dict[str, str]:
 
 # --- schedule --------------------------------------------------------------------------------
 
-WARMUP_KEYS = {"epochs": Key((int,), None, positive), "steps": Key((int,), None, positive),
+WARMUP_KEYS = {"epochs": Key((int,), None, non_negative), "steps": Key((int,), None, non_negative),  # 0: none
                "start_factor": Key((int, float), 0.01, lambda v: None if 0 < v <= 1 else "must lie in (0, 1]")}
 
 
@@ -211,9 +219,9 @@ def create_schedule(optimizer: torch.optim.Optimizer, config: Config, steps_per_
         raise config.error(f"interval {problem}", "schedule", "interval")
     warmup = check_section(spec.get("warmup") or {}, WARMUP_KEYS, config.error, "schedule", "warmup")
     per_interval = steps_per_epoch if interval == "step" else 1
-    if warmup["steps"] is not None and warmup["epochs"] is not None:
+    if warmup["steps"] and warmup["epochs"]:
         raise config.error("give the warmup's length once: epochs or steps", "schedule", "warmup", "steps")
-    if warmup["steps"] is not None and interval == "epoch":
+    if warmup["steps"] and interval == "epoch":
         raise config.error("warmup in steps needs interval: step", "schedule", "warmup", "steps")
     warmup_len = warmup["steps"] or (warmup["epochs"] or 0) * per_interval
     name = spec.get("type")
@@ -274,14 +282,15 @@ def _rehearse(build: Any, optimizer: torch.optim.Optimizer, steps: int, config: 
                            "schedule") from None
 
 
+def has_validation(config: Config) -> bool:
+    """Whether the data section gives validation data: a val: source, or a val_split above 0."""
+    section = config["data"] or {}
+    return bool(section.get("val")) if "train" in section else section.get("val_split", 0.2) != 0
+
+
 def recorded_metrics(config: Config) -> list[str]:
     """The per-epoch values a run records (metrics.csv's columns a schedule can follow)."""
-    section = config["data"] or {}
-    if "train" in section:
-        has_val = bool(section.get("val"))
-    else:
-        has_val = section.get("val_split", 0.2) != 0
-    val = ["val_loss", *(f"val_{m}" for m in config["metrics"] or [])] if has_val else []
+    val = ["val_loss", *(f"val_{m}" for m in config["metrics"] or [])] if has_validation(config) else []
     return ["train_loss", *val]
 
 

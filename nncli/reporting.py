@@ -24,7 +24,13 @@ def make_console() -> Console:
     many metrics keeps its headers (rich would fit it into 80 columns)."""
     from rich.console import Console
 
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+    console.on_broken_pipe = _closed_output  # rich would exit the process; let the caller decide
+    return console
+
+
+def _closed_output() -> None:
+    raise BrokenPipeError("the output was closed")
 
 
 def format_value(key: str, value: object) -> str:
@@ -54,10 +60,14 @@ class Reporter:
         """A line (plain print: no wrapping or markup in logs) or a rich table."""
         if self.quiet:
             return
-        if isinstance(item, str):
-            print(item, flush=True)
-        else:
-            self.console.print(item)
+        try:
+            if isinstance(item, str):
+                print(item, flush=True)
+            else:
+                self.console.print(item)
+        except BrokenPipeError:  # `nncli train ... | head`: the reader left; training goes on, unheard
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            self.quiet = True
 
     def groups(self, groups: list[ParamGroup], params: dict[str, int]) -> None:
         if self.quiet:

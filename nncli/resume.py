@@ -24,11 +24,10 @@ from nncli.data import LOADER_KEYS, load_data
 from nncli.devices import check_parallel, end_process, launched_processes
 from nncli.errors import ConfigError
 from nncli.inference import config_of
-from nncli.optim import LENGTH_ARGUMENT, monitored_metric, recorded_metrics
+from nncli.optim import LENGTH_ARGUMENT, has_validation, monitored_metric
 from nncli.reporting import Reporter
-from nncli.train import (Run, announce, check_device, check_launch, located_errors, prepare_run,
-                         resolved_config_text, restore, resume_command, run_fit, start_run_dir,
-                         write_metrics_csv, write_text_atomic)
+from nncli.train import (Run, announce, check_device, check_launch, located_errors, prepare_run, restore,
+                         resume_command, run_fit, start_run_dir, write_metrics_csv)
 from nncli.yamlio import to_plain
 
 FIXED = ("model", "plugins", "data", "seed", "loss", "optimizer.type", "optimizer.groups",
@@ -92,6 +91,11 @@ def _describe(differences: list[tuple[str, Any, Any]]) -> str:
     return "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differences)
 
 
+def check_warm_start(warm: bool, config_path: Path | None) -> None:
+    if warm and config_path is None:
+        raise ConfigError("starts a new run: give its config with --config CONFIG", key="--warm-start")
+
+
 def is_nncli_checkpoint(path: Path) -> bool:
     """A run directory or an nncli checkpoint file: what `resume` goes on with (else a warm start)."""
     return path.is_dir() or holds_checkpoint(path)
@@ -143,7 +147,7 @@ def check_resume(path: Path, *, overrides: list[str] = (), epochs: int | None = 
                           hint=f"Start a new run from this checkpoint's weights: nncli resume {file} "
                                f"--config {config_path or 'CONFIG'} --warm-start.")
     stored_monitor = ckpt["best"]["metric"]
-    monitor = monitored_metric(config, "val_loss" in recorded_metrics(config))
+    monitor = monitored_metric(config, has_validation(config))
     if monitor != stored_monitor:
         raise ConfigError(f"the run's best epoch (best.pt, early stopping) is chosen by {stored_monitor}; "
                           f"it cannot change to {monitor} on resume", file=str(config_path or file),
@@ -160,6 +164,7 @@ def check_resume_launch(path: Path, *, config_path: Path | None, overrides: list
                         device: str | None, processes: int, warm: bool = False) -> None:
     """What `resume --nproc N` checks once before it starts N processes (which would each say
     it): the resume, or the warm start's config, and the device for N processes."""
+    check_warm_start(warm, config_path)
     if not warm and is_nncli_checkpoint(path):
         config = check_resume(path, overrides=overrides, epochs=epochs, config_path=config_path,
                               processes=processes).config
@@ -208,8 +213,8 @@ def resume(path: Path, reporter: Reporter, *, overrides: list[str] = (), epochs:
                        f"to do. Extend it with: {resume_command(path, run.process)} --epochs N")
         end_process(run.process)
         return None
-    if (differences or plan.processes != plan.trained_by) and run.process.is_main:
-        write_text_atomic(resolved_config_text(config), file.parent / "config.yaml")
+    # config.yaml is rewritten with the next last.pt (save_checkpoints), so the two always agree
+    run.config_changed = bool(differences) or plan.processes != plan.trained_by
     where = f"epoch {state.epoch + 1} of {run.epochs}"
     if state.position:
         where += f", batch {state.position + 1} of {len(run.batches)}"

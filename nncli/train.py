@@ -81,6 +81,7 @@ class Run:
     plain_config: dict = field(default_factory=dict)  # the resolved config as plain containers
     epoch_shuffle: torch.Tensor | None = None  # the shuffle generator's state when this epoch began
     pending_best: dict | None = None  # a best checkpoint not yet written (see save_checkpoints)
+    config_changed: bool = False  # resumed with other settings: config.yaml goes with the next last.pt
 
     @property
     def monitor(self) -> str:
@@ -330,7 +331,8 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
     params = [p for p in model.parameters() if p.requires_grad]
     steps = len(run.batches)
     batch_sizes = run.batches.batch_sizes()
-    divisors = accumulation_divisors(batch_sizes.tolist(), accumulate)
+    divisors = accumulation_divisors(batch_sizes.tolist(), accumulate,
+                                     summed=getattr(run.loss_fn, "reduction", "mean") == "sum")
     batch_sizes = batch_sizes.to(run.device)
     every_steps = config["checkpoint"]["every_steps"]
     channels_last = config["channels_last"]
@@ -407,11 +409,13 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
     return state
 
 
-def accumulation_divisors(batch_sizes: list[float], accumulate: int) -> list[float]:
-    """What each batch's (mean) loss is divided by when `accumulate` batches make one optimizer
-    step: the step's samples over the batch's, so that the step's gradient is the mean over all
-    of them, as one large batch would give. That is `accumulate` for equal batches of a full
-    step; a last, shorter step (steps % accumulate) or a short last batch weigh what they hold."""
+def accumulation_divisors(batch_sizes: list[float], accumulate: int, summed: bool = False) -> list[float]:
+    """What each batch's loss is divided by when `accumulate` batches make one optimizer step, so
+    that the step's gradient is the one large batch of its samples would give. A mean loss: the
+    step's samples over the batch's (`accumulate` for equal batches of a full step; a last,
+    shorter step or a short last batch weigh what they hold). A summed loss (reduction: sum): 1."""
+    if summed:
+        return [1.0] * len(batch_sizes)
     divisors = []
     for start in range(0, len(batch_sizes), accumulate):
         step = batch_sizes[start:start + accumulate]
@@ -567,6 +571,9 @@ def save_checkpoints(run: Run, best: bool, force: bool = False) -> None:
     if write_last:
         write_atomic(data, run.run_dir / "last.pt")
         write_metrics_csv(state.history, run.run_dir / "metrics.csv")  # in step with last.pt
+        if run.config_changed:
+            write_text_atomic(resolved_config_text(run.config), run.run_dir / "config.yaml")
+            run.config_changed = False
 
 
 def _snapshot(ckpt: dict) -> dict:

@@ -222,6 +222,27 @@ def test_plugin_loss_reproduces_the_tutorials_backward_step(tmp_path):
     assert create_loss(labels).label_smoothing == 0.2
 
 
+def test_a_plugin_layer_may_take_token_ids(tmp_path):
+    """The input-dtype check covers torch's layers; a plugin layer says for itself what it takes."""
+    (tmp_path / "tokens.py").write_text(
+        "from torch import nn\nimport nncli\n\n\n@nncli.register_layer\nclass TokenEmbed(nn.Module):\n"
+        "    def __init__(self, vocab: int, dim: int):\n        super().__init__()\n"
+        "        self.embed = nn.Embedding(vocab, dim)\n\n"
+        "    def forward(self, x):\n        return self.embed(x)\n")
+    path = write_config(tmp_path, """
+        plugins: [tokens.py]
+        model:
+          input_shape: [5]
+          input_dtype: int64
+          layers:
+            - {type: TokenEmbed, vocab: 10, dim: 4}
+            - Flatten
+            - {type: Linear, out_features: 2}
+    """)
+    model = build(path)
+    assert model(torch.tensor([[1, 2, 3, 4, 5]])).shape == (1, 2)
+
+
 def test_a_registered_name_replaces_a_built_in_one():
     from nncli.registry import Registry
 

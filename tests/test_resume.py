@@ -293,8 +293,10 @@ def test_warm_start_from_an_nncli_run_with_another_optimizer(short, tmp_path):
         assert torch.equal(ckpt["model"][key], value), key
     assert snapshot(short["run"]) == before  # the source run is untouched
 
-    no_config = run_nncli("resume", short["run"], "--warm-start", cwd=tmp_path)
-    assert no_config.returncode == 2 and "--warm-start starts a new run" in no_config.stderr
+    for nproc in ([], ["--nproc", "2"]):  # said once, before any process starts
+        no_config = run_nncli("resume", short["run"], "--warm-start", *nproc, cwd=tmp_path)
+        assert no_config.returncode == 2
+        assert no_config.stderr == "error: --warm-start: starts a new run: give its config with --config CONFIG\n"
 
 
 # --- what may change on resume -----------------------------------------------------------------

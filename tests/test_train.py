@@ -416,6 +416,19 @@ def test_predict_into_a_pipe_closed_early_stops_quietly(mlp_run, tmp_path):
     assert process.stderr.read() == ""
 
 
+def test_training_into_a_pipe_closed_early_goes_on(tmp_path):
+    """`nncli train ... | head -1`: the reader leaves after the first line; the run still trains
+    to the end and saves, silently."""
+    config = write_config(tmp_path, TINY_REGRESSION.replace("epochs: 3", "epochs: 40"), "piped.yaml")
+    process = subprocess.Popen(nncli_argv("train", config, "--out", tmp_path / "runs"), env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    assert process.stdout.readline().startswith("run directory: ")
+    process.stdout.close()
+    assert process.wait(timeout=120) == 0
+    assert process.stderr.read() == ""
+    assert load(tmp_path / "runs" / "piped" / "last.pt")["epoch"] == 40
+
+
 def test_predict_npy_json_one_row_per_input_with_class(mlp_run, tmp_path):
     arrays = np.load(REPO / "nncli" / "datasets" / "digits.npz")
     x = arrays["images"][:7]
