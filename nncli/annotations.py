@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import types
 import typing
+from collections import abc
 from typing import Any
 
 # Python types in a config's words: one, and several ("expected a list of 2 integers")
@@ -13,11 +14,16 @@ TYPE_NOUNS = {int: ("an integer", "integers"), float: ("a number", "numbers"), s
               type(None): ("null", "nulls")}
 
 
+# What YAML gives as a list (MultiStepLR's milestones: Iterable[int])
+SEQUENCES = (tuple, list, abc.Iterable, abc.Sequence)
+
+
 def type_hints(factory: Any) -> dict[str, Any]:
     """The annotations of a class's constructor (or a function), resolved; {} when they cannot be."""
     try:
         target = factory.__init__ if isinstance(factory, type) else factory
-        return typing.get_type_hints(target)
+        # typing's names too: torch imports some (Iterable) for type checkers only
+        return typing.get_type_hints(target, localns={name: getattr(typing, name) for name in typing.__all__})
     except Exception:  # unresolvable annotations: skip type checks rather than fail
         return {}
 
@@ -46,7 +52,7 @@ def fits_annotation(value: Any, hint: Any) -> bool:
     if hint is torch.Tensor:  # from YAML: a number or a list of them (class weights)
         return isinstance(value, torch.Tensor) or (
             not isinstance(value, (bool, str, dict)) and _numbers(value))
-    if origin in (tuple, list) or hint in (tuple, list) or hint is torch.Size:
+    if origin in SEQUENCES or hint in (tuple, list) or hint is torch.Size:
         if not isinstance(value, (tuple, list)):
             return False
         if origin is tuple and args and args[-1] is not Ellipsis:
@@ -73,13 +79,13 @@ def describe_annotation(hint: Any) -> str:
         return TYPE_NOUNS[hint][0]
     if hint is torch.Tensor:
         return "a tensor (a list of numbers)"
-    if origin in (tuple, list) and args:
+    if origin in SEQUENCES and args:
         items = [a for a in args if a is not Ellipsis]
-        count = "" if args[-1] is Ellipsis or origin is list else f"{len(args)} "
+        count = f"{len(args)} " if origin is tuple and args[-1] is not Ellipsis else ""
         if len(set(items)) == 1 and items[0] in TYPE_NOUNS:
             return f"a list of {count}{TYPE_NOUNS[items[0]][1]}"
         if count:
             return f"a list of {count}values"
-    if origin in (tuple, list) or hint in (tuple, list) or hint is torch.Size:
+    if origin in SEQUENCES or hint in (tuple, list) or hint is torch.Size:
         return "a list"
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")

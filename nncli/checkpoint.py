@@ -160,6 +160,9 @@ def find_checkpoint(path: str | Path, prefer: tuple[str, ...] = ("last.pt", "bes
         for name in prefer:
             if (path / name).is_file():
                 return path / name
+        if (path / "config.yaml").is_file():  # a run that failed or was stopped before its first save
+            raise ConfigError(f"has none of {', '.join(prefer)}: the run stopped before it saved one",
+                              file=str(path), hint=f"Start it again: nncli train {path / 'config.yaml'}")
         raise ConfigError(f"has none of {', '.join(prefer)}; expected a run directory or a "
                           "checkpoint file", file=str(path))
     return path

@@ -61,7 +61,7 @@ def run_command(action: Callable[[], Optional[int]], debug: bool) -> None:
         if "by peer" in str(err) and os.environ.get("WORLD_SIZE", "1") != "1":
             say("error: stopped because another process of the job failed")  # gloo's words for it
         else:
-            say(f"error: {type(err).__name__}: {err} (run again with --debug for the traceback)")
+            say(f"error: {type(err).__name__}: {err}" + ("" if debug else " (run again with --debug for the traceback)"))
         raise typer.Exit(1) from None
     raise typer.Exit(code)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from nncli.config import (NUMBER, REQUIRED, SECTION_KEYS, Config, Key, check_section, fraction, non_negative,
                           one_of, positive)
@@ -442,6 +443,27 @@ def split_data(data: Samples, val_split: float, config: Config) -> tuple[Samples
     return data.subset(perm[n_val:]), data.subset(perm[:n_val])
 
 
+def token_id_problem(x: torch.Tensor, model: nn.Module) -> str | None:
+    """For token ids (integer inputs): an id outside the model's first Embedding, which would
+    stop training (or predict) with torch's IndexError; None when all fit."""
+    embedding = next((m for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))), None)
+    if x.is_floating_point() or embedding is None or not len(x):
+        return None
+    low, high, size = int(x.min()), int(x.max()), embedding.num_embeddings
+    if low >= 0 and high < size:
+        return None
+    return f"token id {low if low < 0 else high} is outside the Embedding's num_embeddings: {size} (ids 0 to {size - 1})"
+
+
+def check_token_ids(data: Data, model: nn.Module, config: Config) -> None:
+    """Every token id within the model's Embedding (a memory-mapped file is not read here)."""
+    for name, pair in (("training", data.train), ("validation", data.val)):
+        if pair is not None and getattr(pair, "mapped_file", None) is None:
+            if (problem := token_id_problem(pair.x, model)) is not None:
+                raise config.error(f"{name} inputs: {problem}", "data",
+                                   hint="Make num_embeddings the size of the vocabulary.")
+
+
 def check_targets(data: Data, output_shape: tuple, config: Config) -> None:
     """Labels within the output layer's classes; regression targets shaped like the output."""
     for name, pair in (("training", data.train), ("validation", data.val)):
@@ -463,6 +485,8 @@ def check_targets(data: Data, output_shape: tuple, config: Config) -> None:
             if pair.y.dim() == 1 and tuple(output_shape) == (1,):
                 pair.y = pair.y[:, None]  # (N,) targets for an (N, 1) output: avoid silent broadcasting
             if tuple(pair.y.shape[1:]) != tuple(output_shape):  # the loss would broadcast, or fail
+                labels = pair.y.dim() == 1 and len(output_shape) == 1 and torch.equal(pair.y, pair.y.round())
                 raise config.error(f"{name} targets have shape {list(pair.y.shape[1:])} per sample, but "
                                    f"the model's output has shape {list(output_shape)}", "data",
-                                   hint="Make the last layer's out_features match the targets.")
+                                   hint="For class labels, use a classification loss (loss: CrossEntropyLoss)."
+                                   if labels else "Make the last layer's out_features match the targets.")

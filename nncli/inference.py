@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from nncli.checkpoint import find_checkpoint, load_checkpoint
 from nncli.config import Config, config_from_mapping
-from nncli.data import Data, check_targets, load_data, read_csv_rows
+from nncli.data import Data, check_targets, check_token_ids, load_data, read_csv_rows, token_id_problem
 from nncli.devices import resolve_device
 from nncli.errors import ConfigError
 from nncli.model import ModelPlan, plan_model
@@ -64,19 +65,21 @@ def evaluate_checkpoint(path: Path, data_file: Path | None = None,
                               f"{list(ckpt['input_shape'])}", file=str(data_file))
         pair = pair.normalized(ckpt.get("normalization"))
     output_shape = tuple(plan.output_shape[1:])
-    pair = _checked_targets(pair, output_shape, config, source if data_file else str(path))
+    pair = _checked_targets(pair, model, output_shape, config, source if data_file else str(path))
     # as the run's own validation did, so that the numbers agree with its metrics.csv
     results = evaluate(model, pair.to(target), create_loss(config).to(target), config["metrics"],
                        eval_batch_size(config), config["amp"])
     return results, source
 
 
-def _checked_targets(pair: Samples, output_shape: tuple, config: Config, where: str) -> Samples:
+def _checked_targets(pair: Samples, model: nn.Module, output_shape: tuple, config: Config, where: str) -> Samples:
     """Targets shaped as in training ((N,) -> (N, 1) for a one-output regression, else the loss
-    broadcasts and reports a wrong number) and labels within the model's classes."""
+    broadcasts and reports a wrong number), labels within the model's classes, token ids within
+    its Embedding."""
     data = Data(pair, None, tuple(pair.x.shape[1:]), None)
     try:
         check_targets(data, output_shape, config)
+        check_token_ids(data, model, config)
     except ConfigError as err:
         raise ConfigError(err.message.removeprefix("training "), file=where, hint=err.hint) from None
     return data.train
@@ -193,6 +196,8 @@ def predict_checkpoint(path: Path, inputs: str, device: str | None = None) -> li
     ckpt, config, plan = load_trained(path, device)
     model = plan.model
     x = normalize(parse_inputs(inputs, config, ckpt["input_shape"]), ckpt.get("normalization"))
+    if (problem := token_id_problem(x, model)) is not None:
+        raise ConfigError(problem, key="--input")
     with torch.no_grad():
         out = model(x.to(next(model.parameters()).device)).cpu()
     classifier = loss_name(config) in CLASS_INDEX_LOSSES

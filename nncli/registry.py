@@ -246,6 +246,9 @@ def load_plugins(plugins: list[str], base_dir: Path, error: Callable[..., Config
         except ConfigError:
             raise
         except ModuleNotFoundError as err:
+            if plugin.endswith(".py") or err.name != plugin.split(".")[0]:  # the plugin's own import failed
+                raise error(f"plugin '{plugin}' raised ModuleNotFoundError: {err}", "plugins", i,
+                            hint=f"Install {err.name}, or remove its import from the plugin.") from None
             raise error(f"cannot import plugin '{plugin}': {err}", "plugins", i,
                         hint="Give a .py file or the name of an installed module.") from None
         except Exception as err:  # a plugin's own bug: say which plugin and what it raised
@@ -293,11 +296,11 @@ def create(registry: Registry, spec: str | dict, error: Callable[..., ConfigErro
         if isinstance(spec, dict) else {}
     kwargs = {**(defaults or {}), **kwargs}
     accepted = accepted_arguments(factory)
+    settable = [a for a in accepted or () if a != "self"][len(positional):]  # not the optimizer, say
     for key in kwargs:
         if accepted is not None and key not in accepted:
-            raise error(f"{name} has no argument '{key}'; it takes: "
-                        f"{', '.join(a for a in accepted if a not in ('self',))}", *where, key,
-                        hint=did_you_mean(key, accepted))
+            raise error(f"{name} has no argument '{key}'; it takes: {', '.join(settable)}", *where, key,
+                        hint=did_you_mean(key, settable))
     hints = type_hints(factory)
     for key, value in kwargs.items():
         if key in hints and not fits_annotation(value, hints[key]):

@@ -88,7 +88,10 @@ def _item(section: Any, key: str) -> Any:
 
 
 def _describe(differences: list[tuple[str, Any, Any]]) -> str:
-    return "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differences)
+    def shown(value: Any) -> str:
+        return "(not set)" if value is None else repr(value)
+
+    return "; ".join(f"{key}: {shown(old)} -> {shown(new)}" for key, old, new in differences)
 
 
 def check_warm_start(warm: bool, config_path: Path | None) -> None:
@@ -142,7 +145,9 @@ def check_resume(path: Path, *, overrides: list[str] = (), epochs: int | None = 
                    and not (d[0] == "parallel" and processes != trained_by)]  # said with the processes
     refused = [d for d in differences if _is_fixed(d)]
     if refused:
-        raise ConfigError(f"cannot resume with a different {', '.join(sorted({d[0].split('.')[0] for d in refused}))}: "
+        # name the section (model, data, optimizer, ...), or train's own key (train.batch_size)
+        names = sorted({d[0] if d[0].startswith("train.") else d[0].split(".")[0] for d in refused})
+        raise ConfigError(f"cannot resume with a different {', '.join(names)}: "
                           f"{_describe(refused)}", file=str(config_path or file),
                           hint=f"Start a new run from this checkpoint's weights: nncli resume {file} "
                                f"--config {config_path or 'CONFIG'} --warm-start.")
@@ -282,6 +287,9 @@ def warm_start(weights: Path, config_path: Path, reporter: Reporter, *, override
                  if k in own and state[k].shape != own[k].shape]
     problems = [f"{label}: {', '.join(keys)}" for label, keys in
                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)) if keys]
+    if not any(k in own and v.shape == own[k].shape for k, v in state.items()):
+        raise ConfigError(f"none of the weights fit the config's model: {'; '.join(problems)}", file=str(weights),
+                          hint="Are these the weights of another model? `nncli summary --params` lists this one's.")
     if problems and strict:
         raise ConfigError(f"the weights do not fit the config's model: {'; '.join(problems)}",
                           file=str(weights), hint="Pass --no-strict to load the tensors that fit.")

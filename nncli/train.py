@@ -28,7 +28,7 @@ from torch import nn
 from nncli import __version__
 from nncli.checkpoint import FORMAT, capture_rng, checkpoint_bytes, restore_rng, write_atomic, write_text_atomic
 from nncli.config import Config
-from nncli.data import Data, check_targets, load_data
+from nncli.data import Data, check_targets, check_token_ids, load_data
 from nncli.devices import (Process, all_reduce_sum, autocast, check_parallel, configure_determinism,
                            end_process, grad_scaler, local_processes, out_of_memory_as_error,
                            resolve_device, share_buffers, start_process, weights_in_sync, wrap_model)
@@ -131,12 +131,25 @@ def check_config(config: Config, processes: int = 1) -> tuple[ModelPlan, list[Pa
     data = load_data(config, scan=False)
     check_training_config(config)
     plan = plan_model(config, input_shape=_input_shape(config, data))
-    check_targets(data, plan.output_shape[1:], config)
-    check_loss(config, plan.output_shape[1:], data.train.y)
+    check_data_fits_model(config, data, plan)
     optimizer, groups = create_optimizer(plan.model, config)
     batches = make_batches(config, data.train, Process(0, processes))
     create_schedule(optimizer, config, -(-len(batches) // config["train"]["accumulate"]))
     return plan, groups
+
+
+def check_data_fits_model(config: Config, data: Data, plan: ModelPlan) -> None:
+    """The data, the loss and the metrics against the planned model: targets shaped as its output,
+    token ids within its Embedding, a loss that computes, top<k> below its classes."""
+    output_shape = plan.output_shape[1:]
+    check_targets(data, output_shape, config)
+    check_token_ids(data, plan.model, config)
+    check_loss(config, output_shape, data.train.y)
+    classes = output_shape[0] if len(output_shape) == 1 else None
+    for i, name in enumerate(config["metrics"]):
+        if classes and str(name).startswith("top") and int(str(name)[3:]) >= classes:
+            raise config.error(f"{name} is always 1 for a model with {classes} classes; k must be below "
+                               f"{classes}", "metrics", i)
 
 
 def check_loss(config: Config, output_shape: tuple, targets: torch.Tensor) -> None:
@@ -151,8 +164,8 @@ def check_loss(config: Config, output_shape: tuple, targets: torch.Tensor) -> No
             warnings.simplefilter("ignore")  # said once in training, not here too
             create_loss(config)(output, targets[:2])
     except Exception as err:
-        raise config.error(f"{loss_name(config)} fails on the model's output {list(output_shape)} and "
-                           f"the targets: {first_line(err)}", "loss") from None
+        raise config.error(f"{loss_name(config)} fails when computed (on zeros shaped as the model's output, "
+                           f"{list(output_shape)}, and two targets): {first_line(err)}", "loss") from None
 
 
 @contextlib.contextmanager
@@ -221,8 +234,7 @@ def prepare_run(config: Config, *, device: str | None = None, run_dir: Path | No
     with out_of_memory_as_error("building the model on the CPU", "`nncli summary` shows its size without "
                                 "building it; use a smaller model, or a machine with more memory."):
         plan = plan_model(config, input_shape=_input_shape(config, data), device="cpu")
-    check_targets(data, plan.output_shape[1:], config)
-    check_loss(config, plan.output_shape[1:], data.train.y)
+    check_data_fits_model(config, data, plan)
     with out_of_memory_as_error(f"moving the model and data to {target_device}",
                                 "The data and the model must fit in the device's memory together: "
                                 "set data.loader: dataloader to keep the data on the host, or use a "

@@ -213,15 +213,17 @@ def test_class_weights_are_given_as_a_list(tmp_path):
     assert invoke("train", f64, "--out", tmp_path / "runs", "-q").exit_code == 0
 
 
+COMPUTED = ":7: loss: CrossEntropyLoss fails when computed (on zeros shaped as the model's output, [3], and two targets): "
+
+
 @pytest.mark.parametrize("loss, message", [
-    ("{type: CrossEntropyLoss, weight: [1, 2]}", ":7: loss: CrossEntropyLoss fails on the model's output [3] and "
-     "the targets: weight tensor should be defined either for all 3 classes or no classes"),
+    ("{type: CrossEntropyLoss, weight: [1, 2]}",
+     COMPUTED + "weight tensor should be defined either for all 3 classes or no classes"),
     ("{type: CrossEntropyLoss, weight: [1, a, 2]}",
      ":7: loss.weight: expected a number or a list of numbers, got [1, 'a', 2]"),
-    ("{type: CrossEntropyLoss, reduction: avg}", ":7: loss: CrossEntropyLoss fails on the model's output [3] and "
-     "the targets: avg is not a valid value for reduction"),
-    ("{type: CrossEntropyLoss, label_smoothing: 2}", ":7: loss: CrossEntropyLoss fails on the model's output [3] "
-     "and the targets: label_smoothing must be between 0.0 and 1.0. Got: 2"),
+    ("{type: CrossEntropyLoss, reduction: avg}", COMPUTED + "avg is not a valid value for reduction"),
+    ("{type: CrossEntropyLoss, label_smoothing: 2}",
+     COMPUTED + "label_smoothing must be between 0.0 and 1.0. Got: 2"),
 ])
 def test_a_loss_that_fails_when_computed_is_refused_before_training(tmp_path, loss, message):
     config = write_config(tmp_path, CLASSES + f"loss: {loss}\n", "bad.yaml")

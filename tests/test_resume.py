@@ -250,6 +250,26 @@ def test_warm_start_refuses_weights_that_do_not_fit(short, tmp_path):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def test_warm_start_with_weights_of_another_model_is_refused_even_without_strict(short, tmp_path):
+    torch.save({"encoder.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")
+    for strict in ([], ["--no-strict"]):
+        result = run_nncli("resume", tmp_path / "other.pth", "--config", short["config"], *strict,
+                           "--out", tmp_path / "out", cwd=tmp_path)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert result.stderr.startswith(f"error: {tmp_path / 'other.pth'}: none of the weights fit the config's "
+                                        "model: missing: 0.weight, 0.bias, 3.weight, 3.bias; unexpected: encoder.weight.")
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_refusal_names_train_keys_and_unset_values(short, tmp_path):
+    run = copy_run(short["run"], tmp_path / "run")
+    result = run_nncli("resume", run, "--set", "train.batch_size=8", "--set", "train.grad_clip=1.0", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "cannot resume with a different train.batch_size: train.batch_size: 64 -> 8" in result.stderr
+    changed = ok(run_nncli("resume", run, "--epochs", "5", "--set", "train.grad_clip=1.0", cwd=tmp_path))
+    assert "changed on resume: train.epochs: 4 -> 5; train.grad_clip: (not set) -> 1.0\n" in changed.stdout
+
+
 def test_warm_start_dataparallel_prefix_no_strict_loads_what_fits(short, tmp_path):
     """`module.`-prefixed keys (DataParallel, DDP) are matched without the prefix; --no-strict
     loads the tensors that fit, says which did not, and leaves those as the seed built them."""

@@ -114,6 +114,9 @@ def test_float64_and_token_id_models_train_and_predict(tmp_path):
     assert len(json.loads(out.stdout)[0]["output"]) == 2
     fraction = invoke("predict", tmp_path / "tokens", "--input", "[[1.5, 2, 3]]")
     assert fraction.exit_code == 2 and "the model takes whole numbers" in fraction.stderr
+    unknown = invoke("predict", tmp_path / "tokens", "--input", "[[1, 2, 10]]")
+    assert unknown.exit_code == 2
+    assert unknown.stderr == "error: --input: token id 10 is outside the Embedding's num_embeddings: 10 (ids 0 to 9)\n"
 
 
 def test_linear_regression_100_epochs_equals_the_tutorials_code(tmp_path):
