@@ -376,20 +376,25 @@ def test_bad_schedules_exit_2_before_training(tmp_path, schedule, data, message)
 
 # --- the optimizer step: accumulation and clipping -----------------------------------------
 
-def test_gradient_accumulation_equals_a_larger_batch(tmp_path):
-    base = TINY_REGRESSION.replace("val_split: 0.25", "val_split: 0")
-    big = write_config(tmp_path, base.replace("train: {epochs: 3, batch_size: 16}",
-                                              "train: {epochs: 3, batch_size: 32, shuffle: false}"), "big.yaml")
-    acc = write_config(tmp_path, base.replace("train: {epochs: 3, batch_size: 16}",
-                                              "train: {epochs: 3, batch_size: 16, accumulate: 2, shuffle: false}"),
-                       "acc.yaml")
-    for config in (big, acc):
+def _one_batch_and_accumulated(tmp_path, base: str, one_batch: str, accumulated: str) -> tuple[dict, dict]:
+    """`base` trained with the train: section `one_batch`, and again with `accumulated`; both
+    last.pt checkpoints, whose weights must agree."""
+    configs = [write_config(tmp_path, base.replace("train: {epochs: 3, batch_size: 16}", train), name)
+               for train, name in ((one_batch, "one.yaml"), (accumulated, "acc.yaml"))]
+    for config in configs:
         assert invoke("train", config, "--out", tmp_path / "runs", "-q").exit_code == 0
-    a, b = load(tmp_path / "runs" / "big" / "last.pt"), load(tmp_path / "runs" / "acc" / "last.pt")
-    assert a["step"] == b["step"] == 6  # 2 optimizer steps per epoch either way
+    a, b = load(tmp_path / "runs" / "one" / "last.pt"), load(tmp_path / "runs" / "acc" / "last.pt")
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6)
-    rows_a, rows_b = read_metrics(tmp_path / "runs" / "big")[1], read_metrics(tmp_path / "runs" / "acc")[1]
+    return a, b
+
+
+def test_gradient_accumulation_equals_a_larger_batch(tmp_path):
+    base = TINY_REGRESSION.replace("val_split: 0.25", "val_split: 0")
+    a, b = _one_batch_and_accumulated(tmp_path, base, "train: {epochs: 3, batch_size: 32, shuffle: false}",
+                                      "train: {epochs: 3, batch_size: 16, accumulate: 2, shuffle: false}")
+    assert a["step"] == b["step"] == 6  # 2 optimizer steps per epoch either way
+    rows_a, rows_b = read_metrics(tmp_path / "runs" / "one")[1], read_metrics(tmp_path / "runs" / "acc")[1]
     assert [r["train_loss"] for r in rows_a] == pytest.approx([r["train_loss"] for r in rows_b], rel=1e-5)
 
 
@@ -400,17 +405,9 @@ def test_accumulating_a_short_step_equals_one_batch_of_it(tmp_path, samples, los
     gradient of one batch of the samples it holds: their mean, or their sum."""
     base = TINY_REGRESSION.replace("n: 64, features: 2, val_split: 0.25", f"n: {samples}, features: 2, val_split: 0")
     base = base.replace("loss: MSELoss", f"loss: {loss}").replace("lr: 0.1", "lr: 0.002")
-    one = write_config(tmp_path, base.replace("train: {epochs: 3, batch_size: 16}",
-                                              "train: {epochs: 3, batch_size: 64, shuffle: false}"), "one.yaml")
-    acc = write_config(tmp_path, base.replace("train: {epochs: 3, batch_size: 16}",
-                                              "train: {epochs: 3, batch_size: 16, accumulate: 4, shuffle: false}"),
-                       "acc.yaml")
-    for config in (one, acc):
-        assert invoke("train", config, "--out", tmp_path / "runs", "-q").exit_code == 0
-    a, b = load(tmp_path / "runs" / "one" / "last.pt"), load(tmp_path / "runs" / "acc" / "last.pt")
+    a, b = _one_batch_and_accumulated(tmp_path, base, "train: {epochs: 3, batch_size: 64, shuffle: false}",
+                                      "train: {epochs: 3, batch_size: 16, accumulate: 4, shuffle: false}")
     assert a["step"] == b["step"] == 3
-    for key in a["model"]:
-        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6)
 
 
 def test_grad_clip_bounds_each_step(tmp_path):
