@@ -89,3 +89,12 @@ def describe_annotation(hint: Any) -> str:
     if origin in SEQUENCES or hint in (tuple, list) or hint is torch.Size:
         return "a list"
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def wrong_type(owner: str, key: str, value: Any, hints: dict[str, Any]) -> str | None:
+    """"Adam's lr expects a number or a tensor ..., got 'fast'" when `value` does not fit the
+    annotation of argument `key` of `owner` (from `type_hints`); None when it fits or has none."""
+    if key not in hints or fits_annotation(value, hints[key]):
+        return None
+    shown = list(value) if isinstance(value, tuple) else value
+    return f"{owner}'s {key} expects {describe_annotation(hints[key])}, got {shown!r}"

@@ -53,7 +53,9 @@ def run_command(action: Callable[[], Optional[int]], debug: bool) -> None:
         # is not stopped by it: see Reporter.print)
         if debug:
             traceback.print_exc()
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        from nncli.reporting import silence_stdout
+
+        silence_stdout()
         raise typer.Exit(1) from None
     except Exception as err:
         if debug:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from nncli.annotations import describe_annotation, fits_annotation, type_hints
+from nncli.annotations import type_hints, wrong_type
 from nncli.config import Config, Key, check_section, non_negative, one_of
 from nncli.errors import did_you_mean
 from nncli.registry import Registry, accepted_arguments, create
@@ -166,9 +166,8 @@ def create_optimizer(model: nn.Module, config: Config) -> tuple[torch.optim.Opti
             if accepted is not None and key not in allowed:
                 raise config.error(f"{name} has no setting '{key}'; a group may set: {', '.join(allowed)}",
                                    "optimizer", "groups", i, key, hint=did_you_mean(str(key), allowed))
-            if key in hints and not fits_annotation(value, hints[key]):
-                raise config.error(f"{name}'s {key} expects {describe_annotation(hints[key])}, got {value!r}",
-                                   "optimizer", "groups", i, key)
+            if (problem := wrong_type(name, key, value, hints)) is not None:
+                raise config.error(problem, "optimizer", "groups", i, key)
     for group, settings in zip(groups, optimizer.param_groups):
         group.settings = {k: v for k, v in settings.items() if k != "params"}
     return optimizer, groups

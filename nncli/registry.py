@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nncli.annotations import describe_annotation, fits_annotation, type_hints
+from nncli.annotations import type_hints, wrong_type
 from nncli.errors import ConfigError, did_you_mean, first_line
 from nncli.yamlio import to_plain
 
@@ -303,9 +303,8 @@ def create(registry: Registry, spec: str | dict, error: Callable[..., ConfigErro
                         hint=did_you_mean(key, settable))
     hints = type_hints(factory)
     for key, value in kwargs.items():
-        if key in hints and not fits_annotation(value, hints[key]):
-            raise error(f"{name}'s {key} expects {describe_annotation(hints[key])}, got {to_plain(value)!r}",
-                        *where, key)
+        if (problem := wrong_type(name, key, to_plain(value), hints)) is not None:
+            raise error(problem, *where, key)
     missing = required_arguments(factory)[len(positional):]
     missing = [m for m in missing if m not in kwargs]
     if missing:

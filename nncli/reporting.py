@@ -33,6 +33,12 @@ def _closed_output() -> None:
     raise BrokenPipeError("the output was closed")
 
 
+def silence_stdout() -> None:
+    """Send what is left to print to /dev/null, after the reader of a pipe went away (so that the
+    interpreter's last flush at exit does not fail a second time)."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def format_value(key: str, value: object) -> str:
     if not isinstance(value, float):
         return str(value)
@@ -66,7 +72,7 @@ class Reporter:
             else:
                 self.console.print(item)
         except BrokenPipeError:  # `nncli train ... | head`: the reader left; training goes on, unheard
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            silence_stdout()
             self.quiet = True
 
     def groups(self, groups: list[ParamGroup], params: dict[str, int]) -> None:
