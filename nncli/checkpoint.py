@@ -187,6 +187,7 @@ def load_checkpoint(path: Path) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ConfigError("not an nncli checkpoint (a plain state_dict? warm-start from it with "
                           "`nncli resume WEIGHTS --config CONFIG`)", file=str(path))
+    ckpt.update(ckpt.pop("train_state", {}))  # earlier files nested where the run stood in train_state
     for key in ("model", "config", "epoch"):
         if key not in ckpt:
             raise ConfigError(f"the checkpoint lacks '{key}'; it is damaged or from another tool",

@@ -5,11 +5,13 @@ torch is imported inside the commands that need it, so `nncli --help` answers at
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import typer
 
@@ -37,7 +39,8 @@ def run_command(action: Callable[[], Optional[int]], debug: bool) -> None:
     if not debug:
         warnings.showwarning = _show_warning if rank == 0 else (lambda *args, **kwargs: None)
     try:
-        code = action() or 0
+        with _stop_signals_interrupt():
+            code = action() or 0
     except NncliError as err:
         if debug:
             traceback.print_exc()
@@ -66,6 +69,29 @@ def run_command(action: Callable[[], Optional[int]], debug: bool) -> None:
             say(f"error: {type(err).__name__}: {err}" + ("" if debug else " (run again with --debug for the traceback)"))
         raise typer.Exit(1) from None
     raise typer.Exit(code)
+
+
+@contextmanager
+def _stop_signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP stop a command the way Ctrl-C does ("interrupted", exit 130), not
+    silently with 143 or 129, also before training starts (its loop then takes them over to save
+    first: StopRequest). Signals are only the main thread's to set."""
+    from nncli.errors import STOP_SIGNALS
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = {}
+    for sig in STOP_SIGNALS:
+        try:
+            previous[sig] = signal.signal(sig, interrupt)
+        except ValueError:
+            break
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 _shown_warnings: set[str] = set()

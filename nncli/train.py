@@ -8,6 +8,7 @@ model, early stopping and checkpoints. Losses stay on the device and are read on
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import errno
 import io
@@ -534,11 +535,8 @@ def checkpoint_dict(run: Run) -> dict:
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.schedule.scheduler.state_dict() if run.schedule else None,
         "scaler": run.scaler.state_dict() if run.scaler else None,
-        "epoch": state.epoch,
-        "step": state.step,
-        "position": state.position,
-        "train_state": {f.name: getattr(state, f.name) for f in fields(state) if f.name != "history"},
-        "best": dict(state.best),
+        # where the run stands (copies: a best.pt kept in memory must not follow later epochs)
+        **{f.name: copy.copy(getattr(state, f.name)) for f in fields(state) if f.name != "history"},
         "rng": rng,
         "config": run.plain_config,
         "config_dir": str(run.config.base_dir),
@@ -676,7 +674,7 @@ def restore(run: Run, ckpt: dict) -> None:
         run.scaler.load_state_dict(ckpt["scaler"])
     if run.schedule and ckpt.get("scheduler"):
         run.schedule.scheduler.load_state_dict(ckpt["scheduler"])
-    saved = dict(ckpt["train_state"])
+    saved = {f.name: ckpt[f.name] for f in fields(TrainState) if f.name != "history"}
     run.state = TrainState(**saved, history=list(ckpt["metrics"]))
     restore_rng(ckpt["rng"])
     run.batches.generator.set_state(ckpt["rng"]["data"])

@@ -81,6 +81,8 @@ def test_checkpoint_contents(trained):
     assert all("momentum_buffer" in s for s in optimizer["state"].values()) and len(optimizer["state"]) == 4
     assert ckpt["scheduler"] is not None and "_milestones" in ckpt["scheduler"]  # warmup + StepLR
     assert (ckpt["epoch"], ckpt["step"], ckpt["position"]) == (3, 3 * SMALL_STEPS, 0)
+    assert (ckpt["epoch_losses"], ckpt["bad_epochs"], ckpt["stopped_early"]) == ([], 0, False)
+    assert len(ckpt["epoch_lrs"]) == 1 and "train_state" not in ckpt  # each value once
     assert ckpt["best"]["metric"] == "val_loss" and ckpt["best"]["epoch"] in (1, 2, 3)
     assert set(ckpt["rng"]) >= {"python", "torch", "numpy", "data"}
     assert isinstance(ckpt["rng"]["torch"], torch.Tensor) and isinstance(ckpt["rng"]["data"], torch.Tensor)

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (DROPOUT_MLP, REPO, Background, invoke, load, metrics_rows, ok, run_nncli, snapshot, train_config,
-                     write_config)
+from helpers import (DROPOUT_MLP, REPO, TINY_REGRESSION, Background, invoke, load, metrics_rows, ok, run_nncli,
+                     snapshot, train_config, write_config)
 
 # Short epochs: StepLR after an epoch-wise warmup; an MLP with Dropout; SGD with momentum and decay.
 SHORT = """
@@ -93,6 +93,21 @@ def test_stop_at_epoch_boundary_then_resume_is_exact(short, tmp_path):
     assert ckpt["config"]["train"]["epochs"] == 4
 
 
+def test_a_checkpoint_of_the_earlier_nested_layout_resumes_exactly(short, tmp_path):
+    """Checkpoints written before 2026-11-27 keep where the run stood under `train_state`."""
+    run = tmp_path / "out" / "short"
+    ok(run_nncli("train", short["config"], "--out", tmp_path / "out", "--epochs", "2", "-q", cwd=tmp_path))
+    ckpt = load(run / "last.pt")
+    state = ("epoch", "step", "position", "epoch_losses", "epoch_lrs", "best", "bad_epochs", "stopped_early")
+    ckpt["train_state"] = {key: ckpt[key] for key in state}
+    for key in ("epoch_losses", "epoch_lrs", "bad_epochs", "stopped_early"):
+        del ckpt[key]
+    torch.save(ckpt, run / "last.pt")
+    ok(run_nncli("resume", run, "--epochs", "4", cwd=tmp_path))
+    assert_same_run(run, short["run"])
+    assert "train_state" not in load(run / "last.pt")
+
+
 def _wait_for_mid_epoch_checkpoint(proc: Background, last: Path, timeout: float = 60) -> None:
     """Wait until `last` is a checkpoint from inside epoch 2 (the run is then inside epoch 2)."""
     deadline = time.monotonic() + timeout
@@ -130,7 +145,7 @@ def test_sigint_mid_epoch_saves_and_resume_is_exact(long, tmp_path):
     assert ckpt["position"] % 450, "the checkpoint is every_steps', not the one SIGINT asked for"
     assert f"batch {ckpt['position']} of {LONG_STEPS}" in err
     assert ckpt["step"] == LONG_STEPS + ckpt["position"]
-    assert len(ckpt["train_state"]["epoch_losses"]) == ckpt["position"]
+    assert len(ckpt["epoch_losses"]) == ckpt["position"]
     assert [r["epoch"] for r in metrics_rows(run)] == ["1"]
 
     result = ok(run_nncli("resume", run, cwd=tmp_path))
@@ -168,6 +183,20 @@ def test_stop_signal_with_dataloader_workers_then_resume_in_memory_is_exact(long
 
     ok(run_nncli("resume", run, "--set", "data.loader=memory", "--set", "data.workers=0", cwd=tmp_path))
     assert_same_run(run, long["run"])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_stop_signal_before_training_starts_is_an_interrupt(tmp_path, signum):
+    """A scheduler's SIGTERM (or a closed terminal's SIGHUP) while the config loads ends the
+    command as Ctrl-C does: "interrupted", exit 130, nothing written."""
+    (tmp_path / "slow.py").write_text("import time\nprint('plugin loading', flush=True)\ntime.sleep(60)\n")
+    config = write_config(tmp_path, "plugins: [slow.py]\n" + TINY_REGRESSION, "slow.yaml")
+    proc = Background("train", config, "--out", tmp_path / "out", cwd=tmp_path)
+    proc.wait_for_line("plugin loading")
+    proc.proc.send_signal(signum)
+    code, out, err = proc.finish(timeout=30)
+    assert (code, err) == (130, "interrupted\n"), f"exit {code}\n{out}\n{err}"
+    assert not (tmp_path / "out").exists()
 
 
 # --- warm start from plain weights -------------------------------------------------------------
