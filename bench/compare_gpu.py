@@ -10,7 +10,7 @@ only when named in --variants, keep the images on the host and read them with a 
 "reference dataloader compile" and "nncli dataloader compile".
 
   python bench/compare_gpu.py [--repeats 2] [--epochs 3] [--device cuda] [--n-train N]
-                              [--variants "reference eager,nncli compile"]
+                              [--variants "reference eager,nncli compile"] [--reference PATH]
 """
 import argparse
 import re
@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = ROOT.parent / "shared" / "bench" / "reference_loop.py"
+# ../shared beside a developer's checkout; on the device tool, a copy inside it (shared/ travels)
+REFERENCES = [ROOT / "shared" / "bench" / "reference_loop.py", ROOT.parent / "shared" / "bench" / "reference_loop.py"]
 
 
 def run(command: list[str]) -> dict[str, str]:
@@ -38,15 +39,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--n-train", type=int, default=None, help="fewer images (a quick check)")
+    # 97 whole batches of 512: no short last batch, for which both sides would compile again
+    parser.add_argument("--n-train", type=int, default=97 * 512, help="training images")
     parser.add_argument("--variants", default=None, help="a comma-separated subset of the variants")
+    parser.add_argument("--reference", type=Path, default=next((p for p in REFERENCES if p.exists()), None),
+                        help="reference_loop.py (default: shared/bench/ in or beside the checkout)")
     args = parser.parse_args()
-    n_train = args.n_train or 50_000
-    ref = [sys.executable, str(REFERENCE), "--data", "images", "--model", "resnet9", "--batch", "512",
+    if args.reference is None or not args.reference.exists():
+        sys.exit(f"no reference loop: give --reference PATH, or copy ../shared into the checkout ({REFERENCES[0]})")
+    n_train = args.n_train
+    ref = [sys.executable, str(args.reference), "--data", "images", "--model", "resnet9", "--batch", "512",
            "--epochs", str(args.epochs), "--device", args.device, "--amp", "bf16", "--channels-last",
            "--n-train", str(n_train)]
     ours = [sys.executable, "bench/nncli_fit.py", "bench/configs/resnet9.yaml", "--epochs", str(args.epochs),
-            "--set", f"device={args.device}", "--set", f"data.n={n_train * 6 // 5}"]
+            "--set", f"device={args.device}", "--set", f"data.n={n_train + 10_000}", "--set", f"data.val_split={10_000 / (n_train + 10_000)}"]  # 10,000 to validate
     variants = {
         "reference eager": ref, "reference compile": [*ref, "--compile"],
         "nncli eager": [*ours, "--set", "compile=false"], "nncli compile": ours,

@@ -33,6 +33,22 @@ def checkpoint_bytes(obj: Any) -> memoryview:
     return buffer.getbuffer()
 
 
+def on_cpu(value: Any, copy: bool = False) -> Any:
+    """`value` (a state_dict, or containers of them) with every tensor on the CPU, so that a
+    checkpoint from a GPU run loads on a machine without one; `copy`: tensors already on the CPU
+    are cloned too, so that later training steps cannot change them."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=copy)
+    if isinstance(value, dict):
+        moved = type(value)((k, on_cpu(v, copy)) for k, v in value.items())
+        if hasattr(value, "_metadata"):  # a module state_dict's versions, for load_state_dict
+            moved._metadata = value._metadata
+        return moved
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_cpu(v, copy) for v in value)
+    return value
+
+
 def write_text_atomic(text: str, path: Path) -> None:
     """The same guarantee as `write_atomic`, for small text files (config.yaml, metrics.csv)."""
     write_atomic(text.encode("utf-8"), path)
@@ -219,8 +235,9 @@ def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # --- random number generators ----------------------------------------------------------------
 
-def capture_rng() -> dict:
-    """Every global generator's state, as tensors and plain containers."""
+def capture_rng(device: torch.device) -> dict:
+    """Every global generator's state, as tensors and plain containers: the CPU's, and the
+    training GPU's (under DDP each process's GPU generator is in step with rank 0's, which saves)."""
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -228,19 +245,20 @@ def capture_rng() -> dict:
         "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng(state: dict) -> None:
+def restore_rng(state: dict, device: torch.device) -> None:
+    """Put back what `capture_rng` saved; a GPU generator's state goes to the GPU that trains now."""
     random.setstate(_as_tuple(state["python"]))
     torch.set_rng_state(state["torch"])
     numpy = state["numpy"]
     np.random.set_state(("MT19937", numpy["key"].numpy().astype(np.uint32), numpy["pos"],
                          numpy["has_gauss"], numpy["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _as_tuple(value: Any) -> Any:

@@ -122,7 +122,6 @@ def start_process(parallel: str, device: torch.device) -> Process:
 
     if not dist.is_initialized():
         if device.type == "cuda":
-            torch.cuda.set_device(device)
             dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device)
         else:
             dist.init_process_group("gloo")
@@ -226,6 +225,9 @@ def wrap_model(model: torch.nn.Module, *, parallel: str, device: torch.device, d
 
         step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if compile_mode:
+        if isinstance(step_model, torch.nn.DataParallel):  # pytorch/pytorch#94636
+            notice("compile with parallel: dp compiles the wrapper, but DataParallel's replicas run "
+                   "uncompiled on the other GPUs; parallel: ddp (--nproc N) compiles every process's model")
         mode = compile_mode if isinstance(compile_mode, str) else None
         step_model = torch.compile(step_model, mode=mode)
     return step_model
@@ -248,7 +250,9 @@ def all_reduce_sum(*tensors: torch.Tensor) -> None:
 def configure_determinism(deterministic: bool, device: torch.device) -> None:
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+        # as deterministic as the kernels allow: some CUDA backward passes (adaptive pooling,
+        # 2-D nll_loss) have no deterministic version, and say so in a warning instead of failing
+        torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels

@@ -27,7 +27,8 @@ import yaml
 from torch import nn
 
 from nncli import __version__
-from nncli.checkpoint import FORMAT, capture_rng, checkpoint_bytes, restore_rng, write_atomic, write_text_atomic
+from nncli.checkpoint import (FORMAT, capture_rng, checkpoint_bytes, on_cpu, restore_rng, write_atomic,
+                              write_text_atomic)
 from nncli.config import Config
 from nncli.data import Data, check_targets, check_token_ids, load_data
 from nncli.devices import (Process, all_reduce_sum, autocast, check_parallel, configure_determinism,
@@ -221,6 +222,8 @@ def prepare_run(config: Config, *, device: str | None = None, run_dir: Path | No
     `normalization`: a resumed checkpoint's statistics (see load_data)."""
     with located_errors(config, device):
         target_device = resolve_device(config["device"] if device is None else device)
+        if target_device.type == "cuda":  # the current GPU too: pinned copies, CUDA graphs and NCCL use it
+            torch.cuda.set_device(target_device)
         process = start_process(config["parallel"], target_device)
     if process.world_size > 1:
         config.values["parallel"] = "ddp"  # implied by several processes: config.yaml says what ran
@@ -527,13 +530,13 @@ def resolved_config_text(config: Config) -> str:
 
 def checkpoint_dict(run: Run) -> dict:
     state = run.state
-    rng = capture_rng()
+    rng = capture_rng(run.device)
     rng["data"] = run.epoch_shuffle if state.position else run.batches.generator.get_state()
     return {
         "format": FORMAT,
-        "model": run.model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.schedule.scheduler.state_dict() if run.schedule else None,
+        "model": on_cpu(run.model.state_dict()),
+        "optimizer": on_cpu(run.optimizer.state_dict()),
+        "scheduler": on_cpu(run.schedule.scheduler.state_dict()) if run.schedule else None,
         "scaler": run.scaler.state_dict() if run.scaler else None,
         # where the run stands (copies: a best.pt kept in memory must not follow later epochs)
         **{f.name: copy.copy(getattr(state, f.name)) for f in fields(state) if f.name != "history"},
@@ -588,18 +591,9 @@ def save_checkpoints(run: Run, best: bool, force: bool = False) -> None:
 
 def _snapshot(ckpt: dict) -> dict:
     """A checkpoint dict that later training steps cannot change: the states that refer to live
-    tensors are copied (tensors cloned, not pickled as a deepcopy would); the rest of
-    `checkpoint_dict` is built fresh on each call."""
-    def copy_tree(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return value.detach().clone()
-        if isinstance(value, dict):
-            return {k: copy_tree(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return type(value)(copy_tree(v) for v in value)
-        return value
-
-    return {**ckpt, **{k: copy_tree(ckpt[k]) for k in ("model", "optimizer", "scheduler", "scaler")}}
+    tensors are copied (on the CPU, where a GPU run's best.pt waits without taking GPU memory);
+    the rest of `checkpoint_dict` is built fresh on each call."""
+    return {**ckpt, **{k: on_cpu(ckpt[k], copy=True) for k in ("model", "optimizer", "scheduler")}}
 
 
 def write_metrics_csv(history: list[dict], path: Path) -> None:
@@ -676,6 +670,6 @@ def restore(run: Run, ckpt: dict) -> None:
         run.schedule.scheduler.load_state_dict(ckpt["scheduler"])
     saved = {f.name: ckpt[f.name] for f in fields(TrainState) if f.name != "history"}
     run.state = TrainState(**saved, history=list(ckpt["metrics"]))
-    restore_rng(ckpt["rng"])
+    restore_rng(ckpt["rng"], run.device)
     run.batches.generator.set_state(ckpt["rng"]["data"])
     run.epoch_shuffle = ckpt["rng"]["data"]

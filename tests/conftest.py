@@ -6,9 +6,19 @@
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from helpers import invoke
+from helpers import ENV, invoke
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The tests are about a CPU machine, as in CI; on a GPU machine they see no GPU (this process
+    and its subprocesses), unless the run is `-m gpu` (bench/gpu_check.sh), which runs only the
+    GPU tests. Set before anything asks CUDA about its devices."""
+    if (config.option.markexpr or "").strip() != "gpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ENV["CUDA_VISIBLE_DEVICES"] = ""
 
 
 @pytest.fixture

@@ -4,9 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import CONFIGS, load, metrics_rows, run_nncli
+from helpers import CONFIGS, load, metrics_rows, run_nncli, write_config
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                  reason="needs a CUDA GPU and `-m gpu` (see conftest.py)")]
 
 
 @pytest.mark.parametrize("settings", [
@@ -27,13 +28,26 @@ def test_digits_cnn_trains_on_the_gpu(tmp_path: Path, settings: list[str]) -> No
         assert ckpt["scaler"] is not None and "scale" in ckpt["scaler"]
 
 
-def test_resume_on_the_gpu_continues_the_run(tmp_path: Path) -> None:
-    config = CONFIGS / "digits_mlp.yaml"
-    assert run_nncli("train", config, "--device", "cuda", "--epochs", "2", "--out", tmp_path, "-q",
-                     cwd=tmp_path).returncode == 0
-    done = run_nncli("resume", tmp_path / "digits_mlp", "--epochs", "4", "--device", "cuda", "-q", cwd=tmp_path)
+def test_resume_on_the_gpu_continues_the_run_with_its_dropout(tmp_path: Path) -> None:
+    """2 epochs, then resumed to 4, against 4 in one go: the GPU's random generator (dropout)
+    is restored, and the checkpoints hold CPU tensors only, so plain torch.load reads them anywhere."""
+    text = (CONFIGS / "digits_mlp.yaml").read_text().replace("    - ReLU\n", "    - ReLU\n    - {type: Dropout, p: 0.3}\n")
+    config = write_config(tmp_path, text + "deterministic: true\n", "dropout.yaml")
+    for name, epochs in (("whole", "4"), ("resumed", "2")):
+        done = run_nncli("train", config, "--device", "cuda", "--epochs", epochs, "--out", tmp_path / name, "-q",
+                         cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+    done = run_nncli("resume", tmp_path / "resumed" / "dropout", "--epochs", "4", "--device", "cuda", "-q", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert [r["epoch"] for r in metrics_rows(tmp_path / "digits_mlp")] == ["1", "2", "3", "4"]
+    assert [r["epoch"] for r in metrics_rows(tmp_path / "resumed" / "dropout")] == ["1", "2", "3", "4"]
+    whole, resumed = (torch.load(tmp_path / name / "dropout" / "last.pt", weights_only=True)
+                      for name in ("whole", "resumed"))
+    assert "cuda" in resumed["rng"]
+    tensors = [v for v in resumed["model"].values()] + [t for s in resumed["optimizer"]["state"].values()
+                                                        for t in s.values() if isinstance(t, torch.Tensor)]
+    assert tensors and all(t.device.type == "cpu" for t in tensors)
+    for key, value in whole["model"].items():
+        assert torch.allclose(value, resumed["model"][key], atol=1e-6), key
 
 
 def test_dp_with_one_gpu_trains_without_the_wrapper(tmp_path: Path) -> None:
