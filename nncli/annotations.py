@@ -14,6 +14,15 @@ TYPE_NOUNS = {int: ("an integer", "integers"), float: ("a number", "numbers"), s
               type(None): ("null", "nulls")}
 
 
+def value_kind(value: Any) -> str:
+    """A config value's type in a config's words: "integer", "list", "mapping", ..."""
+    for kind, name in ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"),
+                       (type(None), "null"), (list, "list"), (dict, "mapping")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
 # What YAML gives as a list (MultiStepLR's milestones: Iterable[int])
 SEQUENCES = (tuple, list, abc.Iterable, abc.Sequence)
 
@@ -93,8 +102,17 @@ def describe_annotation(hint: Any) -> str:
 
 def wrong_type(owner: str, key: str, value: Any, hints: dict[str, Any]) -> str | None:
     """"Adam's lr expects a number or a tensor ..., got 'fast'" when `value` does not fit the
-    annotation of argument `key` of `owner` (from `type_hints`); None when it fits or has none."""
+    annotation of argument `key` of `owner` (from `type_hints`); None when it fits or has none.
+    NaN fits no argument (`lr: .nan` would train without a word)."""
+    if _has_nan(value):
+        return f"{owner}'s {key} expects a number, got NaN"
     if key not in hints or fits_annotation(value, hints[key]):
         return None
     shown = list(value) if isinstance(value, tuple) else value
     return f"{owner}'s {key} expects {describe_annotation(hints[key])}, got {shown!r}"
+
+
+def _has_nan(value: Any) -> bool:
+    if isinstance(value, float):
+        return value != value
+    return isinstance(value, (list, tuple)) and any(_has_nan(v) for v in value)

@@ -14,6 +14,8 @@ import random
 import re
 import warnings
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -203,12 +205,52 @@ def load_checkpoint(path: Path) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ConfigError("not an nncli checkpoint (a plain state_dict? warm-start from it with "
                           "`nncli resume WEIGHTS --config CONFIG`)", file=str(path))
-    ckpt.update(ckpt.pop("train_state", {}))  # earlier files nested where the run stood in train_state
-    for key in ("model", "config", "epoch"):
-        if key not in ckpt:
-            raise ConfigError(f"the checkpoint lacks '{key}'; it is damaged or from another tool",
-                              file=str(path))
+    if isinstance(ckpt.get("train_state"), dict):  # earlier files nested where the run stood in it
+        ckpt.update(ckpt.pop("train_state"))
+    if (problem := _field_problem(ckpt)) is not None:
+        raise ConfigError(f"the checkpoint {problem}; it is damaged, edited or from another tool",
+                          file=str(path))
     return ckpt
+
+
+# What every nncli checkpoint holds, by type (None: may be null), checked before anything reads it
+FIELDS = {"model": dict, "optimizer": dict, "scheduler": (dict, type(None)), "scaler": (dict, type(None)),
+          "epoch": int, "step": int, "position": int, "epoch_losses": list, "epoch_lrs": list, "best": dict,
+          "bad_epochs": int, "stopped_early": bool, "rng": dict, "config": dict, "input_shape": list,
+          "metrics": list}
+OPTIONAL_FIELDS = {"config_dir": str, "normalization": (dict, type(None)), "data_fingerprint": str,
+                   "world_size": int}  # not in the earliest files
+
+
+def _field_problem(ckpt: dict) -> str | None:
+    for key, kind in {**FIELDS, **OPTIONAL_FIELDS}.items():
+        if key not in ckpt:
+            if key in FIELDS:
+                return f"lacks '{key}'"
+        elif not isinstance(ckpt[key], kind) or (kind is int and isinstance(ckpt[key], bool)):
+            return f"holds {type(ckpt[key]).__name__} as '{key}'"
+    if not all(isinstance(value, torch.Tensor) for value in ckpt["model"].values()):
+        return "holds other things than tensors in 'model'"
+    if "metric" not in ckpt["best"] or not all(isinstance(row, dict) for row in ckpt["metrics"]):
+        return "has a 'best' or 'metrics' of the wrong form"
+    if not 0 <= ckpt["position"] == len(ckpt["epoch_losses"]):  # a loss for each batch done
+        return "has a 'position' that its 'epoch_losses' do not match"
+    if ckpt.get("normalization") is not None and not all(
+            isinstance(ckpt["normalization"].get(key), torch.Tensor) for key in ("mean", "std")):
+        return "has a 'normalization' without its 'mean' and 'std' tensors"
+    return None
+
+
+@contextmanager
+def fitting_its_config(path: Path) -> Iterator[None]:
+    """Putting a checkpoint back into the run its own config builds: what does not fit (a file
+    edited by hand, or written by another tool in nncli's format) is bad input naming the file."""
+    try:
+        yield
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as err:
+        detail = " ".join(line.strip() for line in str(err).strip().splitlines()[:2]) or type(err).__name__
+        raise ConfigError(f"the checkpoint does not fit the run its own config describes ({detail}); "
+                          "was it edited?", file=str(path)) from err
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:

@@ -63,12 +63,25 @@ def run_command(action: Callable[[], Optional[int]], debug: bool) -> None:
     except Exception as err:
         if debug:
             traceback.print_exc()
-        if "by peer" in str(err) and os.environ.get("WORLD_SIZE", "1") != "1":
+        if (out_of_memory := _out_of_memory_text(err)) is not None:
+            say(f"error: out of memory: {out_of_memory}. The config's sizes (data, layers, batch) ask for "
+                "more than this machine has; `nncli summary` shows the model's")
+        elif "by peer" in str(err) and os.environ.get("WORLD_SIZE", "1") != "1":
             say("error: stopped because another process of the job failed")  # gloo's words for it
         else:
             say(f"error: {type(err).__name__}: {err}" + ("" if debug else " (run again with --debug for the traceback)"))
         raise typer.Exit(1) from None
     raise typer.Exit(code)
+
+
+def _out_of_memory_text(err: Exception) -> str | None:
+    """torch's out-of-memory error in one line, where no step of nncli's says what ran out (the
+    data of `validate`, say); None for other errors."""
+    if "torch" not in sys.modules:  # not imported: not torch's error, and --help stays fast
+        return None
+    from nncli.devices import is_out_of_memory, out_of_memory_text
+
+    return out_of_memory_text(err) if is_out_of_memory(err) else None
 
 
 @contextmanager

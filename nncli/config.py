@@ -15,10 +15,10 @@ from typing import Any, Callable, Collection
 
 import yaml
 
-from nncli.annotations import TYPE_NOUNS
+from nncli.annotations import TYPE_NOUNS, value_kind
 from nncli.errors import ConfigError, did_you_mean
 from nncli.registry import load_plugins
-from nncli.yamlio import YamlList, YamlMap, line_of, parse_yaml, read_yaml, to_plain
+from nncli.yamlio import YamlMap, line_of, parse_yaml, read_yaml, to_plain
 
 REQUIRED = object()
 NUMBER = (int, float)
@@ -146,7 +146,7 @@ CHECKPOINT = {
 }
 TOP = {
     "name": Key((str, type(None)), None),
-    "seed": Key((int,), 0),
+    "seed": Key((int,), 0, lambda v: None if 0 <= v < 2**32 else "must be from 0 to 2**32 - 1 (NumPy takes no other seed)"),
     "plugins": Key((list,), []),
     "model": Key((dict,), REQUIRED),
     "data": Key((dict, type(None)), None),
@@ -230,7 +230,15 @@ class Config:
             if dotted == key or dotted.startswith(key + "."):
                 return ConfigError(message, file=f"--set {key}", key=None if dotted == key else dotted,
                                    hint=hint)
+        hint = " ".join(filter(None, (hint, self.set_note(dotted)))) or None if dotted else hint
         return ConfigError(message, file=self.source, line=self.line(*keys), key=dotted or None, hint=hint)
+
+    def set_note(self, prefix: str) -> str | None:
+        """"(--set changed optimizer.lr.)" when --set changed a value under `prefix`: an error
+        about the whole section (an optimizer that cannot be built) names the file's line, but
+        the value came from the command line."""
+        changed = [key for key in getattr(self.raw, "overridden", ()) if key.startswith(prefix + ".")]
+        return f"(--set changed {', '.join(changed)}.)" if changed else None
 
     def resolve_path(self, path: str) -> Path:
         """A path from the config, relative to the config file's folder."""
@@ -246,6 +254,8 @@ def _has(node: Any, key: Any) -> bool:
 def check_section(mapping: dict, schema: dict[str, Key], error: Callable[..., ConfigError],
                   *where: Any) -> dict:
     """Check `mapping` against `schema` (unknown keys, types, checks); return it with defaults."""
+    if not isinstance(mapping, dict):
+        raise error(f"expected a mapping (key: value), got {value_kind(mapping)}", *where)
     for key in mapping:
         if key not in schema:
             hint = home_hint(str(key), where) or did_you_mean(str(key), schema)
@@ -262,7 +272,7 @@ def check_section(mapping: dict, schema: dict[str, Key], error: Callable[..., Co
         value = mapping[key]
         if not _is_a(value, spec.types):
             shown = "" if value is None or isinstance(value, (dict, list)) else f" {value!r}"
-            raise error(f"expected {spec.describe()}, got {_kind(value)}{shown}", *where, key,
+            raise error(f"expected {spec.describe()}, got {value_kind(value)}{shown}", *where, key,
                         hint=spec.hint(value) if spec.hint else None)
         if spec.check is not None and (problem := spec.check(value)):
             choices = getattr(spec.check, "choices", None)
@@ -280,11 +290,6 @@ def _is_a(value: Any, types: tuple) -> bool:
     if isinstance(value, int) and int not in types and float in types:
         return True
     return isinstance(value, types)
-
-
-def _kind(value: Any) -> str:
-    return {bool: "boolean", int: "integer", float: "number", str: "string", type(None): "null",
-            YamlList: "list", YamlMap: "mapping", list: "list", dict: "mapping"}.get(type(value), type(value).__name__)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -357,7 +362,7 @@ def config_from_mapping(raw: Any, *, path: Path | None = None, overrides: list[s
         raise ConfigError("the file is empty; expected a mapping with at least a 'model' section",
                           file=source)
     if not isinstance(raw, dict):
-        raise ConfigError(f"the top level must be a mapping (key: value lines), got {_kind(raw)}",
+        raise ConfigError(f"the top level must be a mapping (key: value lines), got {value_kind(raw)}",
                           file=source, line=getattr(raw, "line", None))
     if not isinstance(raw, YamlMap):
         # the same dump as a run's config.yaml, so error lines point into that file
@@ -371,8 +376,9 @@ def config_from_mapping(raw: Any, *, path: Path | None = None, overrides: list[s
         values["optimizer"] = {"type": "Adam", **values["optimizer"]}  # the default optimizer's type
     if values["name"] is None:
         values["name"] = path.stem if path else "run"
-    if not values["name"] or any(ch in values["name"] for ch in "/\\") or values["name"] in (".", ".."):
-        raise config.error(f"'{values['name']}' cannot name a run directory; use letters, digits, "
+    name = values["name"]
+    if not name or any(ch in name for ch in "/\\\0") or name in (".", "..") or len(name.encode()) > 240:
+        raise config.error(f"'{name}' cannot name a run directory; use up to 240 letters, digits, "
                            "'-', '_' or '.' without slashes", "name")
     for i, plugin in enumerate(values["plugins"]):
         if not isinstance(plugin, str):

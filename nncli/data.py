@@ -18,12 +18,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from nncli.annotations import value_kind
 from nncli.config import (NUMBER, REQUIRED, SECTION_KEYS, Config, Key, check_section, fraction, non_negative,
                           one_of, positive)
 from nncli.errors import ConfigError, did_you_mean
 from nncli.optim import CLASS_INDEX_LOSSES, loss_name
 from nncli.registry import Registry
 from nncli.samples import HostSamples, Samples, TensorPair, map_npy
+from nncli.yamlio import to_plain
 
 
 @dataclass
@@ -46,6 +48,8 @@ class SourceContext:
 
     def path(self, options: dict, key: str = "path") -> Path:
         path = self.config.resolve_path(options[key])
+        if path.is_dir():
+            raise self.error(f"{path} is a folder; expected a file", key)
         if not path.is_file():
             raise self.error(f"file {path} not found (paths are relative to the config file)", key)
         return path
@@ -107,6 +111,11 @@ def load_csv(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.Ten
         raise ctx.error(f"{path} is empty; expected a header row and data rows", "path")
     if not body:
         raise ctx.error(f"{path} has a header but no data rows", "path")
+    for key in ("target", "features"):
+        for name in options[key] if isinstance(options[key], list) else []:
+            if not isinstance(name, str):
+                raise ctx.error(f"expected column names, got {value_kind(name)} {to_plain(name)!r}", key,
+                                hint="Quote a column named by a number: '3'.")
     targets = options["target"] if isinstance(options["target"], list) else [options["target"]]
     features = options["features"] or [h for h in header if h not in targets]
     if set(features) & set(targets):
@@ -180,6 +189,9 @@ def load_npy(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.Ten
         mapped = options["mmap"] and key == "x"
         try:
             array = map_npy(path) if mapped else np.load(path, allow_pickle=False)
+            if not isinstance(array, np.ndarray):  # np.load opens .npz archives too
+                raise ValueError(f"it is an .npz archive (arrays: {', '.join(array.files)}); "
+                                 f"use source: npz with path: {options[key]}")
         except Exception as err:
             raise ctx.error(f"{path.name} is not a readable .npy file: {err}", key) from None
         if mapped and not array.flags.c_contiguous:  # a copy would read the whole file into memory
@@ -399,8 +411,8 @@ def load_data(config: Config, normalization: dict | None = None, *, scan: bool =
     classes = loss_name(config) in CLASS_INDEX_LOSSES
     for name, pair in (("training", train), ("validation", val)):
         if classes and pair is not None and pair.y.is_floating_point() and \
-                not torch.equal(pair.y, pair.y.round()):
-            bad = pair.y[pair.y != pair.y.round()][0].item()
+                (unusable := (pair.y != pair.y.round()) | (pair.y.abs() >= 2**53)).any():  # 2**53: not exact
+            bad = pair.y[unusable][0].item()
             raise config.error(f"{name} targets are not class indices (e.g. {bad:g}), but "
                                f"{loss_name(config)} needs whole-number labels", "loss",
                                hint="For regression set loss: MSELoss (or another regression loss).")

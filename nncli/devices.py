@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -67,12 +68,17 @@ def out_of_memory_as_error(doing: str, hint: str) -> Iterator[None]:
     except RuntimeError as err:
         if not is_out_of_memory(err):
             raise
-        raise RunError(f"out of memory {doing}: {first_line(err)}", hint=hint) from None
+        raise RunError(f"out of memory {doing}: {out_of_memory_text(err)}", hint=hint) from None
 
 
 def is_out_of_memory(err: BaseException) -> bool:
     """A GPU's OutOfMemoryError, or the CPU allocator's RuntimeError (which has no class of its own)."""
     return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
+
+
+def out_of_memory_text(err: BaseException) -> str:
+    """The allocator's message in one line, without the C++ source location the CPU's starts with."""
+    return re.sub(r"^\[enforce fail at [^\]]*\] err == 0\. ", "", first_line(err))
 
 
 # --- distributed -----------------------------------------------------------------------------

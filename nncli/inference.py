@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nncli.checkpoint import find_checkpoint, load_checkpoint
+from nncli.checkpoint import find_checkpoint, fitting_its_config, load_checkpoint
 from nncli.config import Config, config_from_mapping
 from nncli.data import Data, check_targets, check_token_ids, load_data, read_csv_rows, token_id_problem
 from nncli.devices import resolve_device
@@ -36,7 +36,8 @@ def load_trained(path: Path, device: str | None = None) -> tuple[dict, Config, M
     ckpt = load_checkpoint(file)
     config = config_of(ckpt, run_dir=file.parent)
     plan = plan_model(config, ckpt["input_shape"], device="cpu")
-    plan.model.load_state_dict(ckpt["model"])
+    with fitting_its_config(file):
+        plan.model.load_state_dict(ckpt["model"])
     with located_errors(config, device):
         target = resolve_device("cpu" if device is None else device)
     plan.model.to(target).eval()
@@ -95,6 +96,9 @@ def _read_data_file(config: Config, path: Path) -> TensorPair:
         hint = "Put the inputs and targets in one .npz: numpy.savez('data.npz', x=x, y=y)." \
             if path.suffix.lower() == ".npy" else None
         raise ConfigError("--data takes a .csv or .npz file", file=str(path), hint=hint)
+    if not path.is_file():  # else the data section's message, about paths in a config file
+        raise ConfigError("is a folder, not a data file" if path.is_dir() else "file not found; check the path",
+                          file=str(path))
     if section.get("source") != kind:
         section = {"source": kind, "target": "target"} if kind == "csv" else {"source": kind}
     elif kind == "csv" and section.get("features") is None:

@@ -9,6 +9,7 @@ import re
 
 import torch
 
+from nncli.annotations import value_kind
 from nncli.errors import ConfigError, did_you_mean
 
 
@@ -93,9 +94,11 @@ TOPK = re.compile(r"^top([1-9]\d*)$")
 
 
 def check_metric_name(name: str) -> None:
-    if name not in METRICS and not TOPK.match(str(name)):
+    if not isinstance(name, str):
+        raise ConfigError(f"expected a metric name ({', '.join(METRICS)}, top<k>), got {value_kind(name)}")
+    if name not in METRICS and not TOPK.match(name):
         raise ConfigError(f"unknown metric '{name}'; expected one of: {', '.join(METRICS)}, top<k> "
-                          "(e.g. top5)", hint=did_you_mean(str(name), METRICS))
+                          "(e.g. top5)", hint=did_you_mean(name, METRICS))
 
 
 def create_metric(name: str, device: torch.device) -> Metric:

@@ -128,9 +128,7 @@ class _Planner:
     def __init__(self, config: Config, count_macs: bool, device: torch.device) -> None:
         self.count_macs, self.device = count_macs, device
         self.file = config.source
-        # the file's line is blamed for a layer; say when --set changed the layers after reading it
-        changed = [key for key in getattr(config.raw, "overridden", ()) if key.startswith("model")]
-        self.note = f"(--set changed {', '.join(changed)}.)" if changed else None
+        self.note = config.set_note("model")  # the file's line is blamed for a layer --set changed
 
     def fail(self, message: str, line: int | None, where: str, hint: str | None = None) -> ConfigError:
         return ConfigError(message, file=self.file, line=line, key=where,

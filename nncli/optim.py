@@ -8,6 +8,7 @@ keyword arguments.
 from __future__ import annotations
 
 import fnmatch
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -17,7 +18,7 @@ from torch import nn
 
 from nncli.annotations import type_hints, wrong_type
 from nncli.config import Config, Key, check_section, non_negative, one_of
-from nncli.errors import did_you_mean
+from nncli.errors import ConfigError, did_you_mean
 from nncli.registry import Registry, accepted_arguments, create
 
 
@@ -85,7 +86,11 @@ def create_loss(config: Config) -> nn.Module:
     if isinstance(spec, dict):
         spec = {key: _as_tensor(value, config, key) if key in TENSOR_ARGUMENTS and value is not None else value
                 for key, value in spec.items()}
-    return create(LOSSES, spec, config.error, "loss")
+    loss = create(LOSSES, spec, config.error, "loss")
+    if getattr(loss, "reduction", None) == "none":
+        raise config.error("reduction 'none' gives a loss per sample, but training steps on one number "
+                           "per batch", "loss", "reduction", hint="Use reduction: mean or sum.")
+    return loss
 
 
 def _as_tensor(value: Any, config: Config, key: str) -> torch.Tensor:
@@ -150,7 +155,18 @@ def split_param_groups(model: nn.Module, config: Config) -> list[ParamGroup]:
     return groups
 
 
+# torch.optim optimizers that nncli's training step cannot drive, and why
+UNSUPPORTED_OPTIMIZERS = {
+    "LBFGS": "its step needs a closure that evaluates the model again, and nncli's loop steps once per batch",
+    "SparseAdam": "it takes sparse gradients only (Embedding(sparse=True)), and other layers' are dense",
+}
+
+
 def create_optimizer(model: nn.Module, config: Config) -> tuple[torch.optim.Optimizer, list[ParamGroup]]:
+    spec = config["optimizer"]
+    if (name := spec if isinstance(spec, str) else spec.get("type")) in UNSUPPORTED_OPTIMIZERS:
+        raise config.error(f"{name} is not supported: {UNSUPPORTED_OPTIMIZERS[name]}", "optimizer",
+                           *([] if isinstance(spec, str) else ["type"]), hint="Use Adam, AdamW or SGD.")
     groups = split_param_groups(model, config)
     params = dict(model.named_parameters())
     torch_groups = [{"params": [params[n] for n in g.param_names], **g.settings} for g in groups]
@@ -168,6 +184,12 @@ def create_optimizer(model: nn.Module, config: Config) -> tuple[torch.optim.Opti
                                    "optimizer", "groups", i, key, hint=did_you_mean(str(key), allowed))
             if (problem := wrong_type(name, key, value, hints)) is not None:
                 raise config.error(problem, "optimizer", "groups", i, key)
+    for i, (group, settings) in enumerate(zip(groups, optimizer.param_groups)):
+        # torch refuses a negative lr only for some optimizers, an infinite one for none
+        if isinstance(lr := settings.get("lr"), (int, float)) and not 0 <= lr < math.inf:
+            where = ("groups", i, "lr") if "lr" in group.settings else ("lr",)
+            raise config.error(f"the learning rate must be a finite number, 0 or more, got {lr}",
+                               "optimizer", *where)
     for group, settings in zip(groups, optimizer.param_groups):
         group.settings = {k: v for k, v in settings.items() if k != "params"}
     return optimizer, groups
@@ -224,6 +246,11 @@ def create_schedule(optimizer: torch.optim.Optimizer, config: Config, steps_per_
         raise config.error("warmup in steps needs interval: step", "schedule", "warmup", "steps")
     warmup_len = warmup["steps"] or (warmup["epochs"] or 0) * per_interval
     name = spec.get("type")
+    try:
+        if "type" in spec:  # a known name before it is looked up below (a missing one: see create)
+            SCHEDULERS.get(name)
+    except ConfigError as err:
+        raise config.error(err.message, "schedule", "type", hint=err.hint) from None
     defaults, note = {}, ""
     if name in LENGTH_ARGUMENT and LENGTH_ARGUMENT[name] not in spec:
         length = max(1, epochs * per_interval - warmup_len)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nncli.annotations import type_hints, wrong_type
+from nncli.annotations import type_hints, value_kind, wrong_type
 from nncli.errors import ConfigError, did_you_mean, first_line
 from nncli.yamlio import to_plain
 
@@ -56,8 +56,10 @@ class Registry:
     def get(self, name: str) -> Any:
         """The object for `name`; a ConfigError (to be given a file and line) when unknown."""
         self._load()
+        if not isinstance(name, str):
+            raise ConfigError(f"expected a {self.kind} name, got {value_kind(name)}", hint=self.list_hint)
         if name not in self._items:
-            hint = did_you_mean(str(name), self._items) or self.list_hint
+            hint = did_you_mean(name, self._items) or self.list_hint
             raise ConfigError(f"unknown {self.kind} '{name}'", hint=hint)
         return self._items[name]
 

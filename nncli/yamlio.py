@@ -4,6 +4,7 @@ Differences from `yaml.safe_load`, each on purpose:
 - numbers as people write them (`1e-4`, `3e5`) are floats, not strings (YAML 1.1 wants `1.0e-4`);
 - only `true` / `false` are booleans: `amp: off` stays the string "off" (the "Norway problem");
 - a key given twice is an error, not a silent overwrite;
+- an integer beyond 64 bits is an error (torch cannot take it);
 - a document that expands to more than `MAX_NODES` nodes through aliases (an "alias bomb") is
   refused before it is built.
 """
@@ -76,6 +77,13 @@ class Loader(yaml.SafeLoader):
             data[key] = self.construct_object(value_node, deep=True)
             data.key_lines[key] = key_node.start_mark.line + 1
 
+    def construct_yaml_int(self, node):  # type: ignore[override]
+        value = super().construct_yaml_int(node)
+        if not -2**63 <= value < 2**63:  # torch would fail on it with a stack dump
+            raise ConfigError(f"{node.value} is too large: torch takes integers up to 2**63 - 1",
+                              line=node.start_mark.line + 1)
+        return value
+
     def construct_yaml_seq(self, node):  # type: ignore[override]
         data = YamlList()
         data.line = node.start_mark.line + 1
@@ -86,6 +94,7 @@ class Loader(yaml.SafeLoader):
 
 Loader.add_constructor("tag:yaml.org,2002:map", Loader.construct_yaml_map)
 Loader.add_constructor("tag:yaml.org,2002:seq", Loader.construct_yaml_seq)
+Loader.add_constructor("tag:yaml.org,2002:int", Loader.construct_yaml_int)
 # Drop YAML 1.1's yes/no/on/off booleans, then add 1.2-style floats and booleans.
 Loader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]

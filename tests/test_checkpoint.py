@@ -241,16 +241,28 @@ def _make_bad(kind: str, good: bytes, path: Path, marker: Path) -> None:
     elif kind == "pickle_open":  # a bare pickle, as torch's legacy format reads it
         with open(path, "wb") as f:
             pickle.dump(WritesFile(str(marker)), f, protocol=2)
+    elif kind in EDITS:  # a well-formed file whose contents were edited by hand
+        ckpt = torch.load(io.BytesIO(good), weights_only=True)
+        EDITS[kind](ckpt)
+        torch.save(ckpt, path)
     else:
         raise ValueError(kind)
 
 
+EDITS = {
+    "weights_of_another_shape": lambda ckpt: ckpt["model"].update({"0.weight": torch.zeros(2, 2)}),
+    "epoch_as_text": lambda ckpt: ckpt.update(epoch="three"),
+    "no_optimizer": lambda ckpt: ckpt.pop("optimizer"),
+}
 BAD_KINDS = ["missing", "empty", "truncated", "corrupted", "text", "list", "pickle_os_system",
-             "pickle_open"]
+             "pickle_open", *EDITS]
 EXPECTED_WORDS = {"missing": "not found", "empty": "empty", "truncated": "truncated",
                   "corrupted": "corrupted", "text": "not a PyTorch checkpoint",
                   "list": "not an nncli checkpoint", "pickle_os_system": "refused",
-                  "pickle_open": "refused"}
+                  "pickle_open": "refused",
+                  "weights_of_another_shape": "does not fit the run its own config describes (Error(s) in "
+                                              "loading state_dict for Sequential: size mismatch for 0.weight",
+                  "epoch_as_text": "the checkpoint holds str as 'epoch'", "no_optimizer": "lacks 'optimizer'"}
 
 
 @pytest.fixture(scope="module")

@@ -155,6 +155,9 @@ BAD_DATA = {
         "  source: csv\n  path: scores.csv\n  target: lable\n",
         "{cfg}:4: data.target: column 'lable' is not in scores.csv (columns: a, b, label). "
         "Did you mean 'label'?"),
+    "column name as a list": (
+        "  source: csv\n  path: scores.csv\n  target: [[label]]\n",
+        "{cfg}:4: data.target: expected column names, got list ['label']. Quote a column named by a number: '3'."),
     "missing feature column": (
         "  source: csv\n  path: scores.csv\n  target: label\n  features: [a, bb]\n",
         "{cfg}:5: data.features: column 'bb' is not in scores.csv (columns: a, b, label). Did you mean 'b'?"),
@@ -222,6 +225,10 @@ BAD_DATA = {
     "npy of strings": (
         "  source: npy\n  x: words.npy\n  y: y4.npy\n",
         "{cfg}:3: data.x: array 'x' holds <U1, not numbers"),
+    "an npz archive as an npy file": (
+        "  source: npy\n  x: arrays.npz\n  y: y4.npy\n",
+        "{cfg}:3: data.x: arrays.npz is not a readable .npy file: it is an .npz archive (arrays: x, y); "
+        "use source: npz with path: arrays.npz"),
     "not an npz file": (
         "  source: npz\n  path: fake.npz\n",
         "{cfg}:3: data.path: fake.npz is not a readable .npz file"),

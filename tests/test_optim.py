@@ -163,6 +163,14 @@ def test_bad_optimizer_sections_exit_2(tmp_path, change, message):
     assert result.stderr.startswith(f"error: {config}:")
 
 
+def test_an_optimizer_refused_for_a_set_value_says_so(tmp_path):
+    """The optimizer as a whole cannot be built: the file's line is named, and the --set value."""
+    result = invoke("validate", CONFIGS / "digits_mlp.yaml", "--set", "optimizer.lr=-1")
+    assert result.exit_code == 2
+    assert result.stderr == (f"error: {CONFIGS / 'digits_mlp.yaml'}:10: optimizer: Adam cannot be built with lr=-1: "
+                             "Invalid learning rate: -1. (--set changed optimizer.lr.)\n")
+
+
 # --- losses --------------------------------------------------------------------------------
 
 def test_loss_with_arguments_and_loss_errors(tmp_path):

@@ -325,6 +325,18 @@ def test_a_model_too_big_for_the_cpu_is_exit_1_with_a_hint(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_data_too_big_for_the_cpu_in_validate_is_exit_1_in_one_line(tmp_path):
+    config = write_config(tmp_path, """
+        data: {source: synthetic, n: 1000000000000, features: 3}
+        model: {layers: [{type: Linear, out_features: 2}]}
+        """)
+    done = run_nncli("validate", config, cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr == ("error: out of memory: DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                           "12000000000000 bytes. Error code 12 (Cannot allocate memory). The config's sizes (data, "
+                           "layers, batch) ask for more than this machine has; `nncli summary` shows the model's\n")
+
+
 def test_validation_batches_are_eval_batch_size(tmp_path):
     """Validation reads batches of train.eval_batch_size (default: at least 1024), in training and
     in `nncli eval`; a plugin layer writes down the batch sizes it sees in eval mode."""
@@ -481,6 +493,14 @@ def test_eval_and_predict_of_a_missing_run_exit_2(tmp_path):
         result = invoke(*args)
         assert result.exit_code == 2, args
         assert str(tmp_path / "nope") in result.stderr
+
+
+def test_eval_on_a_missing_data_file_or_a_folder_exits_2(mlp_run, tmp_path):
+    (tmp_path / "folder.csv").mkdir()
+    for name, message in (("nope.csv", "file not found; check the path"), ("folder.csv", "is a folder, not a data file")):
+        result = invoke("eval", mlp_run, "--data", tmp_path / name)
+        assert result.exit_code == 2
+        assert result.stderr == f"error: {tmp_path / name}: {message}\n"
 
 
 # --- normalization ------------------------------------------------------------------------
