@@ -104,15 +104,16 @@ def wrong_type(owner: str, key: str, value: Any, hints: dict[str, Any]) -> str |
     """"Adam's lr expects a number or a tensor ..., got 'fast'" when `value` does not fit the
     annotation of argument `key` of `owner` (from `type_hints`); None when it fits or has none.
     NaN fits no argument (`lr: .nan` would train without a word)."""
-    if _has_nan(value):
-        return f"{owner}'s {key} expects a number, got NaN"
+    shown = list(value) if isinstance(value, tuple) else value
+    if has_nan(value):
+        return f"{owner}'s {key} cannot be NaN, got {shown!r}"
     if key not in hints or fits_annotation(value, hints[key]):
         return None
-    shown = list(value) if isinstance(value, tuple) else value
     return f"{owner}'s {key} expects {describe_annotation(hints[key])}, got {shown!r}"
 
 
-def _has_nan(value: Any) -> bool:
+def has_nan(value: Any) -> bool:
+    """A NaN in a number or a list of them: no constructor argument can use one."""
     if isinstance(value, float):
         return value != value
-    return isinstance(value, (list, tuple)) and any(_has_nan(v) for v in value)
+    return isinstance(value, (list, tuple)) and any(has_nan(v) for v in value)

@@ -216,10 +216,9 @@ def load_checkpoint(path: Path) -> dict:
 # What every nncli checkpoint holds, by type (None: may be null), checked before anything reads it
 FIELDS = {"model": dict, "optimizer": dict, "scheduler": (dict, type(None)), "scaler": (dict, type(None)),
           "epoch": int, "step": int, "position": int, "epoch_losses": list, "epoch_lrs": list, "best": dict,
-          "bad_epochs": int, "stopped_early": bool, "rng": dict, "config": dict, "input_shape": list,
-          "metrics": list}
-OPTIONAL_FIELDS = {"config_dir": str, "normalization": (dict, type(None)), "data_fingerprint": str,
-                   "world_size": int}  # not in the earliest files
+          "bad_epochs": int, "stopped_early": bool, "rng": dict, "config": dict, "config_dir": str,
+          "input_shape": list, "normalization": (dict, type(None)), "metrics": list}
+OPTIONAL_FIELDS = {"data_fingerprint": str, "world_size": int}  # added on 2026-11-26 evening
 
 
 def _field_problem(ckpt: dict) -> str | None:
@@ -229,8 +228,6 @@ def _field_problem(ckpt: dict) -> str | None:
                 return f"lacks '{key}'"
         elif not isinstance(ckpt[key], kind) or (kind is int and isinstance(ckpt[key], bool)):
             return f"holds {type(ckpt[key]).__name__} as '{key}'"
-    if not all(isinstance(value, torch.Tensor) for value in ckpt["model"].values()):
-        return "holds other things than tensors in 'model'"
     if "metric" not in ckpt["best"] or not all(isinstance(row, dict) for row in ckpt["metrics"]):
         return "has a 'best' or 'metrics' of the wrong form"
     if not 0 <= ckpt["position"] == len(ckpt["epoch_losses"]):  # a loss for each batch done
@@ -245,9 +242,13 @@ def _field_problem(ckpt: dict) -> str | None:
 def fitting_its_config(path: Path) -> Iterator[None]:
     """Putting a checkpoint back into the run its own config builds: what does not fit (a file
     edited by hand, or written by another tool in nncli's format) is bad input naming the file."""
+    from nncli.devices import is_out_of_memory
+
     try:
         yield
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as err:
+        if is_out_of_memory(err):  # the machine's limit, not the file's fault
+            raise
         detail = " ".join(line.strip() for line in str(err).strip().splitlines()[:2]) or type(err).__name__
         raise ConfigError(f"the checkpoint does not fit the run its own config describes ({detail}); "
                           "was it edited?", file=str(path)) from err
@@ -277,9 +278,9 @@ def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # --- random number generators ----------------------------------------------------------------
 
-def capture_rng(device: torch.device) -> dict:
-    """Every global generator's state, as tensors and plain containers: the CPU's, and the
-    training GPU's (under DDP each process's GPU generator is in step with rank 0's, which saves)."""
+def capture_rng(gpus: list[torch.device]) -> dict:
+    """Every global generator's state, as tensors and plain containers: the CPU's, and those of
+    the GPUs the run draws from (`generator_devices`)."""
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -287,20 +288,21 @@ def capture_rng(device: torch.device) -> dict:
         "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
     }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
+    if gpus:
+        state["cuda"] = [torch.cuda.get_rng_state(gpu) for gpu in gpus]
     return state
 
 
-def restore_rng(state: dict, device: torch.device) -> None:
-    """Put back what `capture_rng` saved; a GPU generator's state goes to the GPU that trains now."""
+def restore_rng(state: dict, gpus: list[torch.device]) -> None:
+    """Put back what `capture_rng` saved, the GPU generators in the order of `gpus` (earlier files
+    hold every visible GPU's, from GPU 0 on)."""
     random.setstate(_as_tuple(state["python"]))
     torch.set_rng_state(state["torch"])
     numpy = state["numpy"]
     np.random.set_state(("MT19937", numpy["key"].numpy().astype(np.uint32), numpy["pos"],
                          numpy["has_gauss"], numpy["gauss"]))
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
+    for gpu, gpu_state in zip(gpus, state.get("cuda", [])):
+        torch.cuda.set_rng_state(gpu_state, gpu)
 
 
 def _as_tuple(value: Any) -> Any:

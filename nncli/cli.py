@@ -65,7 +65,7 @@ def run_command(action: Callable[[], Optional[int]], debug: bool) -> None:
             traceback.print_exc()
         if (out_of_memory := _out_of_memory_text(err)) is not None:
             say(f"error: out of memory: {out_of_memory}. The config's sizes (data, layers, batch) ask for "
-                "more than this machine has; `nncli summary` shows the model's")
+                "more than this machine has; `nncli summary` shows the model's size")
         elif "by peer" in str(err) and os.environ.get("WORLD_SIZE", "1") != "1":
             say("error: stopped because another process of the job failed")  # gloo's words for it
         else:
@@ -88,16 +88,19 @@ def _out_of_memory_text(err: Exception) -> str | None:
 def _stop_signals_interrupt() -> Iterator[None]:
     """SIGTERM and SIGHUP stop a command the way Ctrl-C does ("interrupted", exit 130), not
     silently with 143 or 129, also before training starts (its loop then takes them over to save
-    first: StopRequest). Signals are only the main thread's to set."""
+    first: StopRequest). Not in a torchrun worker: one waiting for the others to join the job
+    would never run the handler, and its launcher says 130 itself. Signals that are ignored
+    (`nohup`) stay ignored; signals are only the main thread's to set."""
     from nncli.errors import STOP_SIGNALS
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
     previous = {}
-    for sig in STOP_SIGNALS:
+    for sig in STOP_SIGNALS if os.environ.get("WORLD_SIZE", "1") == "1" else ():
         try:
-            previous[sig] = signal.signal(sig, interrupt)
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, interrupt)
         except ValueError:
             break
     try:

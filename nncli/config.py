@@ -378,8 +378,8 @@ def config_from_mapping(raw: Any, *, path: Path | None = None, overrides: list[s
         values["name"] = path.stem if path else "run"
     name = values["name"]
     if not name or any(ch in name for ch in "/\\\0") or name in (".", "..") or len(name.encode()) > 240:
-        raise config.error(f"'{name}' cannot name a run directory; use up to 240 letters, digits, "
-                           "'-', '_' or '.' without slashes", "name")
+        raise config.error(f"'{name}' cannot name a run directory; use a name of up to 240 bytes "
+                           "(letters, digits, '-', '_', '.') without slashes", "name")
     for i, plugin in enumerate(values["plugins"]):
         if not isinstance(plugin, str):
             raise config.error(f"expected a Python file or module name, got {plugin!r}", "plugins", i)

@@ -115,7 +115,8 @@ def load_csv(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.Ten
         for name in options[key] if isinstance(options[key], list) else []:
             if not isinstance(name, str):
                 raise ctx.error(f"expected column names, got {value_kind(name)} {to_plain(name)!r}", key,
-                                hint="Quote a column named by a number: '3'.")
+                                hint=f"Quote a column named by a number: '{name}'." if isinstance(name, (int, float))
+                                else None)
     targets = options["target"] if isinstance(options["target"], list) else [options["target"]]
     features = options["features"] or [h for h in header if h not in targets]
     if set(features) & set(targets):

@@ -239,6 +239,15 @@ def wrap_model(model: torch.nn.Module, *, parallel: str, device: torch.device, d
     return step_model
 
 
+def generator_devices(step_model: torch.nn.Module, device: torch.device) -> list[torch.device]:
+    """The GPUs whose random generators a run draws from (dropout): the model's, and under
+    DataParallel every replica's. Under DDP each process's GPU moves in step with rank 0's."""
+    inner = getattr(step_model, "_orig_mod", step_model)  # inside torch.compile's wrapper
+    if isinstance(inner, torch.nn.DataParallel):
+        return [torch.device("cuda", index) for index in inner.device_ids]
+    return [device] if device.type == "cuda" else []
+
+
 def grad_scaler(amp: str, device: torch.device) -> torch.amp.GradScaler | None:
     """fp16 needs loss scaling; bf16 and fp32 do not."""
     return torch.amp.GradScaler(device.type) if amp == "fp16" else None

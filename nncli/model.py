@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from nncli.annotations import describe_annotation, fits_annotation, type_hints
+from nncli.annotations import describe_annotation, fits_annotation, has_nan, type_hints
 from nncli.config import Config
 from nncli.devices import is_out_of_memory
 from nncli.errors import ConfigError, did_you_mean, first_line
@@ -354,6 +354,8 @@ class _Planner:
             # `*dims: int` annotates each positional item, `**options: int` each keyword value
             items = (list(value) if kind == inspect.Parameter.VAR_POSITIONAL
                      else list(value.values()) if kind == inspect.Parameter.VAR_KEYWORD else [value])
+            if has_nan(value):
+                raise self.fail(f"argument '{arg}' cannot be NaN, got {_plain(value)!r}", line, where)
             if hint is not None and not all(fits_annotation(item, hint) for item in items):
                 raise self.fail(f"argument '{arg}' expects {describe_annotation(hint)}, got {_plain(value)!r}",
                                 line, where)

@@ -73,8 +73,10 @@ def register_loss(factory: Callable[..., nn.Module] | None = None, *, name: str 
 
 
 def loss_name(config: Config) -> str:
+    """The loss's type, "" when not given as a name (create_loss says what is wrong)."""
     loss = config["loss"]
-    return loss if isinstance(loss, str) else loss.get("type", "")
+    name = loss if isinstance(loss, str) else loss.get("type", "")
+    return name if isinstance(name, str) else ""
 
 
 # Loss arguments that torch takes as tensors (class weights); YAML gives them as lists.
@@ -164,7 +166,7 @@ UNSUPPORTED_OPTIMIZERS = {
 
 def create_optimizer(model: nn.Module, config: Config) -> tuple[torch.optim.Optimizer, list[ParamGroup]]:
     spec = config["optimizer"]
-    if (name := spec if isinstance(spec, str) else spec.get("type")) in UNSUPPORTED_OPTIMIZERS:
+    if isinstance(name := spec if isinstance(spec, str) else spec.get("type"), str) and name in UNSUPPORTED_OPTIMIZERS:
         raise config.error(f"{name} is not supported: {UNSUPPORTED_OPTIMIZERS[name]}", "optimizer",
                            *([] if isinstance(spec, str) else ["type"]), hint="Use Adam, AdamW or SGD.")
     groups = split_param_groups(model, config)

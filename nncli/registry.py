@@ -31,6 +31,11 @@ class Registry:
         self.kind, self._loader, self._items, self._loaded = kind, loader, {}, loader is None
         self.list_hint = list_hint
 
+    @property
+    def a_kind(self) -> str:
+        """"an optimizer", "a layer": the kind with its article, for messages."""
+        return f"{'an' if self.kind[:1] in 'aeiou' else 'a'} {self.kind}"
+
     def _load(self) -> None:
         if not self._loaded:
             self._loaded = True
@@ -57,7 +62,7 @@ class Registry:
         """The object for `name`; a ConfigError (to be given a file and line) when unknown."""
         self._load()
         if not isinstance(name, str):
-            raise ConfigError(f"expected a {self.kind} name, got {value_kind(name)}", hint=self.list_hint)
+            raise ConfigError(f"expected {self.a_kind} name, got {value_kind(name)}", hint=self.list_hint)
         if name not in self._items:
             hint = did_you_mean(name, self._items) or self.list_hint
             raise ConfigError(f"unknown {self.kind} '{name}'", hint=hint)
@@ -286,9 +291,8 @@ def create(registry: Registry, spec: str | dict, error: Callable[..., ConfigErro
     nncli's own (e.g. an optimizer's `groups`) and are not passed on. Errors point at `where`.
     """
     name = spec if isinstance(spec, str) else spec.get("type")
-    if not isinstance(name, str):
-        article = "an" if registry.kind[:1] in "aeiou" else "a"
-        raise error(f"needs 'type:' naming {article} {registry.kind}", *where)
+    if name is None:
+        raise error(f"needs 'type:' naming {registry.a_kind}", *where)
     try:
         factory = registry.get(name)
     except ConfigError as err:

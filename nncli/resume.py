@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nncli.checkpoint import (find_checkpoint, fitting_its_config, holds_checkpoint, load_checkpoint,
-                              load_state_dict_file, remove_stale_temporaries)
+from nncli.checkpoint import (find_checkpoint, holds_checkpoint, load_checkpoint, load_state_dict_file,
+                              remove_stale_temporaries)
 from nncli.config import Config, load_config, with_epochs
 from nncli.data import LOADER_KEYS, load_data
 from nncli.devices import check_parallel, end_process, launched_processes
@@ -189,8 +189,7 @@ def resume(path: Path, reporter: Reporter, *, overrides: list[str] = (), epochs:
                       notice=reporter.print, normalization=ckpt.get("normalization"))
     fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
     fresh_schedule = copy.deepcopy(run.schedule.scheduler.state_dict()) if run.schedule else None
-    with fitting_its_config(file):
-        restore(run, ckpt)
+    restore(run, ckpt, file)
     if ckpt.get("data_fingerprint") not in (None, run.data.fingerprint) and run.process.is_main:
         warnings.warn("the run's data has changed since it was saved (a data file was edited or "
                       "replaced?); training continues on the new data, so it will not reproduce "

@@ -27,12 +27,12 @@ import yaml
 from torch import nn
 
 from nncli import __version__
-from nncli.checkpoint import (FORMAT, capture_rng, checkpoint_bytes, on_cpu, restore_rng, write_atomic,
-                              write_text_atomic)
+from nncli.checkpoint import (FORMAT, capture_rng, checkpoint_bytes, fitting_its_config, on_cpu, restore_rng,
+                              write_atomic, write_text_atomic)
 from nncli.config import Config
 from nncli.data import Data, check_targets, check_token_ids, load_data
 from nncli.devices import (Process, all_reduce_sum, autocast, check_parallel, configure_determinism,
-                           end_process, grad_scaler, local_processes, out_of_memory_as_error,
+                           end_process, generator_devices, grad_scaler, local_processes, out_of_memory_as_error,
                            resolve_device, share_buffers, start_process, weights_in_sync, wrap_model)
 from nncli.errors import STOP_SIGNALS, ConfigError, Interrupted, RunError, first_line
 from nncli.metrics import check_metric_name, create_metric, higher_is_better
@@ -296,7 +296,8 @@ class StopRequest:
     def __enter__(self) -> StopRequest:
         for sig in STOP_SIGNALS:
             try:
-                self._previous[sig] = signal.signal(sig, self._handle)
+                if signal.getsignal(sig) is not signal.SIG_IGN:  # under nohup, SIGHUP stays ignored
+                    self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: leave signals alone
                 pass
         return self
@@ -530,7 +531,7 @@ def resolved_config_text(config: Config) -> str:
 
 def checkpoint_dict(run: Run) -> dict:
     state = run.state
-    rng = capture_rng(run.device)
+    rng = capture_rng(generator_devices(run.step_model, run.device))
     rng["data"] = run.epoch_shuffle if state.position else run.batches.generator.get_state()
     return {
         "format": FORMAT,
@@ -660,16 +661,17 @@ def run_fit(run: Run, reporter: Reporter) -> None:
         end_process(run.process, together=error is None or isinstance(error, Interrupted))
 
 
-def restore(run: Run, ckpt: dict) -> None:
-    """Put a run back exactly where a checkpoint left it (model, optimizer, schedule, RNGs)."""
-    run.model.load_state_dict(ckpt["model"])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    if run.scaler and ckpt.get("scaler"):
-        run.scaler.load_state_dict(ckpt["scaler"])
-    if run.schedule and ckpt.get("scheduler"):
-        run.schedule.scheduler.load_state_dict(ckpt["scheduler"])
+def restore(run: Run, ckpt: dict, path: Path) -> None:
+    """Put a run back exactly where the checkpoint `path` left it (model, optimizer, schedule, RNGs)."""
+    with fitting_its_config(path):  # what an edited file can break
+        run.model.load_state_dict(ckpt["model"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        if run.scaler and ckpt.get("scaler"):
+            run.scaler.load_state_dict(ckpt["scaler"])
+        if run.schedule and ckpt.get("scheduler"):
+            run.schedule.scheduler.load_state_dict(ckpt["scheduler"])
+        restore_rng(ckpt["rng"], generator_devices(run.step_model, run.device))
+        run.batches.generator.set_state(ckpt["rng"]["data"])
     saved = {f.name: ckpt[f.name] for f in fields(TrainState) if f.name != "history"}
     run.state = TrainState(**saved, history=list(ckpt["metrics"]))
-    restore_rng(ckpt["rng"], run.device)
-    run.batches.generator.set_state(ckpt["rng"]["data"])
     run.epoch_shuffle = ckpt["rng"]["data"]

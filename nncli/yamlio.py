@@ -80,7 +80,7 @@ class Loader(yaml.SafeLoader):
     def construct_yaml_int(self, node):  # type: ignore[override]
         value = super().construct_yaml_int(node)
         if not -2**63 <= value < 2**63:  # torch would fail on it with a stack dump
-            raise ConfigError(f"{node.value} is too large: torch takes integers up to 2**63 - 1",
+            raise ConfigError(f"{node.value} is beyond the integers torch takes (-2**63 to 2**63 - 1)",
                               line=node.start_mark.line + 1)
         return value
 
@@ -170,6 +170,8 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
         return loader.construct_document(node)
     except ConfigError as err:
         err.file = source
+        if source.startswith("--set"):  # one line: the option names it
+            err.line = None
         raise
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark

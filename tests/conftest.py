@@ -6,19 +6,28 @@
 """
 from __future__ import annotations
 
-import os
+from collections.abc import Iterator
 
 import pytest
 
 from helpers import ENV, invoke
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    """The tests are about a CPU machine, as in CI; on a GPU machine they see no GPU (this process
-    and its subprocesses), unless the run is `-m gpu` (bench/gpu_check.sh), which runs only the
-    GPU tests. Set before anything asks CUDA about its devices."""
-    if (config.option.markexpr or "").strip() != "gpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ENV["CUDA_VISIBLE_DEVICES"] = ""
+@pytest.fixture(scope="module", autouse=True)
+def cpu_machine_unless_gpu_tests(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The tests are about a CPU machine, as in CI: on a GPU machine, every module but the
+    GPU-marked one sees no GPU (its subprocesses through CUDA_VISIBLE_DEVICES, this process
+    through torch.cuda); set before the module's own fixtures train anything."""
+    if request.node.get_closest_marker("gpu"):
+        yield
+        return
+    import torch
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(ENV, "CUDA_VISIBLE_DEVICES", "")
+        patch.setattr(torch.cuda, "is_available", lambda: False)
+        patch.setattr(torch.cuda, "device_count", lambda: 0)
+        yield
 
 
 @pytest.fixture

@@ -157,7 +157,7 @@ BAD_DATA = {
         "Did you mean 'label'?"),
     "column name as a list": (
         "  source: csv\n  path: scores.csv\n  target: [[label]]\n",
-        "{cfg}:4: data.target: expected column names, got list ['label']. Quote a column named by a number: '3'."),
+        "{cfg}:4: data.target: expected column names, got list ['label']\n"),
     "missing feature column": (
         "  source: csv\n  path: scores.csv\n  target: label\n  features: [a, bb]\n",
         "{cfg}:5: data.features: column 'bb' is not in scores.csv (columns: a, b, label). Did you mean 'b'?"),

@@ -6,8 +6,7 @@ import torch
 
 from helpers import CONFIGS, load, metrics_rows, run_nncli, write_config
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                  reason="needs a CUDA GPU and `-m gpu` (see conftest.py)")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 @pytest.mark.parametrize("settings", [

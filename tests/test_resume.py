@@ -11,14 +11,15 @@ import math
 import os
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import (DROPOUT_MLP, REPO, TINY_REGRESSION, Background, invoke, load, metrics_rows, ok, run_nncli,
-                     snapshot, train_config, write_config)
+from helpers import (DROPOUT_MLP, ENV, REPO, TINY_REGRESSION, Background, invoke, load, metrics_rows, nncli_argv,
+                     ok, run_nncli, snapshot, train_config, write_config)
 
 # Short epochs: StepLR after an epoch-wise warmup; an MLP with Dropout; SGD with momentum and decay.
 SHORT = """
@@ -197,6 +198,51 @@ def test_stop_signal_before_training_starts_is_an_interrupt(tmp_path, signum):
     code, out, err = proc.finish(timeout=30)
     assert (code, err) == (130, "interrupted\n"), f"exit {code}\n{out}\n{err}"
     assert not (tmp_path / "out").exists()
+
+
+def test_sighup_under_nohup_does_not_stop_a_run(tmp_path):
+    """`nohup nncli train ...`: a closed terminal's SIGHUP is ignored (here while the config loads)."""
+    (tmp_path / "slow.py").write_text("import time\nprint('plugin loading', flush=True)\ntime.sleep(2)\n")
+    config = write_config(tmp_path, "plugins: [slow.py]\n" + TINY_REGRESSION, "slow.yaml")
+    proc = subprocess.Popen(["nohup", *nncli_argv("train", config, "--out", tmp_path / "out")], cwd=tmp_path, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "plugin loading\n"
+    proc.send_signal(signal.SIGHUP)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{out}\n{err}"
+    assert load(tmp_path / "out" / "slow" / "last.pt")["epoch"] == 3
+
+
+COUNTED_LINEAR = """
+import nncli
+from torch import nn
+
+
+@nncli.register_layer(infer={"in_features": -1})
+class CountedLinear(nn.Linear):
+    \"\"\"A Linear that counts its training calls in its state_dict (not a tensor: extra state).\"\"\"
+
+    calls = 0
+
+    def forward(self, x):
+        self.calls += self.training
+        return super().forward(x)
+
+    def get_extra_state(self):
+        return {"calls": self.calls}
+
+    def set_extra_state(self, state):
+        self.calls = state["calls"]
+"""
+
+
+def test_a_layer_with_extra_state_resumes(tmp_path):
+    (tmp_path / "counted.py").write_text(COUNTED_LINEAR)
+    text = "plugins: [counted.py]\n" + TINY_REGRESSION.replace("{type: Linear,", "{type: CountedLinear,")
+    config, run = train_config(tmp_path, text.replace("epochs: 3", "epochs: 2"), "counted")
+    assert load(run / "last.pt")["model"]["0._extra_state"] == {"calls": 6}  # 2 epochs of 3 steps
+    ok(run_nncli("resume", run, "--epochs", "3", cwd=tmp_path))
+    assert load(run / "last.pt")["model"]["0._extra_state"] == {"calls": 9}
 
 
 # --- warm start from plain weights -------------------------------------------------------------

@@ -334,7 +334,7 @@ def test_data_too_big_for_the_cpu_in_validate_is_exit_1_in_one_line(tmp_path):
     assert done.returncode == 1
     assert done.stderr == ("error: out of memory: DefaultCPUAllocator: can't allocate memory: you tried to allocate "
                            "12000000000000 bytes. Error code 12 (Cannot allocate memory). The config's sizes (data, "
-                           "layers, batch) ask for more than this machine has; `nncli summary` shows the model's\n")
+                           "layers, batch) ask for more than this machine has; `nncli summary` shows the model's size\n")
 
 
 def test_validation_batches_are_eval_batch_size(tmp_path):
