@@ -16,10 +16,9 @@ TYPE_NOUNS = {int: ("an integer", "integers"), float: ("a number", "numbers"), s
 
 def value_kind(value: Any) -> str:
     """A config value's type in a config's words: "integer", "list", "mapping", ..."""
-    for kind, name in ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"),
-                       (type(None), "null"), (list, "list"), (dict, "mapping")):
+    for kind in (bool, *TYPE_NOUNS):  # bool first: True is an int too
         if isinstance(value, kind):
-            return name
+            return TYPE_NOUNS[kind][1][:-1]  # "integers" -> "integer"
     return type(value).__name__
 
 

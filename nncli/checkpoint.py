@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nncli.devices import is_out_of_memory
 from nncli.errors import ConfigError, RunError
 
 FORMAT = "nncli-checkpoint-1"
@@ -242,8 +243,6 @@ def _field_problem(ckpt: dict) -> str | None:
 def fitting_its_config(path: Path) -> Iterator[None]:
     """Putting a checkpoint back into the run its own config builds: what does not fit (a file
     edited by hand, or written by another tool in nncli's format) is bad input naming the file."""
-    from nncli.devices import is_out_of_memory
-
     try:
         yield
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as err:

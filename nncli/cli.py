@@ -4,14 +4,13 @@ torch is imported inside the commands that need it, so `nncli --help` answers at
 """
 from __future__ import annotations
 
+import contextlib
 import os
-import signal
 import sys
 import traceback
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import typer
 
@@ -84,30 +83,17 @@ def _out_of_memory_text(err: Exception) -> str | None:
     return out_of_memory_text(err) if is_out_of_memory(err) else None
 
 
-@contextmanager
-def _stop_signals_interrupt() -> Iterator[None]:
+def _stop_signals_interrupt() -> contextlib.AbstractContextManager:
     """SIGTERM and SIGHUP stop a command the way Ctrl-C does ("interrupted", exit 130), not
     silently with 143 or 129, also before training starts (its loop then takes them over to save
     first: StopRequest). Not in a torchrun worker: one waiting for the others to join the job
-    would never run the handler, and its launcher says 130 itself. Signals that are ignored
-    (`nohup`) stay ignored; signals are only the main thread's to set."""
-    from nncli.errors import STOP_SIGNALS
+    would never run the handler, and its launcher says 130 itself."""
+    from nncli.errors import stop_signals_handled_by
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    previous = {}
-    for sig in STOP_SIGNALS if os.environ.get("WORLD_SIZE", "1") == "1" else ():
-        try:
-            if signal.getsignal(sig) is not signal.SIG_IGN:
-                previous[sig] = signal.signal(sig, interrupt)
-        except ValueError:
-            break
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    return stop_signals_handled_by(interrupt) if os.environ.get("WORLD_SIZE", "1") == "1" else contextlib.nullcontext()
 
 
 _shown_warnings: set[str] = set()

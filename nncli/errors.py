@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import difflib
 import signal
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 
 class NncliError(Exception):
@@ -62,6 +64,25 @@ def first_line(err: BaseException) -> str:
 # What asks a run to stop and save: Ctrl-C, a scheduler's or `kill`'s SIGTERM, a closed terminal
 # (SIGHUP, which Windows does not have).
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+@contextmanager
+def stop_signals_handled_by(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """`handler` for the STOP_SIGNALS inside the block, the previous handlers after it. Signals
+    that are ignored stay ignored (under `nohup`, SIGHUP); only the main thread may set them
+    (elsewhere nothing changes)."""
+    previous = {}
+    for sig in STOP_SIGNALS:
+        try:
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread
+            break
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 class Interrupted(NncliError):

@@ -166,7 +166,8 @@ UNSUPPORTED_OPTIMIZERS = {
 
 def create_optimizer(model: nn.Module, config: Config) -> tuple[torch.optim.Optimizer, list[ParamGroup]]:
     spec = config["optimizer"]
-    if isinstance(name := spec if isinstance(spec, str) else spec.get("type"), str) and name in UNSUPPORTED_OPTIMIZERS:
+    name = spec if isinstance(spec, str) else spec.get("type")
+    if isinstance(name, str) and name in UNSUPPORTED_OPTIMIZERS:
         raise config.error(f"{name} is not supported: {UNSUPPORTED_OPTIMIZERS[name]}", "optimizer",
                            *([] if isinstance(spec, str) else ["type"]), hint="Use Adam, AdamW or SGD.")
     groups = split_param_groups(model, config)
@@ -192,7 +193,6 @@ def create_optimizer(model: nn.Module, config: Config) -> tuple[torch.optim.Opti
             where = ("groups", i, "lr") if "lr" in group.settings else ("lr",)
             raise config.error(f"the learning rate must be a finite number, 0 or more, got {lr}",
                                "optimizer", *where)
-    for group, settings in zip(groups, optimizer.param_groups):
         group.settings = {k: v for k, v in settings.items() if k != "params"}
     return optimizer, groups
 

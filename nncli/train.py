@@ -13,7 +13,6 @@ import csv
 import errno
 import io
 import random
-import signal
 import time
 import warnings
 from dataclasses import dataclass, field, fields
@@ -34,8 +33,8 @@ from nncli.data import Data, check_targets, check_token_ids, load_data
 from nncli.devices import (Process, all_reduce_sum, autocast, check_parallel, configure_determinism,
                            end_process, generator_devices, grad_scaler, local_processes, out_of_memory_as_error,
                            resolve_device, share_buffers, start_process, weights_in_sync, wrap_model)
-from nncli.errors import STOP_SIGNALS, ConfigError, Interrupted, RunError, first_line
-from nncli.metrics import check_metric_name, create_metric, higher_is_better
+from nncli.errors import ConfigError, Interrupted, RunError, first_line, stop_signals_handled_by
+from nncli.metrics import TOPK, check_metric_name, create_metric, higher_is_better
 from nncli.model import ModelPlan, plan_model
 from nncli.optim import (CLASS_INDEX_LOSSES, ParamGroup, Schedule, create_loss, create_optimizer, create_schedule,
                          loss_name, monitored_metric, recorded_metrics)
@@ -149,7 +148,7 @@ def check_data_fits_model(config: Config, data: Data, plan: ModelPlan) -> None:
     check_loss(config, output_shape, data.train.y)
     classes = output_shape[0] if len(output_shape) == 1 else None
     for i, name in enumerate(config["metrics"]):
-        if classes and str(name).startswith("top") and int(str(name)[3:]) >= classes:
+        if classes and (top := TOPK.match(name)) and int(top.group(1)) >= classes:
             raise config.error(f"{name} is always 1 for a model with {classes} classes; k must be below "
                                f"{classes}", "metrics", i)
 
@@ -274,7 +273,6 @@ class StopRequest:
     def __init__(self, process: Process = Process()) -> None:
         self.requested = False
         self.process = process
-        self._previous = {}
 
     AGREE_EVERY = 10  # optimizer steps between two agreements of the DDP processes
 
@@ -294,12 +292,8 @@ class StopRequest:
         return agreed
 
     def __enter__(self) -> StopRequest:
-        for sig in STOP_SIGNALS:
-            try:
-                if signal.getsignal(sig) is not signal.SIG_IGN:  # under nohup, SIGHUP stays ignored
-                    self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
+        self._signals = stop_signals_handled_by(self._handle)
+        self._signals.__enter__()
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -308,8 +302,7 @@ class StopRequest:
         self.requested = True
 
     def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        self._signals.__exit__(*exc)
 
 
 def evaluate(model: nn.Module, data: Samples, loss_fn: nn.Module, metric_names: list[str],

@@ -157,6 +157,7 @@ def _too_deep_line(text: str) -> int | None:
 def parse_yaml(text: str, source: str = "<string>") -> Any:
     """Parse one YAML document; every problem becomes a ConfigError naming `source` and the line."""
     loader = Loader(text)
+    one_line = source.startswith("--set")  # a --set value: the option names it, no line
     try:
         node = loader.get_single_node()
         if node is None:
@@ -170,7 +171,7 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
         return loader.construct_document(node)
     except ConfigError as err:
         err.file = source
-        if source.startswith("--set"):  # one line: the option names it
+        if one_line:
             err.line = None
         raise
     except yaml.MarkedYAMLError as err:
@@ -180,9 +181,9 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
             problem = (f"the tag {problem.split('tag ', 1)[-1]} is not allowed: "
                        "nncli configs hold plain values only")
         # a --set value is one line; a glob such as *.b reads as a YAML alias unless quoted
-        hint = "Quote the value: --set 'KEY=\"VALUE\"'." if source.startswith("--set") else None
+        hint = "Quote the value: --set 'KEY=\"VALUE\"'." if one_line else None
         raise ConfigError(f"not valid YAML: {problem}", file=source, hint=hint,
-                          line=None if hint else mark.line + 1 if mark else None) from None
+                          line=None if one_line else mark.line + 1 if mark else None) from None
     except yaml.YAMLError as err:
         raise ConfigError(f"not valid YAML: {err}", file=source) from None
     except RecursionError:  # PyYAML composes and constructs recursively
