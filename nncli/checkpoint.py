@@ -218,8 +218,10 @@ def load_checkpoint(path: Path) -> dict:
 FIELDS = {"model": dict, "optimizer": dict, "scheduler": (dict, type(None)), "scaler": (dict, type(None)),
           "epoch": int, "step": int, "position": int, "epoch_losses": list, "epoch_lrs": list, "best": dict,
           "bad_epochs": int, "stopped_early": bool, "rng": dict, "config": dict, "config_dir": str,
-          "input_shape": list, "normalization": (dict, type(None)), "metrics": list}
-OPTIONAL_FIELDS = {"data_fingerprint": str, "world_size": int}  # added on 2026-11-26 evening
+          "input_shape": list, "normalization": (dict, type(None))}
+# Files written before metrics.csv was appended to hold the whole history (`metrics`) instead of
+# its row count (`metrics_rows`); one of the two is there.
+OPTIONAL_FIELDS = {"data_fingerprint": str, "world_size": int, "metrics_rows": int, "metrics": list}
 
 
 def _field_problem(ckpt: dict) -> str | None:
@@ -229,8 +231,13 @@ def _field_problem(ckpt: dict) -> str | None:
                 return f"lacks '{key}'"
         elif not isinstance(ckpt[key], kind) or (kind is int and isinstance(ckpt[key], bool)):
             return f"holds {type(ckpt[key]).__name__} as '{key}'"
-    if "metric" not in ckpt["best"] or not all(isinstance(row, dict) for row in ckpt["metrics"]):
+    if ("metrics" in ckpt) == ("metrics_rows" in ckpt):
+        return "holds neither 'metrics_rows' nor 'metrics'" if "metrics" not in ckpt else \
+            "holds both 'metrics_rows' and 'metrics'"
+    if "metric" not in ckpt["best"] or not all(isinstance(row, dict) for row in ckpt.get("metrics", [])):
         return "has a 'best' or 'metrics' of the wrong form"
+    if ckpt.get("metrics_rows", 0) < 0:
+        return "has a negative 'metrics_rows'"
     if not 0 <= ckpt["position"] == len(ckpt["epoch_losses"]):  # a loss for each batch done
         return "has a 'position' that its 'epoch_losses' do not match"
     if ckpt.get("normalization") is not None and not all(

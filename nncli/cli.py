@@ -21,6 +21,28 @@ app = typer.Typer(help="Train PyTorch networks described in YAML.", no_args_is_h
 ConfigArg = typer.Argument(..., help="The YAML config file.", show_default=False, metavar="CONFIG")
 DebugOpt = typer.Option(False, "--debug", help="Show the Python traceback of an error.")
 OverridesOpt = typer.Option([], "--set", help="Override a config value: KEY=VALUE (dotted key, YAML value).")
+PluginOpt = typer.Option([], "--plugin", metavar="FILE_OR_MODULE",
+                         help="Import a plugin (a .py file or a module) that the checkpoint's model needs: "
+                              "a checkpoint's own plugin names are never imported.")
+TrustDataOpt = typer.Option([], "--trust-data", metavar="PATH",
+                            help="Let the run's data be read from files under PATH: paths that a checkpoint "
+                                 "names are never read otherwise.")
+
+
+def _named(plugins: list[str], trusted: list[Path]):
+    """What the user named for a checkpoint's config to import and read (inference.Named)."""
+    from nncli.inference import Named
+
+    return Named(tuple(plugins), tuple(trusted))
+
+
+def _say_plugins(config) -> None:
+    """One line naming the code a config's `plugins:` import: it runs with the user's rights."""
+    if config.imported_plugins:
+        from nncli.config import shown_path
+
+        shown = [shown_path(Path(p)) if p.endswith(".py") else p for p in config.imported_plugins]
+        print(f"plugins: imported {', '.join(shown)} (Python code that the config names)", file=sys.stderr)
 
 
 def run_command(action: Callable[[], Optional[int]], debug: bool) -> None:
@@ -65,7 +87,7 @@ def run_command(action: Callable[[], Optional[int]], debug: bool) -> None:
         if (out_of_memory := _out_of_memory_text(err)) is not None:
             say(f"error: out of memory: {out_of_memory}. The config's sizes (data, layers, batch) ask for "
                 "more than this machine has; `nncli summary` shows the model's size")
-        elif "by peer" in str(err) and os.environ.get("WORLD_SIZE", "1") != "1":
+        elif "torch" in sys.modules and _is_peer_failure(err):
             say("error: stopped because another process of the job failed")  # gloo's words for it
         else:
             say(f"error: {type(err).__name__}: {err}" + ("" if debug else " (run again with --debug for the traceback)"))
@@ -81,6 +103,12 @@ def _out_of_memory_text(err: Exception) -> str | None:
     from nncli.devices import is_out_of_memory, out_of_memory_text
 
     return out_of_memory_text(err) if is_out_of_memory(err) else None
+
+
+def _is_peer_failure(err: Exception) -> bool:
+    from nncli.devices import is_peer_failure
+
+    return is_peer_failure(err)
 
 
 def _stop_signals_interrupt() -> contextlib.AbstractContextManager:
@@ -130,6 +158,7 @@ def summary(
         from nncli.train import check_config
 
         cfg = load_config(config, overrides)
+        _say_plugins(cfg)
         checked, groups = check_config(cfg)
         plan = plan_model(cfg, checked.input_shape, batch_size, count_macs=True)
         has_groups = isinstance(cfg["optimizer"], dict) and cfg["optimizer"].get("groups")
@@ -158,6 +187,7 @@ def validate(
         from nncli.train import check_config
 
         cfg = load_config(config, overrides)
+        _say_plugins(cfg)
         plan, _ = check_config(cfg)
         total = sum(p.numel() for p in plan.model.parameters())
         layers = len(list(plan.walk()))
@@ -170,17 +200,18 @@ def validate(
 @app.command()
 def layers(
     name: Optional[str] = typer.Argument(None, help="A layer type: show its arguments.", metavar="NAME"),
-    plugins: list[str] = typer.Option([], "--plugin", help="Load a plugin first: a .py file or a module name, as in `plugins:`."),
+    plugins: list[str] = typer.Option([], "--plugin", metavar="FILE_OR_MODULE",
+                                      help="Load a plugin first: a .py file or a module name, as in `plugins:`."),
     debug: bool = DebugOpt,
 ) -> None:
     """List the layer registry by category, or one layer's arguments."""
     def action() -> None:
-        from nncli.errors import ConfigError
+        from nncli.errors import option_error
         from nncli.layer_docs import print_layer, print_registry
         from nncli.registry import load_plugins
         from nncli.reporting import make_console
 
-        load_plugins(plugins, Path.cwd(), lambda message, *key, hint=None: ConfigError(message, key="--plugin", hint=hint))
+        load_plugins(plugins, Path.cwd(), option_error("--plugin"))
         console = make_console()
         if name:
             print_layer(name, console)
@@ -218,6 +249,8 @@ def train(
         from nncli.train import train as train_run
 
         cfg = load_config(config, with_epochs(overrides, epochs))
+        if int(os.environ.get("RANK", "0")) == 0:
+            _say_plugins(cfg)
         reporter = make_reporter(quiet)
         run = train_run(cfg, reporter, device=device, out_dir=out)
         _print_result(run, reporter)
@@ -248,10 +281,12 @@ def resume(
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Extend or shorten the run to N epochs in all."),
     warm: bool = typer.Option(False, "--warm-start", help="Start a new run of --config from the checkpoint's weights only (no optimizer, schedule or epoch count)."),
     strict: bool = typer.Option(True, "--strict/--no-strict", help="Warm start: refuse weights that do not all fit."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Warm start: put the new run directory under DIR."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Continue in a new run directory under DIR (a warm start's, or a copy of the run's), leaving the run as it is."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the result."),
     nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Continue with N DDP processes through torchrun."),
+    plugins: list[str] = PluginOpt,
+    trusted: list[Path] = TrustDataOpt,
     debug: bool = DebugOpt,
 ) -> None:
     """Continue a run exactly where it stopped, or warm-start a new run from plain weights."""
@@ -260,7 +295,8 @@ def resume(
             from nncli.resume import check_resume_launch
 
             check_resume_launch(path, config_path=config, overrides=overrides, epochs=epochs,
-                                device=device, processes=nproc, warm=warm)
+                                device=device, processes=nproc, warm=warm, named=_named(plugins, trusted),
+                                out_dir=out)
 
         _check_then_launch(nproc, check, debug)  # exits with the job's status
         return
@@ -274,7 +310,7 @@ def resume(
         check_warm_start(warm, config)
         if not warm and is_nncli_checkpoint(path):
             run = resume_run(path, reporter, overrides=overrides, epochs=epochs, config_path=config,
-                             device=device)
+                             device=device, named=_named(plugins, trusted), out_dir=out)
             if run is None:  # finished already: nothing trained, nothing saved
                 return
         elif config is None:
@@ -321,6 +357,8 @@ def evaluate(
     data: Optional[Path] = typer.Option(None, "--data", help="A data file (.csv, .npz) to evaluate on, read with the run's data settings."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    plugins: list[str] = PluginOpt,
+    trusted: list[Path] = TrustDataOpt,
     debug: bool = DebugOpt,
 ) -> None:
     """Loss and metrics of a trained model on its validation data, or on --data."""
@@ -329,7 +367,7 @@ def evaluate(
 
         from nncli.inference import evaluate_checkpoint
 
-        results, source = evaluate_checkpoint(checkpoint, data, device)
+        results, source = evaluate_checkpoint(checkpoint, data, device, _named(plugins, trusted))
         if as_json:
             print(json.dumps(results))
         else:
@@ -344,6 +382,7 @@ def predict(
     inputs: str = typer.Option(..., "--input", help="Inputs: a JSON list of samples, or a .json, .csv, .npy or .npz file."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    plugins: list[str] = PluginOpt,
     debug: bool = DebugOpt,
 ) -> None:
     """The model's outputs for the given inputs, one row per input."""
@@ -352,7 +391,7 @@ def predict(
 
         from nncli.inference import predict_checkpoint
 
-        rows = predict_checkpoint(checkpoint, inputs, device)
+        rows = predict_checkpoint(checkpoint, inputs, device, _named(plugins, []))
         if as_json:
             print(json.dumps(rows))
             return

@@ -198,16 +198,23 @@ def home_hint(key: str, where: tuple) -> str | None:
 
 @dataclass
 class Config:
-    """A checked config: `values` has every default filled in; `raw` keeps the lines for errors."""
+    """A checked config: `values` has every default filled in; `raw` keeps the lines for errors.
+
+    A checkpoint's stored config is data, not the user's word: it imports nothing (its plugins are
+    given on the command line) and reads only the paths inside `trusted_data` (None: any path, for
+    a config file the user gave)."""
 
     values: dict
     raw: YamlMap
     path: Path | None = None
     base_dir: Path = field(default_factory=Path.cwd)
+    trusted_data: list[Path] | None = None
+    imported_plugins: list[str] = field(default_factory=list)  # resolved files, or module names
+    label: str | None = None  # what errors name when the config is no file of its own
 
     @property
     def source(self) -> str:
-        return str(self.path) if self.path else "<config>"
+        return self.label or (str(self.path) if self.path else "<config>")
 
     def __getitem__(self, key: str) -> Any:
         return self.values[key]
@@ -240,9 +247,28 @@ class Config:
         changed = [key for key in getattr(self.raw, "overridden", ()) if key.startswith(prefix + ".")]
         return f"(--set changed {', '.join(changed)}.)" if changed else None
 
-    def resolve_path(self, path: str) -> Path:
-        """A path from the config, relative to the config file's folder."""
+    def locate(self, path: str) -> Path:
+        """A path from the config, relative to the config file's folder; nothing is read."""
         return (self.base_dir / Path(path).expanduser()).resolve()
+
+    def resolve_path(self, path: str, *keys: Any) -> Path:
+        """A path from the config (at the key path `keys`) that is about to be read: one that a
+        checkpoint stored is refused unless it lies inside a path the user trusts."""
+        resolved = self.locate(path)
+        if self.trusted_data is not None and not any(
+                resolved == place or place in resolved.parents for place in self.trusted_data):
+            raise self.error(f"the checkpoint names {resolved}, and nncli reads no path that a checkpoint "
+                             "names unless you name it on the command line", *keys,
+                             hint=f"If it is your data, add --trust-data {shown_path(resolved.parent)}.")
+        return resolved
+
+
+def shown_path(path: Path) -> str:
+    """A path as a command line would give it: relative to the current folder when inside it."""
+    try:
+        return str(path.relative_to(Path.cwd())) or "."
+    except ValueError:
+        return str(path)
 
 
 def _has(node: Any, key: Any) -> bool:
@@ -354,10 +380,16 @@ def _schema_at(path: list[str]) -> dict | None:
     return schema
 
 
-def config_from_mapping(raw: Any, *, path: Path | None = None, overrides: list[str] = (),
-                        base_dir: Path | None = None) -> Config:
-    """Check a parsed config and fill in its defaults (the work of `load_config`)."""
-    source = str(path) if path else "<config>"
+def config_from_mapping(raw: Any, *, path: Path | None = None, label: str | None = None,
+                        overrides: list[str] = (), base_dir: Path | None = None,
+                        plugins_given: list[str] | None = None, trusted_data: list[Path] | None = None) -> Config:
+    """Check a parsed config and fill in its defaults (the work of `load_config`). Errors name
+    `path`, or `label` for a config that is no file of its own.
+
+    For a config from a checkpoint, `plugins_given` are the plugins the user imported on the command
+    line (`load_plugins`' result), which must include every plugin the config names: the config's
+    own are never imported. `trusted_data`: see Config."""
+    source = label or (str(path) if path else "<config>")
     if raw is None:
         raise ConfigError("the file is empty; expected a mapping with at least a 'model' section",
                           file=source)
@@ -368,7 +400,7 @@ def config_from_mapping(raw: Any, *, path: Path | None = None, overrides: list[s
         # the same dump as a run's config.yaml, so error lines point into that file
         raw = parse_yaml(yaml.safe_dump(to_plain(raw), sort_keys=False), source)
     apply_overrides(raw, list(overrides), source)
-    config = Config(values={}, raw=raw, path=path,
+    config = Config(values={}, raw=raw, path=path, label=label, trusted_data=trusted_data,
                     base_dir=base_dir or (path.resolve().parent if path else Path.cwd()))
     values = check_section(raw, TOP, config.error)
     values["model"] = check_section(raw["model"], MODEL, config.error, "model")
@@ -383,7 +415,11 @@ def config_from_mapping(raw: Any, *, path: Path | None = None, overrides: list[s
     for i, plugin in enumerate(values["plugins"]):
         if not isinstance(plugin, str):
             raise config.error(f"expected a Python file or module name, got {plugin!r}", "plugins", i)
-    load_plugins(values["plugins"], config.base_dir, config.error)  # before any name is looked up
+    if plugins_given is None:  # before any name is looked up
+        config.imported_plugins = load_plugins(values["plugins"], config.base_dir, config.error)
+    else:
+        check_plugins_given(config, values["plugins"], plugins_given)
+        config.imported_plugins = plugins_given
     check_device_ids(config, values["device_ids"])
     shape = values["model"]["input_shape"]
     if shape is not None and not (shape and all(isinstance(d, int) and not isinstance(d, bool) and d > 0
@@ -396,6 +432,20 @@ def config_from_mapping(raw: Any, *, path: Path | None = None, overrides: list[s
 
         values["metrics"] = ["accuracy"] if loss_name(config) in CLASS_INDEX_LOSSES else []
     return config
+
+
+def check_plugins_given(config: Config, needed: list[str], given: list[str]) -> None:
+    """Every plugin a checkpoint's config names is among those the user gave with --plugin: the
+    same file name (the user's file is imported, wherever it lies) or the same module."""
+    given_files = {Path(plugin).name for plugin in given if plugin.endswith(".py")}
+    missing = [plugin for plugin in needed
+               if (Path(plugin).name not in given_files if plugin.endswith(".py") else plugin not in given)]
+    if missing:
+        options = " ".join(f"--plugin {shown_path(config.locate(p)) if p.endswith('.py') else p}" for p in missing)
+        raise config.error(f"the run's model needs the plugin{'s' if len(missing) > 1 else ''} "
+                           f"{', '.join(missing)}, and nncli imports no code that a checkpoint names",
+                           "plugins", hint=f"Give each plugin you trust on the command line: {options} "
+                                           "(where the run was trained, they were those files).")
 
 
 def check_device_ids(config: Config, ids: list | None) -> None:

@@ -32,6 +32,7 @@ from nncli.yamlio import to_plain
 class Source:
     load: Callable[[dict, SourceContext], tuple[torch.Tensor, torch.Tensor]]
     keys: dict[str, Key]
+    paths: tuple[str, ...] = ()  # the keys that name files or folders to read
 
 
 @dataclass
@@ -47,7 +48,7 @@ class SourceContext:
         return self.config.error(message, *self.where, *([key] if key else []), hint=hint)
 
     def path(self, options: dict, key: str = "path") -> Path:
-        path = self.config.resolve_path(options[key])
+        path = self.config.resolve_path(options[key], *self.where, key)
         if path.is_dir():
             raise self.error(f"{path} is a folder; expected a file", key)
         if not path.is_file():
@@ -62,10 +63,11 @@ class SourceContext:
 SOURCES = Registry("data source")
 
 
-def source(name: str, /, **keys: Key) -> Callable:
-    """Register a data source with the keys it takes (checked like every other section)."""
+def source(name: str, /, *, paths: tuple[str, ...] = (), **keys: Key) -> Callable:
+    """Register a data source with the keys it takes (checked like every other section), and
+    which of them are paths."""
     def add(load: Callable) -> Callable:
-        SOURCES.add(name, Source(load, keys))
+        SOURCES.add(name, Source(load, keys, paths))
         return load
     return add
 
@@ -98,7 +100,7 @@ def read_csv_rows(path: Path, delimiter: str) -> tuple[list[str], list[list[str]
     return header, [row for row in rows[1:] if any(cell.strip() for cell in row)]
 
 
-@source("csv", path=Key((str,), REQUIRED), target=Key((str, list), REQUIRED),
+@source("csv", paths=("path",), path=Key((str,), REQUIRED), target=Key((str, list), REQUIRED),
         features=Key((list, type(None)), None), delimiter=Key((str,), ","))
 def load_csv(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.Tensor]:
     """A CSV file with a header row; `target` names the label column(s), `features` the inputs."""
@@ -155,7 +157,7 @@ def load_csv(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.Ten
     return numbers(features), y[:, 0] if len(targets) == 1 else y
 
 
-@source("npz", path=Key((str,), REQUIRED), x=Key((str,), "x"), y=Key((str,), "y"))
+@source("npz", paths=("path",), path=Key((str,), REQUIRED), x=Key((str,), "x"), y=Key((str,), "y"))
 def load_npz(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.Tensor]:
     """A NumPy .npz archive; `x` and `y` name its arrays."""
     path = ctx.path(options)
@@ -175,7 +177,7 @@ def load_npz(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.Ten
     return out[0], out[1]
 
 
-@source("npy", x=Key((str,), REQUIRED), y=Key((str,), REQUIRED), mmap=Key((bool,), False))
+@source("npy", paths=("x", "y"), x=Key((str,), REQUIRED), y=Key((str,), REQUIRED), mmap=Key((bool,), False))
 def load_npy(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.Tensor]:
     """Two NumPy .npy files: `x` (the inputs) and `y` (the targets). `mmap: true` maps `x` instead
     of reading it: with `loader: dataloader` only the rows of each batch are read, so `x` may be
@@ -234,7 +236,7 @@ def load_synthetic(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, tor
     return x, (x @ w + noise * torch.randn(n, options["classes"], generator=g)).argmax(1)
 
 
-@source("torchvision", name=Key((str,), REQUIRED), root=Key((str,), "data"),
+@source("torchvision", paths=("root",), name=Key((str,), REQUIRED), root=Key((str,), "data"),
         download=Key((bool,), False), train=Key((bool,), True))
 def load_torchvision(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.Tensor]:
     """A torchvision dataset (e.g. MNIST), read once into memory as tensors."""
@@ -248,7 +250,7 @@ def load_torchvision(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, t
     if dataset_class is None:
         raise ctx.error(f"torchvision has no dataset '{options['name']}'", "name")
     try:
-        dataset = dataset_class(str(ctx.config.resolve_path(options["root"])), train=options["train"],
+        dataset = dataset_class(str(ctx.config.resolve_path(options["root"], *ctx.where, "root")), train=options["train"],
                                 download=options["download"], transform=ToTensor())
     except Exception as err:
         raise ctx.error(f"cannot load {options['name']}: {err}", "name",
@@ -256,6 +258,19 @@ def load_torchvision(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, t
     loader = torch.utils.data.DataLoader(dataset, batch_size=1024)
     xs, ys = zip(*loader)
     return torch.cat(xs), torch.cat(ys)
+
+
+def data_paths(config: Config) -> list[Path]:
+    """The files and folders the data section's sources read, located but not read."""
+    section = config["data"] or {}
+    sources = [section.get("train"), section.get("val")] if "train" in section else [section]
+    located = []
+    for options in sources:
+        name = options.get("source") if isinstance(options, dict) else None
+        if isinstance(name, str) and name in SOURCES:
+            located += [config.locate(options[key]) for key in SOURCES.get(name).paths
+                        if isinstance(options.get(key), str)]
+    return located
 
 
 # --- the data section ------------------------------------------------------------------------

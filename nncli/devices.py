@@ -4,6 +4,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -93,6 +96,11 @@ def is_distributed() -> bool:
     return launched_processes() > 1
 
 
+def is_main_process() -> bool:
+    """Rank 0 of torchrun's job, or a process on its own: the one that writes the run directory."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
@@ -124,6 +132,7 @@ def start_process(parallel: str, device: torch.device) -> Process:
                               key="parallel")
         return Process()
     check_parallel(parallel, launched_processes())
+    end_with_launcher()
     import torch.distributed as dist
 
     if not dist.is_initialized():
@@ -132,6 +141,26 @@ def start_process(parallel: str, device: torch.device) -> Process:
         else:
             dist.init_process_group("gloo")
     return Process(dist.get_rank(), dist.get_world_size())
+
+
+LAUNCHER_GONE_GRACE_S = 15  # after its launcher died, how long a process may take to save and stop
+
+
+def end_with_launcher() -> None:
+    """A DDP process ends when the launcher that started it (torchrun, or `--nproc`) dies, even by
+    `kill -9`: unsupervised, it would train on to the end. A thread watches for the parent to
+    change; then the process stops as Ctrl-C stops it (saves at the job's next agreed step, exit
+    130) or, after LAUNCHER_GONE_GRACE_S, at once."""
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(LAUNCHER_GONE_GRACE_S)
+        os._exit(130)
+
+    threading.Thread(target=watch, name="nncli-launcher-watch", daemon=True).start()
 
 
 def check_parallel(parallel: str, processes: int) -> None:
@@ -173,17 +202,48 @@ def launch(nproc: int, args: list[str]) -> int:
     return 0
 
 
-def end_process(process: Process, together: bool = True) -> None:
+def end_process(process: Process, together: bool = True, error: BaseException | None = None) -> None:
     """Leave the process group. `together`: every process got here the same way (finished, or
     stopped by an agreed interrupt), so they wait for each other first; after an error, which may
-    be this process's alone, waiting could hang the job, so it just leaves."""
+    be this process's alone, waiting could hang the job, so it just leaves, first telling the
+    others (through the job's store) that it was this process's own `error` that ended the job."""
     if process.world_size > 1:
         import torch.distributed as dist
 
         if dist.is_initialized():
             if together:
                 dist.barrier()  # leave together: gloo aborts a process whose peer tears down first
+            elif error is not None and not is_peer_failure(error) and (store := _job_store()) is not None:
+                with contextlib.suppress(Exception):
+                    store.set(FAILED_PROCESS_KEY, str(process.rank))
             dist.destroy_process_group()
+
+
+FAILED_PROCESS_KEY = "nncli/failed_process"
+
+
+def _job_store() -> object | None:
+    """The key-value store of the job's process group (torchrun's), or None."""
+    import torch.distributed.distributed_c10d as c10d
+
+    try:
+        return c10d._get_default_store()  # private, hence the guard: without it, failures go unnamed
+    except Exception:
+        return None
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """Whether `err` is gloo's word that another process of the job went away."""
+    return "by peer" in str(err) and is_distributed()
+
+
+def failed_process() -> int | None:
+    """The rank of the process whose own error ended the job (see end_process), when it said so."""
+    store = _job_store()
+    try:
+        return int(store.get(FAILED_PROCESS_KEY)) if store is not None and store.check([FAILED_PROCESS_KEY]) else None
+    except Exception:
+        return None
 
 
 def wrap_model(model: torch.nn.Module, *, parallel: str, device: torch.device, device_ids: list | None,

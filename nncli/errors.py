@@ -55,6 +55,14 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     return f"Did you mean '{close[0]}'?" if close else None
 
 
+def option_error(option: str) -> Callable[..., ConfigError]:
+    """An error factory shaped like `Config.error` (message, *keys, hint=...) for the values of a
+    command-line option: the option is named instead of a file's line."""
+    def error(message: str, *keys: Any, hint: str | None = None) -> ConfigError:
+        return ConfigError(message, key=option, hint=hint)
+    return error
+
+
 def first_line(err: BaseException) -> str:
     """An exception's message in one line (torch's often run on over several), or its type."""
     text = str(err).strip() or type(err).__name__

@@ -1,9 +1,9 @@
 """`nncli eval` and `nncli predict`: a trained model from a checkpoint or run directory."""
 from __future__ import annotations
 
-import csv
 import json
 import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -14,27 +14,41 @@ from nncli.checkpoint import find_checkpoint, fitting_its_config, load_checkpoin
 from nncli.config import Config, config_from_mapping
 from nncli.data import Data, check_targets, check_token_ids, load_data, read_csv_rows, token_id_problem
 from nncli.devices import resolve_device
-from nncli.errors import ConfigError
+from nncli.errors import ConfigError, option_error
 from nncli.model import ModelPlan, plan_model
 from nncli.optim import CLASS_INDEX_LOSSES, create_loss, loss_name
+from nncli.registry import load_plugins
 from nncli.samples import Samples, TensorPair, normalize
 from nncli.train import eval_batch_size, evaluate, located_errors
 
 
-def config_of(ckpt: dict, overrides: list[str] = (), run_dir: Path | None = None) -> Config:
-    """The resolved config stored in a checkpoint; relative paths stay relative to the original.
-    Errors name the run's config.yaml (the same text) when `run_dir` is given."""
-    return config_from_mapping(ckpt["config"], overrides=overrides,
-                               path=run_dir / "config.yaml" if run_dir else None,
-                               base_dir=Path(ckpt.get("config_dir", ".")))
+@dataclass(frozen=True)
+class Named:
+    """What the user named on the command line for a checkpoint's config to use: the plugins to
+    import (`--plugin`) and the paths its data may be read from (`--trust-data`). A checkpoint's
+    config imports and reads nothing else (see Config)."""
+
+    plugins: tuple[str, ...] = ()
+    trusted_data: tuple[Path, ...] = ()
 
 
-def load_trained(path: Path, device: str | None = None) -> tuple[dict, Config, ModelPlan]:
+def config_of(ckpt: dict, file: Path, overrides: list[str] = (), named: Named = Named()) -> Config:
+    """The resolved config stored in the checkpoint `file`; relative paths stay relative to the
+    original. Errors name the run's config.yaml beside the file (the same text), else the file."""
+    imported = load_plugins(list(named.plugins), Path.cwd(), option_error("--plugin"))
+    beside = file.parent / "config.yaml"
+    return config_from_mapping(ckpt["config"], overrides=overrides, path=beside if beside.is_file() else None,
+                               label=None if beside.is_file() else f"{file} (its stored config)",
+                               base_dir=Path(ckpt.get("config_dir", ".")), plugins_given=imported,
+                               trusted_data=[Path(p).expanduser().resolve() for p in named.trusted_data])
+
+
+def load_trained(path: Path, device: str | None = None, named: Named = Named()) -> tuple[dict, Config, ModelPlan]:
     """The checkpoint (best.pt first in a run directory), its config, and the plan whose model
     holds the checkpoint's weights, in eval mode."""
     file = find_checkpoint(path, prefer=("best.pt", "last.pt"))
     ckpt = load_checkpoint(file)
-    config = config_of(ckpt, run_dir=file.parent)
+    config = config_of(ckpt, file, named=named)
     plan = plan_model(config, ckpt["input_shape"], device="cpu")
     with fitting_its_config(file):
         plan.model.load_state_dict(ckpt["model"])
@@ -44,10 +58,10 @@ def load_trained(path: Path, device: str | None = None) -> tuple[dict, Config, M
     return ckpt, config, plan
 
 
-def evaluate_checkpoint(path: Path, data_file: Path | None = None,
-                        device: str | None = None) -> tuple[dict[str, float], str]:
+def evaluate_checkpoint(path: Path, data_file: Path | None = None, device: str | None = None,
+                        named: Named = Named()) -> tuple[dict[str, float], str]:
     """Loss and metrics on the run's validation data, or on `data_file` read with its settings."""
-    ckpt, config, plan = load_trained(path, device)
+    ckpt, config, plan = load_trained(path, device, named)
     model = plan.model
     target = next(model.parameters()).device
     if data_file is None:
@@ -101,28 +115,16 @@ def _read_data_file(config: Config, path: Path) -> TensorPair:
                           file=str(path))
     if section.get("source") != kind:
         section = {"source": kind, "target": "target"} if kind == "csv" else {"source": kind}
-    elif kind == "csv" and section.get("features") is None:
-        section["features"] = _training_features(config, section)  # the columns the model learnt
+    # a CSV's columns are taken by name: the `features` the run recorded (else every column but
+    # the targets, as training took them)
     section.update(path=str(path.resolve()), val_split=0, normalize=False, loader="memory", workers=0)
-    values = dict(config.values, data=section)
+    # the user's own file: the only path read
+    with_file = replace(config, values={**config.values, "data": section}, trusted_data=[path.resolve()])
     try:
-        data = load_data(config_from_mapping(values, base_dir=config.base_dir), scan=False)
+        data = load_data(with_file, scan=False)
     except ConfigError as err:  # about the --data file, not about a line of the run's config
         raise ConfigError(err.message, file=str(path), hint=err.hint) from None
     return data.train
-
-
-def _training_features(config: Config, section: dict) -> list[str] | None:
-    """The feature columns of the run's own CSV file (every column but the targets), so that a
-    --data file is read by column name, not by position; None when that file is gone."""
-    path = config.resolve_path(section["path"])
-    try:
-        with path.open(newline="", encoding="utf-8") as f:
-            header = next(csv.reader(f, delimiter=section.get("delimiter", ",")))
-    except (OSError, StopIteration, UnicodeDecodeError):
-        return None
-    targets = section["target"] if isinstance(section["target"], list) else [section["target"]]
-    return [h.strip() for h in header if h.strip() not in targets]
 
 
 def parse_inputs(inputs: str, config: Config, input_shape: list[int]) -> torch.Tensor:
@@ -189,15 +191,18 @@ def _read_input_csv(path: Path, config: Config) -> np.ndarray:
         raise ConfigError("expected a header row and at least one row of inputs", file=str(path))
     columns = list(range(len(header)))
     if section.get("source") == "csv":
-        features = section.get("features") or _training_features(config, section)
-        if features and all(name in header for name in features):
-            columns = [header.index(name) for name in features]
+        targets = section["target"] if isinstance(section["target"], list) else [section["target"]]
+        features = section.get("features") or [name for name in header if name not in targets]
+        index = {name: i for i, name in reversed(list(enumerate(header)))}  # a name's first column
+        if features and all(name in index for name in features):
+            columns = [index[name] for name in features]
     return np.array([[float(r[c]) for c in columns] for r in body], dtype=np.float64)
 
 
-def predict_checkpoint(path: Path, inputs: str, device: str | None = None) -> list[dict]:
+def predict_checkpoint(path: Path, inputs: str, device: str | None = None,
+                       named: Named = Named()) -> list[dict]:
     """One row per input: the model's output (and the class, for a classifier)."""
-    ckpt, config, plan = load_trained(path, device)
+    ckpt, config, plan = load_trained(path, device, named)
     model = plan.model
     x = normalize(parse_inputs(inputs, config, ckpt["input_shape"]), ckpt.get("normalization"))
     if (problem := token_id_problem(x, model)) is not None:

@@ -229,14 +229,17 @@ def register_layer(factory: Callable[..., Any] | None = None, *, name: str | Non
     return add(factory) if factory is not None else add
 
 
-def load_plugins(plugins: list[str], base_dir: Path, error: Callable[..., ConfigError]) -> None:
-    """Import each plugin (a .py file relative to the config, or a module name) once."""
+def load_plugins(plugins: list[str], base_dir: Path, error: Callable[..., ConfigError]) -> list[str]:
+    """Import each plugin (a .py file relative to `base_dir`, or a module name) once; return what
+    was imported: each file's resolved path, or the module's name."""
+    imported = []
     for i, plugin in enumerate(plugins):
         try:
             if plugin.endswith(".py"):
                 path = (base_dir / plugin).resolve()
                 if not path.is_file():
                     raise error(f"plugin file {plugin} not found in {base_dir}", "plugins", i)
+                imported.append(str(path))
                 module_name = f"nncli_plugin_{path.stem}_{abs(hash(str(path)))}"
                 if module_name in sys.modules:
                     continue
@@ -250,6 +253,7 @@ def load_plugins(plugins: list[str], base_dir: Path, error: Callable[..., Config
                     raise
             else:
                 importlib.import_module(plugin)
+                imported.append(plugin)
         except ConfigError:
             raise
         except ModuleNotFoundError as err:
@@ -260,6 +264,7 @@ def load_plugins(plugins: list[str], base_dir: Path, error: Callable[..., Config
                         hint="Give a .py file or the name of an installed module.") from None
         except Exception as err:  # a plugin's own bug: say which plugin and what it raised
             raise error(f"plugin '{plugin}' raised {type(err).__name__}: {err}", "plugins", i) from None
+    return imported
 
 
 def accepted_arguments(factory: Callable[..., Any]) -> list[str] | None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from nncli.optim import ParamGroup, optimizer_settings
+from nncli.rundir import history_columns
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -119,12 +120,6 @@ class Reporter:
             table.add_row(*(format_value(k, row[k]) + (mark if k == "epoch" else "") if k in row else ""
                             for k in columns))
         self.print(table)
-
-
-def history_columns(history: list[dict]) -> list[str]:
-    """The columns of metrics.csv and of the table: the latest row's first, then any that only
-    earlier rows have (metrics added or dropped on resume leave empty cells)."""
-    return list(dict.fromkeys([*history[-1], *(key for row in history for key in row)]))
 
 
 class ProgressReporter(Reporter):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +21,14 @@ from nncli.checkpoint import (find_checkpoint, holds_checkpoint, load_checkpoint
                               remove_stale_temporaries)
 from nncli.config import Config, load_config, with_epochs
 from nncli.data import LOADER_KEYS, load_data
-from nncli.devices import check_parallel, end_process, launched_processes
+from nncli.devices import check_parallel, end_process, is_main_process, launched_processes
 from nncli.errors import ConfigError
-from nncli.inference import config_of
+from nncli.inference import Named, config_of
 from nncli.optim import LENGTH_ARGUMENT, has_validation, monitored_metric
 from nncli.reporting import Reporter
+from nncli.rundir import MetricsLog, check_not_in_use, lock_run_dir
 from nncli.train import (Run, announce, check_device, check_launch, located_errors, prepare_run, restore,
-                         resume_command, run_fit, start_run_dir, write_metrics_csv)
+                         resume_command, run_fit, start_run_dir)
 from nncli.yamlio import to_plain
 
 FIXED = ("model", "plugins", "data", "seed", "loss", "optimizer.type", "optimizer.groups",
@@ -118,9 +119,10 @@ class ResumePlan:
 
 
 def check_resume(path: Path, *, overrides: list[str] = (), epochs: int | None = None,
-                 config_path: Path | None = None, processes: int = 1) -> ResumePlan:
+                 config_path: Path | None = None, processes: int = 1, named: Named = Named()) -> ResumePlan:
     """Every check of a resume that needs no training set-up; `resume --nproc N` runs it once,
-    before starting its N processes, so that bad input is said once."""
+    before starting its N processes, so that bad input is said once. `named`: what the user allows
+    the checkpoint's config to import and read (see inference.Named)."""
     file = find_checkpoint(path, prefer=("last.pt", "best.pt"))
     ckpt = load_checkpoint(file)
     trained_by = ckpt.get("world_size", 1)
@@ -130,13 +132,15 @@ def check_resume(path: Path, *, overrides: list[str] = (), epochs: int | None = 
                           f"process{'es' if trained_by > 1 else ''}; it can finish that epoch only with "
                           f"as many, not {processes}", file=str(file),
                           hint=f"Resume it {how}; from the end of an epoch it can go on with any number.")
-    stored = config_of(ckpt, run_dir=file.parent)
-    if config_path is not None:
+    if config_path is not None:  # the user's config: its own plugins are theirs to import
         config = load_config(config_path, with_epochs(overrides, epochs))
+        named = replace(named, plugins=(*named.plugins, *config.imported_plugins))
         if config["data"] is not None:
             load_data(config, scan=False)  # fills in the data section's defaults, as the stored config has them
+        stored = config_of(ckpt, file, named=named)
     else:
-        config = config_of(ckpt, with_epochs(overrides, epochs), run_dir=file.parent)
+        stored = config_of(ckpt, file, named=named)
+        config = config_of(ckpt, file, with_epochs(overrides, epochs), named=named)
     if processes == 1 and config["parallel"] == "ddp":
         config.values["parallel"] = "none"  # a DDP run continued by one process
     with located_errors(config):
@@ -161,43 +165,57 @@ def check_resume(path: Path, *, overrides: list[str] = (), epochs: int | None = 
     if config["train"]["epochs"] < ckpt["epoch"]:
         raise ConfigError(f"the run has already trained {ckpt['epoch']} epochs; --epochs "
                           f"{config['train']['epochs']} cannot take them back", file=str(file),
-                          hint=f"Use {file.parent / 'best.pt'} or an epoch_<N>.pt checkpoint.")
+                          hint=f"To go on from an earlier epoch, resume its epoch_<N>.pt or {file.parent / 'best.pt'}: "
+                               "that run continues in a new run directory, and this one is left as it is.")
     return ResumePlan(file, ckpt, stored, config, differences, trained_by, processes)
 
 
+def continues_in_place(file: Path, out_dir: Path | None) -> bool:
+    """Whether a resume of `file` goes on in the file's own run directory: only from the run's newest
+    state, its last.pt (beside its config.yaml), and without --out. From any other checkpoint
+    (best.pt, an epoch_<N>.pt, a file on its own) the run's files are left as they are, and training
+    goes on in a new run directory beside the run (`<name>-2`, ...)."""
+    return out_dir is None and file.name == "last.pt" and (file.parent / "config.yaml").is_file()
+
+
 def check_resume_launch(path: Path, *, config_path: Path | None, overrides: list[str], epochs: int | None,
-                        device: str | None, processes: int, warm: bool = False) -> None:
+                        device: str | None, processes: int, warm: bool = False, named: Named = Named(),
+                        out_dir: Path | None = None) -> None:
     """What `resume --nproc N` checks once before it starts N processes (which would each say
-    it): the resume, or the warm start's config, and the device for N processes."""
+    it): the resume, or the warm start's config, the device for N processes, and that no other
+    process trains in the run."""
     check_warm_start(warm, config_path)
     if not warm and is_nncli_checkpoint(path):
-        config = check_resume(path, overrides=overrides, epochs=epochs, config_path=config_path,
-                              processes=processes).config
-        check_device(config, device, processes)
+        plan = check_resume(path, overrides=overrides, epochs=epochs, config_path=config_path,
+                            processes=processes, named=named)
+        check_device(plan.config, device, processes)
+        if continues_in_place(plan.file, out_dir):
+            check_not_in_use(plan.file.parent)
     elif config_path is not None:
         check_launch(load_config(config_path, with_epochs(overrides, epochs)), device, processes)
 
 
 def resume(path: Path, reporter: Reporter, *, overrides: list[str] = (), epochs: int | None = None,
-           config_path: Path | None = None, device: str | None = None) -> Run | None:
-    """Continue the run saved at `path` (a run directory or a checkpoint file); None when it
-    has nothing left to do (finished, or stopped early)."""
+           config_path: Path | None = None, device: str | None = None, named: Named = Named(),
+           out_dir: Path | None = None) -> Run | None:
+    """Continue the run saved at `path` (a run directory or a checkpoint file): in place from its
+    last.pt, else in a new run directory (see continues_in_place); None when it has nothing left
+    to do (finished, or stopped early)."""
     plan = check_resume(path, overrides=overrides, epochs=epochs, config_path=config_path,
-                        processes=launched_processes())
+                        processes=launched_processes(), named=named)
     file, ckpt, config, differences = plan.file, plan.ckpt, plan.config, plan.differences
+    in_place, main = continues_in_place(file, out_dir), is_main_process()
+    if in_place and main:
+        check_not_in_use(file.parent)  # at once; the lock itself is taken before the first write
     run = prepare_run(config, device=device, run_dir=file.parent, epochs=config["train"]["epochs"],
                       notice=reporter.print, normalization=ckpt.get("normalization"))
     fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
     fresh_schedule = copy.deepcopy(run.schedule.scheduler.state_dict()) if run.schedule else None
     restore(run, ckpt, file)
-    if ckpt.get("data_fingerprint") not in (None, run.data.fingerprint) and run.process.is_main:
+    if ckpt.get("data_fingerprint") not in (None, run.data.fingerprint) and main:
         warnings.warn("the run's data has changed since it was saved (a data file was edited or "
                       "replaced?); training continues on the new data, so it will not reproduce "
                       "an uninterrupted run")
-    if run.process.is_main:
-        remove_stale_temporaries(file.parent)  # what a writer killed mid-write left behind
-        if file.name == "last.pt":  # a kill between last.pt and metrics.csv leaves the csv behind
-            write_metrics_csv(run.state.history, file.parent / "metrics.csv")
     if differences:
         reporter.print(f"changed on resume: {_describe(differences)}")
     steps_done = run.state.step
@@ -215,11 +233,23 @@ def resume(path: Path, reporter: Reporter, *, overrides: list[str] = (), epochs:
     if state.stopped_early or state.epoch >= run.epochs:
         why = "stopped early" if state.stopped_early else "finished"
         reporter.print(f"the run {why} at epoch {state.epoch} of {plan.stored['train']['epochs']}; nothing "
-                       f"to do. Extend it with: {resume_command(path, run.process)} --epochs N")
+                       f"to do. Extend it with: {resume_command(config, path, plan.processes)} --epochs N")
         end_process(run.process)
         return None
-    # config.yaml is rewritten with the next last.pt (save_checkpoints), so the two always agree
-    run.config_changed = bool(differences) or plan.processes != plan.trained_by
+    if in_place and main:  # the first write in the run directory
+        run.lock = lock_run_dir(file.parent)
+        remove_stale_temporaries(file.parent)  # what a writer killed mid-write left behind
+        # rows of epochs after last.pt (a kill between the two writes) are trained again
+        run.metrics_log = MetricsLog.restart(file.parent / "metrics.csv", run.state.history)
+    if in_place:
+        # config.yaml is rewritten with the next last.pt (save_checkpoints), so the two always agree
+        run.config_changed = bool(differences) or plan.processes != plan.trained_by
+    else:  # beside the run it came from, unless --out says where (or the file is in no run directory)
+        beside = file.parent.parent if (file.parent / "config.yaml").is_file() else None
+        start_run_dir(run, out_dir or beside, run.state.history)
+        why = "with --out" if out_dir is not None else f"from {file.name}, not the run's last.pt"
+        reporter.print(f"continuing {why}, in a new run directory: {run.run_dir} ({file.parent} is left "
+                       "as it is)")
     where = f"epoch {state.epoch + 1} of {run.epochs}"
     if state.position:
         where += f", batch {state.position + 1} of {len(run.batches)}"

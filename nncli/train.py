@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
-import errno
-import io
 import random
+import re
 import time
 import warnings
 from dataclasses import dataclass, field, fields
@@ -28,17 +26,19 @@ from torch import nn
 from nncli import __version__
 from nncli.checkpoint import (FORMAT, capture_rng, checkpoint_bytes, fitting_its_config, on_cpu, restore_rng,
                               write_atomic, write_text_atomic)
-from nncli.config import Config
-from nncli.data import Data, check_targets, check_token_ids, load_data
+from nncli.config import Config, shown_path
+from nncli.data import Data, check_targets, check_token_ids, data_paths, load_data
 from nncli.devices import (Process, all_reduce_sum, autocast, check_parallel, configure_determinism,
-                           end_process, generator_devices, grad_scaler, local_processes, out_of_memory_as_error,
-                           resolve_device, share_buffers, start_process, weights_in_sync, wrap_model)
+                           end_process, failed_process, generator_devices, grad_scaler, is_peer_failure,
+                           local_processes, out_of_memory_as_error, resolve_device, share_buffers, start_process,
+                           weights_in_sync, wrap_model)
 from nncli.errors import ConfigError, Interrupted, RunError, first_line, stop_signals_handled_by
 from nncli.metrics import TOPK, check_metric_name, create_metric, higher_is_better
 from nncli.model import ModelPlan, plan_model
 from nncli.optim import (CLASS_INDEX_LOSSES, ParamGroup, Schedule, create_loss, create_optimizer, create_schedule,
                          loss_name, monitored_metric, recorded_metrics)
-from nncli.reporting import Reporter, history_columns
+from nncli.reporting import Reporter
+from nncli.rundir import MetricsLog, RunLock, claim_run_dir, read_history
 from nncli.samples import Batches, Samples
 from nncli.yamlio import to_plain
 
@@ -83,6 +83,8 @@ class Run:
     epoch_shuffle: torch.Tensor | None = None  # the shuffle generator's state when this epoch began
     pending_best: dict | None = None  # a best checkpoint not yet written (see save_checkpoints)
     config_changed: bool = False  # resumed with other settings: config.yaml goes with the next last.pt
+    lock: RunLock | None = None  # held on run_dir while this (main) process trains in it
+    metrics_log: MetricsLog | None = None  # the main process's metrics.csv
 
     @property
     def monitor(self) -> str:
@@ -410,6 +412,8 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
             improved = _update_best(run, row)
             state.epoch, state.position, state.epoch_losses = epoch, 0, []
             state.history.append(row)
+            if run.metrics_log is not None:  # before last.pt, which counts this row as its own
+                run.metrics_log.append(row, state.history)
             save_checkpoints(run, best=improved)
             if epoch % train_cfg["log_every"] == 0 or epoch == run.epochs:
                 reporter.epoch_end(row, run.epochs, improved)
@@ -483,40 +487,28 @@ def _stopped_message(run: Run) -> str:
     where = f"epoch {run.state.epoch + (1 if run.state.position else 0)}"
     if run.state.position:
         where += f", batch {run.state.position} of {len(run.batches)}"
-    return f"stopped at {where}; saved {run.run_dir / 'last.pt'}. Resume with: {resume_command(run.run_dir, run.process)}"
+    return (f"stopped at {where}; saved {run.run_dir / 'last.pt'}. Resume with: "
+            f"{resume_command(run.config, run.run_dir, run.process.world_size)}")
 
 
-def resume_command(run_dir: Path | str, process: Process) -> str:
-    """The command that continues this run: with `--nproc N` when N processes on this machine ran
-    it; a run over several machines goes on with the torchrun command that started it."""
-    if process.world_size == 1:
-        return f"nncli resume {run_dir}"
-    if local_processes(default=process.world_size) == process.world_size:
-        return f"nncli resume {run_dir} --nproc {process.world_size}"
-    return f"torchrun <the same options> -m nncli resume {run_dir}"
+def resume_command(config: Config, target: Path | str, processes: int) -> str:
+    """The command that continues a run of `config` from `target` (its directory or a checkpoint):
+    with `--nproc N` when N processes on this machine ran it (a run over several machines goes on
+    with the torchrun command that started it), and the options that let its checkpoint use its
+    plugins and data files, which nncli takes only from the command line."""
+    named = [f"--plugin {shown_path(Path(p)) if p.endswith('.py') else p}" for p in config.imported_plugins]
+    folders = [path if path.is_dir() else path.parent for path in data_paths(config)]
+    named += [f"--trust-data {shown_path(folder)}" for folder in dict.fromkeys(folders)
+              if not any(other in folder.parents for other in folders)]
+    options = "".join(f" {option}" for option in named)
+    if processes == 1:
+        return f"nncli resume {target}{options}"
+    if local_processes(default=processes) == processes:
+        return f"nncli resume {target} --nproc {processes}{options}"
+    return f"torchrun <the same options> -m nncli resume {target}{options}"
 
 
 # --- run directory and checkpoints -----------------------------------------------------------
-
-def new_run_dir(base: Path, name: str) -> Path:
-    """`<base>/<name>`, or `<name>-2`, `<name>-3`, ... so an earlier run is never overwritten."""
-    candidate, n = base / name, 1
-    while candidate.exists() and (not candidate.is_dir() or any(candidate.iterdir())):
-        n += 1
-        candidate = base / f"{name}-{n}"
-    try:
-        candidate.mkdir(parents=True, exist_ok=True)
-    except (NotADirectoryError, FileExistsError):
-        blocker = next((p for p in candidate.parents if p.exists() and not p.is_dir()), candidate)
-        raise ConfigError(f"cannot create the run directory {candidate}: {blocker} is a file",
-                          file=str(blocker), hint="Give --out (or checkpoint.dir) a folder.") from None
-    except OSError as err:  # a place the user cannot write to is bad input; a full disk is not
-        error = ConfigError if err.errno in (errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS) else RunError
-        raise error(f"cannot create the run directory: {err.strerror or err}", file=str(candidate),
-                    hint="Give --out (or checkpoint.dir) a folder you can write to." if error is ConfigError
-                    else None) from None
-    return candidate
-
 
 def resolved_config_text(config: Config) -> str:
     return yaml.safe_dump(to_plain(config.values), sort_keys=False)
@@ -541,13 +533,13 @@ def checkpoint_dict(run: Run) -> dict:
         "normalization": run.data.normalization,
         "data_fingerprint": run.data.fingerprint,
         "world_size": run.process.world_size,
-        "metrics": list(state.history),
+        "metrics_rows": len(state.history),  # metrics.csv's rows that belong to this state
         "versions": {"nncli": __version__, "torch": str(torch.__version__)},
     }
 
 
 def save_checkpoints(run: Run, best: bool, force: bool = False) -> None:
-    """last.pt and metrics.csv every `checkpoint.every` epochs, at the end, mid-epoch and when
+    """last.pt every `checkpoint.every` epochs, at the end, mid-epoch and when
     `force`d; best.pt when the monitored metric improved (kept in memory until the next last.pt
     when that is not this epoch, so a long run does not rewrite it every epoch); epoch_<N>.pt
     when `keep_last` asks. The main process only."""
@@ -573,14 +565,18 @@ def save_checkpoints(run: Run, best: bool, force: bool = False) -> None:
         run.pending_best = None
     if keep:
         write_atomic(data, run.run_dir / f"epoch_{state.epoch}.pt")
-        for old in sorted(run.run_dir.glob("epoch_*.pt"), key=lambda p: int(p.stem.split("_")[1]))[:-cfg["keep_last"]]:
-            old.unlink(missing_ok=True)
+        kept = {int(found.group(1)): path for path in run.run_dir.glob("epoch_*.pt")
+                if (found := EPOCH_CHECKPOINT.fullmatch(path.name))}  # only what save_checkpoints writes
+        for epoch in sorted(kept)[:-cfg["keep_last"]]:
+            kept[epoch].unlink(missing_ok=True)
     if write_last:
         write_atomic(data, run.run_dir / "last.pt")
-        write_metrics_csv(state.history, run.run_dir / "metrics.csv")  # in step with last.pt
         if run.config_changed:
             write_text_atomic(resolved_config_text(run.config), run.run_dir / "config.yaml")
             run.config_changed = False
+
+
+EPOCH_CHECKPOINT = re.compile(r"epoch_(\d+)\.pt")
 
 
 def _snapshot(ckpt: dict) -> dict:
@@ -588,16 +584,6 @@ def _snapshot(ckpt: dict) -> dict:
     tensors are copied (on the CPU, where a GPU run's best.pt waits without taking GPU memory);
     the rest of `checkpoint_dict` is built fresh on each call."""
     return {**ckpt, **{k: on_cpu(ckpt[k], copy=True) for k in ("model", "optimizer", "scheduler")}}
-
-
-def write_metrics_csv(history: list[dict], path: Path) -> None:
-    if not history:
-        return
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=history_columns(history), restval="", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    write_text_atomic(out.getvalue(), path)
 
 
 def train(config: Config, reporter: Reporter, *, device: str | None = None,
@@ -610,12 +596,15 @@ def train(config: Config, reporter: Reporter, *, device: str | None = None,
     return run
 
 
-def start_run_dir(run: Run, out_dir: Path | None) -> None:
-    """A new run directory (never an earlier run's) holding the resolved config.yaml; the main
-    process only."""
+def start_run_dir(run: Run, out_dir: Path | None, history: list[dict] = ()) -> None:
+    """A new run directory (never an earlier run's, never another's), locked for this process,
+    holding the resolved config.yaml and, when the run goes on from an earlier one, its `history`
+    in metrics.csv; the main process only."""
     if run.process.is_main:
-        run.run_dir = new_run_dir(out_dir or Path(run.config["checkpoint"]["dir"]), run.config["name"])
+        run.run_dir, run.lock = claim_run_dir(out_dir or Path(run.config["checkpoint"]["dir"]),
+                                              run.config["name"])
         write_text_atomic(resolved_config_text(run.config), run.run_dir / "config.yaml")
+        run.metrics_log = MetricsLog.restart(run.run_dir / "metrics.csv", list(history))
 
 
 def announce(run: Run, reporter: Reporter) -> None:
@@ -644,18 +633,23 @@ def run_fit(run: Run, reporter: Reporter) -> None:
                            else "warning: DDP processes ended with different weights")
     except BaseException as err:
         error = err
+        if is_peer_failure(err) and (rank := failed_process()) is not None:
+            raise RunError(f"stopped because process {rank} of the job failed") from None
         raise
     finally:
         reporter.close()
         for samples in (run.batches.data, run.val):
             if samples is not None:
                 samples.close()
+        if run.lock is not None:
+            run.lock.release()
         # an agreed stop ends every process at the same step; any other error may be this one's alone
-        end_process(run.process, together=error is None or isinstance(error, Interrupted))
+        end_process(run.process, together=error is None or isinstance(error, Interrupted), error=error)
 
 
 def restore(run: Run, ckpt: dict, path: Path) -> None:
-    """Put a run back exactly where the checkpoint `path` left it (model, optimizer, schedule, RNGs)."""
+    """Put a run back exactly where the checkpoint `path` left it (model, optimizer, schedule, RNGs),
+    its history read from the metrics.csv beside `path` (the rows the checkpoint counts as its own)."""
     with fitting_its_config(path):  # what an edited file can break
         run.model.load_state_dict(ckpt["model"])
         run.optimizer.load_state_dict(ckpt["optimizer"])
@@ -666,5 +660,20 @@ def restore(run: Run, ckpt: dict, path: Path) -> None:
         restore_rng(ckpt["rng"], generator_devices(run.step_model, run.device))
         run.batches.generator.set_state(ckpt["rng"]["data"])
     saved = {f.name: ckpt[f.name] for f in fields(TrainState) if f.name != "history"}
-    run.state = TrainState(**saved, history=list(ckpt["metrics"]))
+    run.state = TrainState(**saved, history=saved_history(ckpt, path))
     run.epoch_shuffle = ckpt["rng"]["data"]
+
+
+def saved_history(ckpt: dict, path: Path) -> list[dict]:
+    """The metrics rows of the epochs a checkpoint has trained: from the metrics.csv beside it
+    (files written before metrics.csv was appended to hold them themselves); what is missing
+    from that file is said, and the run goes on without it."""
+    if "metrics" in ckpt:
+        return list(ckpt["metrics"])
+    rows = ckpt["metrics_rows"]
+    history = read_history(path.parent / "metrics.csv", rows)
+    if history is None or len(history) < rows:
+        warnings.warn(f"{path.parent / 'metrics.csv'} holds {len(history or [])} of the {rows} epochs of "
+                      f"metrics that {path.name} has trained; the run goes on exactly, but its metrics.csv "
+                      "lacks the rest")
+    return history or []

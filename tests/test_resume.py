@@ -241,7 +241,7 @@ def test_a_layer_with_extra_state_resumes(tmp_path):
     text = "plugins: [counted.py]\n" + TINY_REGRESSION.replace("{type: Linear,", "{type: CountedLinear,")
     config, run = train_config(tmp_path, text.replace("epochs: 3", "epochs: 2"), "counted")
     assert load(run / "last.pt")["model"]["0._extra_state"] == {"calls": 6}  # 2 epochs of 3 steps
-    ok(run_nncli("resume", run, "--epochs", "3", cwd=tmp_path))
+    ok(run_nncli("resume", run, "--epochs", "3", "--plugin", "counted.py", cwd=tmp_path))
     assert load(run / "last.pt")["model"]["0._extra_state"] == {"calls": 9}
 
 

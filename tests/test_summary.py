@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 import nncli
@@ -229,7 +231,9 @@ def test_validate_every_shipped_config(cli, path):
     result = cli("validate", path)
     assert result.exit_code == 0, result.stderr
     assert result.stdout.startswith(f"ok: {path}: ")
-    assert result.stderr == ""
+    plugins = yaml.safe_load(path.read_text()).get("plugins", [])
+    assert result.stderr == "".join(f"plugins: imported {(path.parent / p).resolve().relative_to(Path.cwd())} (Python code that the "
+                                    "config names)\n" for p in plugins)
 
 
 def test_validate_one_line_summary(cli):

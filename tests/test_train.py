@@ -247,14 +247,14 @@ def test_eval_and_resume_warn_when_the_data_changed_since_training(tmp_path):
     run = tmp_path / "runs" / "points"
     ok(run_nncli("train", config, "--out", tmp_path / "runs", "-q", cwd=tmp_path))
     assert re.fullmatch(r"crc32:[0-9a-f]{8} train:30 val:10", load(run / "last.pt")["data_fingerprint"])
-    assert ok(run_nncli("eval", run, cwd=tmp_path)).stderr == ""
+    assert ok(run_nncli("eval", run, "--trust-data", tmp_path, cwd=tmp_path)).stderr == ""
 
     data.write_text(data.read_text().replace("\n3,3,9\n", "\n3,3,10\n"))  # one target edited
-    changed = ok(run_nncli("eval", run, cwd=tmp_path))
+    changed = ok(run_nncli("eval", run, "--trust-data", tmp_path, cwd=tmp_path))
     assert changed.stderr.splitlines() == [
         "warning: the run's data has changed since it was trained (a data file was edited or replaced?); "
         "these results are not comparable with its metrics.csv"]
-    resumed = ok(run_nncli("resume", run, "--epochs", "3", "-q", cwd=tmp_path))
+    resumed = ok(run_nncli("resume", run, "--epochs", "3", "-q", "--trust-data", tmp_path, cwd=tmp_path))
     assert resumed.stderr.splitlines() == [
         "warning: the run's data has changed since it was saved (a data file was edited or replaced?); "
         "training continues on the new data, so it will not reproduce an uninterrupted run"]
@@ -292,7 +292,8 @@ def test_running_out_of_device_memory_is_exit_1_with_a_hint(tmp_path):
         """)
     done = run_nncli("train", config, "--out", tmp_path / "runs", "-q", cwd=tmp_path)  # 4 steps an epoch
     assert done.returncode == 1
-    assert done.stderr == ("error: out of memory training on cpu: CUDA out of memory. Tried to allocate "
+    assert done.stderr == ("plugins: imported oom.py (Python code that the config names)\n"
+                           "error: out of memory training on cpu: CUDA out of memory. Tried to allocate "
                            "20.00 GiB. Lower train.batch_size (train.accumulate keeps the effective batch "
                            "size), or train.eval_batch_size if it failed in validation, or set amp: bf16. "
                            "The checkpoints of earlier epochs are unchanged.\n")
@@ -318,7 +319,8 @@ def test_a_model_too_big_for_the_cpu_is_exit_1_with_a_hint(tmp_path):
     assert invoke("validate", config).exit_code == 0
     done = run_nncli("train", config, "--out", tmp_path / "runs", cwd=tmp_path)
     assert done.returncode == 1
-    assert done.stderr == ("error: out of memory building the model on the CPU: [enforce fail at alloc_cpu.cpp:127] "
+    assert done.stderr == ("plugins: imported huge.py (Python code that the config names)\n"
+                           "error: out of memory building the model on the CPU: [enforce fail at alloc_cpu.cpp:127] "
                            "data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 40000000000 "
                            "bytes. `nncli summary` shows its size without building it; use a smaller model, or a "
                            "machine with more memory.\n")
@@ -357,7 +359,7 @@ def test_validation_batches_are_eval_batch_size(tmp_path):
     assert invoke("train", config, "--out", tmp_path / "runs", "-q").exit_code == 0
     assert (tmp_path / "records.log").read_text().split() == ["8", "8", "8", "6"] * 2  # 30 samples, 2 epochs
     (tmp_path / "records.log").unlink()
-    assert invoke("eval", tmp_path / "runs" / "config").exit_code == 0
+    assert invoke("eval", tmp_path / "runs" / "config", "--plugin", tmp_path / "records.py").exit_code == 0
     assert (tmp_path / "records.log").read_text().split() == ["8", "8", "8", "6"]
     default = invoke("train", config, "--set", "train.eval_batch_size=null", "--epochs", "1", "--out",
                      tmp_path / "runs", "-q")
@@ -553,7 +555,7 @@ def test_a_second_train_gets_a_new_run_directory(tmp_path):
     assert invoke("train", config, "--out", out, "--quiet", "--epochs", 1).exit_code == 0
     first = out / "tiny"
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in first.iterdir()}
-    assert set(before) == {"config.yaml", "metrics.csv", "last.pt", "best.pt"}
+    assert set(before) == {"config.yaml", "metrics.csv", "last.pt", "best.pt", ".lock"}
 
     second = invoke("train", config, "--out", out, "--quiet", "--epochs", 2)
     assert second.exit_code == 0
