@@ -208,7 +208,7 @@ def load_checkpoint(path: Path) -> dict:
                           "`nncli resume WEIGHTS --config CONFIG`)", file=str(path))
     if isinstance(ckpt.get("train_state"), dict):  # earlier files nested where the run stood in it
         ckpt.update(ckpt.pop("train_state"))
-    if (problem := _field_problem(ckpt)) is not None:
+    if (problem := _field_problem(ckpt) or _value_problem(ckpt)) is not None:
         raise ConfigError(f"the checkpoint {problem}; it is damaged, edited or from another tool",
                           file=str(path))
     return ckpt
@@ -236,6 +236,41 @@ def _field_problem(ckpt: dict) -> str | None:
     if ckpt.get("normalization") is not None and not all(
             isinstance(ckpt["normalization"].get(key), torch.Tensor) for key in ("mean", "std")):
         return "has a 'normalization' without its 'mean' and 'std' tensors"
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _value_problem(ckpt: dict) -> str | None:
+    """Values of the right type that no run writes (after `_field_problem`): a file edited by hand
+    would otherwise crash later, or resume from where no run stood."""
+    for key in ("epoch", "step", "bad_epochs"):
+        if ckpt[key] < 0:
+            return f"has '{key}': {ckpt[key]}, below 0"
+    if ckpt.get("world_size", 1) < 1:
+        return f"has 'world_size': {ckpt['world_size']}; a run has 1 process or more"
+    shape = ckpt["input_shape"]
+    if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+        return f"has 'input_shape': {shape}; expected one sample's shape, a list of positive integers"
+    best = ckpt["best"]
+    if best.get("value") is not None and not _is_number(best["value"]):
+        return f"has a 'best' value of {best['value']!r}, not a number"
+    if best.get("epoch") is not None and not (isinstance(best["epoch"], int) and not isinstance(best["epoch"], bool)
+                                              and 1 <= best["epoch"] <= ckpt["epoch"]):
+        return f"has a 'best' epoch of {best['epoch']!r}; expected one of the {ckpt['epoch']} epochs run"
+    for key in ("epoch_losses", "epoch_lrs"):
+        if not all(_is_number(value) for value in ckpt[key]):
+            return f"has '{key}' that are not all numbers"
+    if (normalization := ckpt["normalization"]) is not None:
+        mean, std = normalization["mean"], normalization["std"]
+        if list(mean.shape) != shape or list(std.shape) != shape:
+            return (f"has a 'normalization' of shape {list(mean.shape)} (mean) and {list(std.shape)} (std), "
+                    f"but the model's input is {shape}")
+        if not (mean.is_floating_point() and std.is_floating_point() and bool(torch.isfinite(mean).all())
+                and bool(torch.isfinite(std).all()) and bool((std > 0).all())):
+            return "has a 'normalization' whose mean is not finite or whose std is not positive"
     return None
 
 

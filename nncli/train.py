@@ -37,7 +37,7 @@ from nncli.errors import ConfigError, Interrupted, RunError, first_line, stop_si
 from nncli.metrics import TOPK, check_metric_name, create_metric, higher_is_better
 from nncli.model import ModelPlan, plan_model
 from nncli.optim import (CLASS_INDEX_LOSSES, ParamGroup, Schedule, create_loss, create_optimizer, create_schedule,
-                         loss_name, monitored_metric, recorded_metrics)
+                         loss_name, monitored_metric, optimizer_state_problem, recorded_metrics)
 from nncli.reporting import Reporter, history_columns
 from nncli.samples import Batches, Samples
 from nncli.yamlio import to_plain
@@ -658,6 +658,9 @@ def restore(run: Run, ckpt: dict, path: Path) -> None:
     """Put a run back exactly where the checkpoint `path` left it (model, optimizer, schedule, RNGs)."""
     with fitting_its_config(path):  # what an edited file can break
         run.model.load_state_dict(ckpt["model"])
+        names = {id(p): name for name, p in run.model.named_parameters()}
+        if (problem := optimizer_state_problem(run.optimizer, ckpt["optimizer"], names)) is not None:
+            raise ValueError(problem)  # torch would take it, and fail at the first step
         run.optimizer.load_state_dict(ckpt["optimizer"])
         if run.scaler and ckpt.get("scaler"):
             run.scaler.load_state_dict(ckpt["scaler"])
