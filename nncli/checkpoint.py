@@ -70,12 +70,21 @@ def write_atomic(data: bytes | memoryview, path: Path) -> None:
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        _remove_quietly(tmp)
         raise RunError(f"cannot write {path}: {err.strerror or err}; the previous file, if any, "
                        "is unchanged", file=str(path)) from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove_quietly(tmp)
         raise
+
+
+def _remove_quietly(path: Path) -> None:
+    """Delete a temporary file if it is there. Failing to must not hide why the write failed: a
+    read-only file system refuses even to delete a file that does not exist."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -117,6 +126,7 @@ def load_file(path: Path) -> Any:
     if is_zip:  # torch's reader does not check the archive's CRCs; do it here
         try:
             with zipfile.ZipFile(path) as archive:
+                refuse_inflating(archive, path)  # before testzip, which inflates every entry
                 bad = archive.testzip()
         except (zipfile.BadZipFile, OSError, EOFError) as err:
             bad = f"({err})"
@@ -139,6 +149,18 @@ def load_file(path: Path) -> Any:
             reason = "it is not a file written by torch.save"
         raise ConfigError(f"not a readable checkpoint (truncated or corrupted?): {reason}",
                           file=str(path)) from None
+
+
+def refuse_inflating(archive: zipfile.ZipFile, path: Path) -> None:
+    """torch.save stores its archive's entries uncompressed, so together they are never larger
+    than the file. Entries that would inflate beyond it (read from the archive's directory, before
+    anything is inflated) were not written by torch.save, and reading them could take minutes
+    and gigabytes: a 0.9 MB file inflated to 800 MB."""
+    inflated, size = sum(info.file_size for info in archive.infolist()), path.stat().st_size
+    if inflated > size:
+        raise ConfigError(f"refused to load: its entries would inflate to {inflated:,} bytes, and the file "
+                          f"has {size:,}; torch.save stores them uncompressed, so it did not write this "
+                          "archive", file=str(path))
 
 
 _TEMPORARY = re.compile(r"^\..+\.(\d+)\.tmp$")  # write_atomic's `.<name>.<pid>.tmp`
@@ -193,6 +215,7 @@ def holds_checkpoint(path: Path) -> bool:
     reading a large file twice. Files not in torch's zip format are loaded (and checked) whole."""
     try:
         with zipfile.ZipFile(path) as archive:
+            refuse_inflating(archive, path)
             pickle_name = next(name for name in archive.namelist() if name.endswith("/data.pkl"))
             return FORMAT.encode() in archive.read(pickle_name)
     except (zipfile.BadZipFile, StopIteration, OSError):

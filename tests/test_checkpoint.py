@@ -384,3 +384,45 @@ def test_an_optimizer_state_that_does_not_fit_is_refused_on_resume(tmp_path, opt
     assert result.stderr == (f"error: {run / 'last.pt'}: the checkpoint does not fit the run its own config "
                              f"describes ({problem}); was it edited?\n")
     assert snapshot(run) == before
+
+
+def test_an_archive_that_inflates_far_beyond_its_size_is_refused_at_once(tmp_path):
+    """A 0.8 MB file whose data.pkl inflates to 800 MB: torch.save stores its entries
+    uncompressed, so eval and resume refuse it from the archive's directory, before inflating
+    anything (eval ran for minutes at 2 GB)."""
+    bomb = tmp_path / "model.pt"
+    zeros = bytes(1 << 20)
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/version", "3\n")
+        with archive.open("archive/data.pkl", "w") as f:
+            for _ in range(800):
+                f.write(zeros)
+    size = bomb.stat().st_size
+    assert size < 1_000_000
+    for command in ("eval", "resume"):
+        started = time.monotonic()
+        result = run_nncli(command, bomb, cwd=tmp_path, timeout=120)
+        assert time.monotonic() - started < 30  # the issue's bound: refused in seconds, whatever the machine
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert result.stderr == (f"error: {bomb}: refused to load: its entries would inflate to 838,860,802 bytes, "
+                                 f"and the file has {size:,}; torch.save stores them uncompressed, so it did not "
+                                 "write this archive\n")
+    assert snapshot(tmp_path) == {"model.pt": bomb.read_bytes()}
+
+
+def test_a_read_only_run_directory_says_it_cannot_write(trained, tmp_path):
+    """On a read-only file system even deleting the temporary file that was never created fails;
+    that failure hid the message saying which file could not be written."""
+    run = shutil.copytree(trained, tmp_path / "run")
+    before = snapshot(run)
+    # the run directory mounted read-only, in a user namespace of its own (no privileges needed)
+    mount = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+             'mount --bind -o ro "$1" "$1" && shift && exec "$@"', "sh", str(run)]
+    if shutil.which("unshare") is None or subprocess.run([*mount, "true"], capture_output=True).returncode:
+        pytest.skip("needs unshare and user namespaces to mount a folder read-only")
+    result = subprocess.run([*mount, *nncli_argv("resume", run, "--epochs", "4")], cwd=tmp_path, env=ENV,
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr == (f"error: {run / 'metrics.csv'}: cannot write {run / 'metrics.csv'}: Read-only file "
+                             "system; the previous file, if any, is unchanged\n")
+    assert snapshot(run) == before
