@@ -90,6 +90,11 @@ class Run:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators. rich draws from Python's when first imported
+    (rich.style), which a run that prints would do after this: imported first, so that the states
+    saved in checkpoints do not depend on --quiet."""
+    import rich.style  # noqa: F401
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

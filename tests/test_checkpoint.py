@@ -426,3 +426,15 @@ def test_a_read_only_run_directory_says_it_cannot_write(trained, tmp_path):
     assert result.stderr == (f"error: {run / 'metrics.csv'}: cannot write {run / 'metrics.csv'}: Read-only file "
                              "system; the previous file, if any, is unchanged\n")
     assert snapshot(run) == before
+
+
+def test_the_saved_random_state_does_not_depend_on_quiet(tmp_path):
+    """Importing rich (for the output that --quiet leaves out) draws from Python's generator: it
+    changed the `rng.python` state saved after seeding."""
+    config = write_config(tmp_path, TINY_REGRESSION, "tiny.yaml")
+    ok(run_nncli("train", config, "--out", tmp_path / "quiet", "--quiet", cwd=tmp_path))
+    ok(run_nncli("train", config, "--out", tmp_path / "talking", cwd=tmp_path))
+    quiet, talking = (load(tmp_path / out / "tiny" / "last.pt")["rng"] for out in ("quiet", "talking"))
+    assert quiet["python"] == talking["python"]
+    random.seed(0)  # the config's seed: training itself draws nothing from Python's generator
+    assert tuple(quiet["python"][1]) == random.getstate()[1]
