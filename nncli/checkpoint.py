@@ -126,7 +126,7 @@ def load_file(path: Path) -> Any:
     if is_zip:  # torch's reader does not check the archive's CRCs; do it here
         try:
             with zipfile.ZipFile(path) as archive:
-                refuse_inflating(archive, path)  # before testzip, which inflates every entry
+                _refuse_inflating(archive, path)  # before testzip, which inflates every entry
                 bad = archive.testzip()
         except (zipfile.BadZipFile, OSError, EOFError) as err:
             bad = f"({err})"
@@ -151,7 +151,7 @@ def load_file(path: Path) -> Any:
                           file=str(path)) from None
 
 
-def refuse_inflating(archive: zipfile.ZipFile, path: Path) -> None:
+def _refuse_inflating(archive: zipfile.ZipFile, path: Path) -> None:
     """torch.save stores its archive's entries uncompressed, so together they are never larger
     than the file. Entries that would inflate beyond it (read from the archive's directory, before
     anything is inflated) were not written by torch.save, and reading them could take minutes
@@ -215,7 +215,7 @@ def holds_checkpoint(path: Path) -> bool:
     reading a large file twice. Files not in torch's zip format are loaded (and checked) whole."""
     try:
         with zipfile.ZipFile(path) as archive:
-            refuse_inflating(archive, path)
+            _refuse_inflating(archive, path)
             pickle_name = next(name for name in archive.namelist() if name.endswith("/data.pkl"))
             return FORMAT.encode() in archive.read(pickle_name)
     except (zipfile.BadZipFile, StopIteration, OSError):

@@ -177,7 +177,7 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
         try:
             return _load(FastLoader, text, source)
         except yaml.YAMLError:
-            return _load(Loader, text, source)  # raises again, saying more (see the module's doc)
+            return _load(Loader, text, source)  # its errors say more (see the module's doc)
     except ConfigError as err:
         err.file = source
         if one_line:
