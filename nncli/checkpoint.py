@@ -70,12 +70,21 @@ def write_atomic(data: bytes | memoryview, path: Path) -> None:
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        _remove_quietly(tmp)
         raise RunError(f"cannot write {path}: {err.strerror or err}; the previous file, if any, "
                        "is unchanged", file=str(path)) from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove_quietly(tmp)
         raise
+
+
+def _remove_quietly(path: Path) -> None:
+    """Delete a temporary file if it is there. Failing to must not hide why the write failed: a
+    read-only file system refuses even to delete a file that does not exist."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -117,6 +126,7 @@ def load_file(path: Path) -> Any:
     if is_zip:  # torch's reader does not check the archive's CRCs; do it here
         try:
             with zipfile.ZipFile(path) as archive:
+                _refuse_inflating(archive, path)  # before testzip, which inflates every entry
                 bad = archive.testzip()
         except (zipfile.BadZipFile, OSError, EOFError) as err:
             bad = f"({err})"
@@ -139,6 +149,18 @@ def load_file(path: Path) -> Any:
             reason = "it is not a file written by torch.save"
         raise ConfigError(f"not a readable checkpoint (truncated or corrupted?): {reason}",
                           file=str(path)) from None
+
+
+def _refuse_inflating(archive: zipfile.ZipFile, path: Path) -> None:
+    """torch.save stores its archive's entries uncompressed, so together they are never larger
+    than the file. Entries that would inflate beyond it (read from the archive's directory, before
+    anything is inflated) were not written by torch.save, and reading them could take minutes
+    and gigabytes: a 0.9 MB file inflated to 800 MB."""
+    inflated, size = sum(info.file_size for info in archive.infolist()), path.stat().st_size
+    if inflated > size:
+        raise ConfigError(f"refused to load: its entries would inflate to {inflated:,} bytes, and the file "
+                          f"has {size:,}; torch.save stores them uncompressed, so it did not write this "
+                          "archive", file=str(path))
 
 
 _TEMPORARY = re.compile(r"^\..+\.(\d+)\.tmp$")  # write_atomic's `.<name>.<pid>.tmp`
@@ -193,6 +215,7 @@ def holds_checkpoint(path: Path) -> bool:
     reading a large file twice. Files not in torch's zip format are loaded (and checked) whole."""
     try:
         with zipfile.ZipFile(path) as archive:
+            _refuse_inflating(archive, path)
             pickle_name = next(name for name in archive.namelist() if name.endswith("/data.pkl"))
             return FORMAT.encode() in archive.read(pickle_name)
     except (zipfile.BadZipFile, StopIteration, OSError):
@@ -208,7 +231,7 @@ def load_checkpoint(path: Path) -> dict:
                           "`nncli resume WEIGHTS --config CONFIG`)", file=str(path))
     if isinstance(ckpt.get("train_state"), dict):  # earlier files nested where the run stood in it
         ckpt.update(ckpt.pop("train_state"))
-    if (problem := _field_problem(ckpt)) is not None:
+    if (problem := _field_problem(ckpt) or _value_problem(ckpt)) is not None:
         raise ConfigError(f"the checkpoint {problem}; it is damaged, edited or from another tool",
                           file=str(path))
     return ckpt
@@ -243,6 +266,41 @@ def _field_problem(ckpt: dict) -> str | None:
     if ckpt.get("normalization") is not None and not all(
             isinstance(ckpt["normalization"].get(key), torch.Tensor) for key in ("mean", "std")):
         return "has a 'normalization' without its 'mean' and 'std' tensors"
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _value_problem(ckpt: dict) -> str | None:
+    """Values of the right type that no run writes (after `_field_problem`): a file edited by hand
+    would otherwise crash later, or resume from where no run stood."""
+    for key in ("epoch", "step", "bad_epochs"):
+        if ckpt[key] < 0:
+            return f"has '{key}': {ckpt[key]}, below 0"
+    if ckpt.get("world_size", 1) < 1:
+        return f"has 'world_size': {ckpt['world_size']}; a run has 1 process or more"
+    shape = ckpt["input_shape"]
+    if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+        return f"has 'input_shape': {shape}; expected one sample's shape, a list of positive integers"
+    best = ckpt["best"]
+    if best.get("value") is not None and not _is_number(best["value"]):
+        return f"has a 'best' value of {best['value']!r}, not a number"
+    if best.get("epoch") is not None and not (isinstance(best["epoch"], int) and not isinstance(best["epoch"], bool)
+                                              and 1 <= best["epoch"] <= ckpt["epoch"]):
+        return f"has a 'best' epoch of {best['epoch']!r}; expected one of the {ckpt['epoch']} epochs run"
+    for key in ("epoch_losses", "epoch_lrs"):
+        if not all(_is_number(value) for value in ckpt[key]):
+            return f"has '{key}' that are not all numbers"
+    if (normalization := ckpt["normalization"]) is not None:
+        mean, std = normalization["mean"], normalization["std"]
+        if list(mean.shape) != shape or list(std.shape) != shape:
+            return (f"has a 'normalization' of shape {list(mean.shape)} (mean) and {list(std.shape)} (std), "
+                    f"but the model's input is {shape}")
+        if not (mean.is_floating_point() and std.is_floating_point() and bool(torch.isfinite(mean).all())
+                and bool(torch.isfinite(std).all()) and bool((std > 0).all())):
+            return "has a 'normalization' whose mean is not finite or whose std is not positive"
     return None
 
 

@@ -86,12 +86,20 @@ def amp_hint(value: Any) -> str | None:
 
 DEVICES = "auto, cpu, cuda, cuda:N or mps"
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:(0|[1-9][0-9]*))?")
+MAX_GPU_INDEX = 127  # torch keeps a device index in 8 bits: cuda:128 would wrap round to cuda:-128
 
 
 def device_name(value: Any) -> str | None:
     """The syntax of `device:` and `--device`; whether the device is there is checked when
     training starts (devices.resolve_device)."""
-    return None if _DEVICE.fullmatch(value) else f"must be {DEVICES}"
+    if not _DEVICE.fullmatch(value):
+        return f"must be {DEVICES}"
+    return "must be a GPU index that torch can take" if _gpu_index_too_large(value) else None
+
+
+def _gpu_index_too_large(value: str) -> bool:
+    kind, _, index = value.partition(":")
+    return kind == "cuda" and _is_index(index) and int(index) > MAX_GPU_INDEX
 
 
 def device_hint(value: Any) -> str | None:
@@ -99,6 +107,8 @@ def device_hint(value: Any) -> str | None:
     text = str(value).strip().lower()
     if not text:
         return "Use auto to pick CUDA, else MPS, else the CPU."
+    if _gpu_index_too_large(text):
+        return f"torch numbers GPUs from 0 to {MAX_GPU_INDEX}; nvidia-smi lists this machine's."
     if _is_index(text):
         return f"Did you mean 'cuda:{int(text)}'?"
     kind, colon, index = text.partition(":")

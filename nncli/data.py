@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import math
+import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -21,6 +22,7 @@ from torch import nn
 from nncli.annotations import value_kind
 from nncli.config import (NUMBER, REQUIRED, SECTION_KEYS, Config, Key, check_section, fraction, non_negative,
                           one_of, positive)
+from nncli.devices import usable_cpus
 from nncli.errors import ConfigError, did_you_mean
 from nncli.optim import CLASS_INDEX_LOSSES, loss_name
 from nncli.registry import Registry
@@ -100,10 +102,23 @@ def read_csv_rows(path: Path, delimiter: str) -> tuple[list[str], list[list[str]
     return header, [row for row in rows[1:] if any(cell.strip() for cell in row)]
 
 
+def one_delimiter(value: str) -> str | None:
+    """A CSV delimiter is one character, not the quote or a line break (csv.reader's rules)."""
+    if len(value) != 1:
+        return "must be one character"
+    return "cannot be a quote or a line break" if value in "\"\r\n" else None
+
+
+def delimiter_hint(value: str) -> str:
+    return "For example delimiter: ';' (a tab: delimiter: \"\\t\")."
+
+
 @source("csv", paths=("path",), path=Key((str,), REQUIRED), target=Key((str, list), REQUIRED),
-        features=Key((list, type(None)), None), delimiter=Key((str,), ","))
+        features=Key((list, type(None)), None), delimiter=Key((str,), ",", one_delimiter, hint=delimiter_hint))
 def load_csv(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """A CSV file with a header row; `target` names the label column(s), `features` the inputs."""
+    """A CSV file with a header row; `target` names the label column(s), `features` the inputs
+    (default: every other column; the list read is put in `options`, so that the run's config
+    records which columns its model takes). Linear in the number of cells."""
     path = ctx.path(options)
     try:
         header, body = read_csv_rows(path, options["delimiter"])
@@ -120,41 +135,70 @@ def load_csv(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.Ten
                                 hint=f"Quote a column named by a number: '{name}'." if isinstance(name, (int, float))
                                 else None)
     targets = options["target"] if isinstance(options["target"], list) else [options["target"]]
-    features = options["features"] or [h for h in header if h not in targets]
-    if set(features) & set(targets):
-        raise ctx.error(f"column '{sorted(set(features) & set(targets))[0]}' is both a feature and "
+    target_set = set(targets)
+    features = options["features"] or [h for h in header if h not in target_set]
+    if set(features) & target_set:
+        raise ctx.error(f"column '{sorted(set(features) & target_set)[0]}' is both a feature and "
                         "a target; the model would see the answer", "features")
     if len(header) == 1 and options["delimiter"] == "," and any(d in header[0] for d in ";\t|"):
         raise ctx.error(f"{path.name} has a single column '{header[0]}'", "path",
                         hint="Set delimiter: to the file's separator, e.g. delimiter: ';'.")
+    columns: dict[str, int] = {}
+    for i, name in enumerate(header):
+        columns.setdefault(name, i)  # a name given twice: its first column
     for key, names in (("target", targets), ("features", features)):
         for name in names:
-            if name not in header:
-                raise ctx.error(f"column '{name}' is not in {path.name} (columns: {', '.join(header)})",
-                                key, hint=did_you_mean(str(name), header))
-    columns = {name: header.index(name) for name in header}
+            if name not in columns:
+                raise ctx.error(f"column '{name}' is not in {path.name} (columns: {_listed(header)})",
+                                key, hint=_column_hint(name, header))
+    short = next((r for r, row in enumerate(body) if len(row) != len(header)), None)
+    if short is not None:
+        raise ctx.error(f"{path.name} row {short + 2} has {len(body[short])} cells, the header has "
+                        f"{len(header)}", "path")
 
     def numbers(names: list[str]) -> torch.Tensor:
-        out = np.empty((len(body), len(names)), dtype=np.float32)
-        for r, row in enumerate(body):
-            if len(row) != len(header):
-                raise ctx.error(f"{path.name} row {r + 2} has {len(row)} cells, the header has "
-                                f"{len(header)}", "path")
-            for c, name in enumerate(names):
-                cell = row[columns[name]].strip()
-                try:
-                    out[r, c] = value = float(cell)
-                except ValueError:
-                    raise ctx.error(f"{path.name} row {r + 2}, column '{name}': '{cell}' is not a "
-                                    "number", "path") from None
-                if not math.isfinite(value):
-                    raise ctx.error(f"{path.name} row {r + 2}, column '{name}': '{cell}' is not a finite "
-                                    "number; a NaN or infinite value makes the loss NaN", "path",
-                                    hint="Remove or fill in that row.")
-        return torch.from_numpy(out)
+        index = [columns[name] for name in names]
+        cells = [[row[i] for i in index] for row in body]
+        try:
+            values = np.array(cells, dtype=np.float64)  # float() of each cell, spaces allowed
+        except ValueError:
+            r, c = next((r, c) for r, row in enumerate(cells) for c, cell in enumerate(row) if not _is_number(cell))
+            raise ctx.error(f"{path.name} row {r + 2}, column '{names[c]}': '{cells[r][c].strip()}' is not a "
+                            "number", "path") from None
+        if not (finite := np.isfinite(values)).all():
+            r, c = np.argwhere(~finite)[0]
+            raise ctx.error(f"{path.name} row {r + 2}, column '{names[c]}': '{cells[r][c].strip()}' is not a "
+                            "finite number; a NaN or infinite value makes the loss NaN", "path",
+                            hint="Remove or fill in that row.")
+        return torch.from_numpy(values.astype(np.float32))
 
     y = numbers(targets)
+    options["features"] = list(features)
     return numbers(features), y[:, 0] if len(targets) == 1 else y
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+LISTED_COLUMNS = 20  # an error about a wide file names its first columns, not a million
+
+
+def _listed(header: list[str]) -> str:
+    shown = ", ".join(header[:LISTED_COLUMNS])
+    return shown if len(header) <= LISTED_COLUMNS else f"{shown}, ... {len(header):,} in all"
+
+
+def _column_hint(name: str, header: list[str]) -> str | None:
+    """'Did you mean ...?' among the columns whose names are about as long (a close spelling is),
+    the closest in length first, at most 100,000: comparing with every name of a 10^6-column
+    header would take seconds."""
+    near = sorted((h for h in header if abs(len(h) - len(name)) <= 2), key=lambda h: abs(len(h) - len(name)))
+    return did_you_mean(name, near[:100_000])
 
 
 @source("npz", paths=("path",), path=Key((str,), REQUIRED), x=Key((str,), "x"), y=Key((str,), "y"))
@@ -173,7 +217,12 @@ def load_npz(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.Ten
         if options[key] not in arrays.files:
             raise ctx.error(f"{path.name} has no array '{options[key]}' (it has: "
                             f"{', '.join(arrays.files)})", key)
-        out.append(_numeric_tensor(arrays[options[key]], ctx, key))
+        try:  # each array is read here, when asked for
+            array = arrays[options[key]]
+        except Exception as err:
+            raise ctx.error(f"{path.name}: array '{options[key]}' cannot be read: {_array_problem(err)}", key,
+                            hint=_OBJECT_HINT if _holds_objects(err) else None) from None
+        out.append(_numeric_tensor(array, ctx, key))
     return out[0], out[1]
 
 
@@ -196,20 +245,49 @@ def load_npy(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.Ten
                 raise ValueError(f"it is an .npz archive (arrays: {', '.join(array.files)}); "
                                  f"use source: npz with path: {options[key]}")
         except Exception as err:
-            raise ctx.error(f"{path.name} is not a readable .npy file: {err}", key) from None
+            raise ctx.error(f"{path.name} is not a readable .npy file: {_array_problem(err)}", key,
+                            hint=_OBJECT_HINT if _holds_objects(err) else None) from None
         if mapped and not array.flags.c_contiguous:  # a copy would read the whole file into memory
             raise ctx.error(f"{path.name} is stored in Fortran order; a memory map can only read it "
                             "row by row in C order", key, hint="Re-save it with "
                             "np.save(path, np.ascontiguousarray(x)), or remove mmap.")
+        if mapped and not array.dtype.isnative:
+            raise ctx.error(f"{path.name} is stored {_BYTE_ORDER[array.dtype.byteorder]}; a memory map "
+                            "reads it as stored, and torch takes this machine's byte order", key,
+                            hint="Re-save it with np.save(path, x.astype(x.dtype.newbyteorder('='))), "
+                                 "or remove mmap.")
         out.append(_numeric_tensor(array, ctx, key))
         if mapped:
             ctx.mapped_file = path
     return out[0], out[1]
 
 
+_BYTE_ORDER = {">": "big-endian", "<": "little-endian"}
+_OBJECT_HINT = "Save numbers: e.g. np.save(path, np.asarray(x, dtype=np.float32))."
+
+
+def _holds_objects(err: Exception) -> bool:
+    return "allow_pickle" in str(err)
+
+
+def _array_problem(err: Exception) -> str:
+    """Why NumPy cannot read an array, in words: an object array is refused unread (reading it
+    would unpickle it, which can run code)."""
+    if _holds_objects(err):
+        return "it holds Python objects (dtype object), which only pickle can read, and nncli never unpickles data"
+    return str(err) or type(err).__name__
+
+
 def _numeric_tensor(array: np.ndarray, ctx: SourceContext, key: str) -> torch.Tensor:
+    """A tensor of the array's real numbers or booleans, in this machine's byte order."""
+    if np.issubdtype(array.dtype, np.complexfloating):  # torch would drop the imaginary parts with a warning
+        raise ctx.error(f"array '{key}' holds complex numbers ({array.dtype}); a model trains on real numbers",
+                        key, hint="Give the real and imaginary parts as two features: "
+                                  "np.stack([x.real, x.imag], axis=-1).")
     if not np.issubdtype(array.dtype, np.number) and array.dtype != bool:
         raise ctx.error(f"array '{key}' holds {array.dtype}, not numbers", key)
+    if not array.dtype.isnative:  # valid data (written on a big-endian machine, say); torch reads native only
+        array = array.astype(array.dtype.newbyteorder("="))
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
@@ -446,11 +524,17 @@ def load_data(config: Config, normalization: dict | None = None, *, scan: bool =
 
 
 def _check_loader(options: dict, config: Config) -> None:
+    """`workers` only with `loader: dataloader`, and no more of them than CPUs to run them (the
+    `options` then say how many run)."""
     if options["workers"] and options["loader"] == "memory":
         raise config.error(f"workers: {options['workers']} does nothing with loader: memory (the data "
                            "is indexed where it lies; no worker reads it)", "data", "workers",
                            hint="Add loader: dataloader to read batches in worker processes, or remove "
                                 "workers (on the command line: --set data.workers=0).")
+    if options["workers"] > (cpus := usable_cpus()):
+        warnings.warn(str(config.error(f"{options['workers']} worker processes asked for, but this process may "
+                                       f"use {cpus} CPUs: {cpus} workers read the batches", "data", "workers")))
+        options["workers"] = cpus
 
 
 def _class_indices(y: torch.Tensor) -> torch.Tensor:

@@ -197,6 +197,56 @@ def create_optimizer(model: nn.Module, config: Config) -> tuple[torch.optim.Opti
     return optimizer, groups
 
 
+def optimizer_state_problem(optimizer: torch.optim.Optimizer, saved: dict, names: dict[int, str]) -> str | None:
+    """What in `saved` (a checkpoint's `optimizer.state_dict()`) does not fit `optimizer`: a state
+    tensor missing, or of another shape than one step of this optimizer makes, which
+    `load_state_dict` takes without a word and the next step fails on. The step runs on
+    meta-device stand-ins of the parameters (no memory, no arithmetic), with the saved groups'
+    settings, as loading them restores. `names`: id(parameter) -> its name, for the message.
+    None when the state fits, or when this optimizer cannot step on the meta device (Adafactor,
+    ASGD) or the groups do not match (load_state_dict says so itself)."""
+    groups, state = saved.get("param_groups"), saved.get("state")
+    if not isinstance(groups, list) or not isinstance(state, dict) or len(groups) != len(optimizer.param_groups):
+        return None
+    if not all(isinstance(g, dict) and len(g.get("params", ())) == len(live["params"])
+               for g, live in zip(groups, optimizer.param_groups)):
+        return None
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    stand_ins = [torch.empty_like(p, device="meta").requires_grad_() for p in params]
+    probe_groups, start = [], 0
+    for group in groups:
+        count = len(group["params"])
+        probe_groups.append({**{k: v for k, v in group.items() if k != "params"},
+                             "params": stand_ins[start:start + count]})
+        start += count
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            probe = type(optimizer)(probe_groups)
+            for stand_in in stand_ins:
+                stand_in.grad = torch.zeros_like(stand_in)
+            probe.step()
+    except Exception:  # e.g. a step that reads a value (.item()), which meta tensors do not have
+        return None
+    expected = probe.state_dict()["state"]
+    saved_ids = [index for group in groups for index in group["params"]]
+    for position, (param, index) in enumerate(zip(params, saved_ids)):
+        own = state.get(index)
+        if not own:
+            continue  # no step taken yet: the optimizer makes its state at the first
+        name = names.get(id(param), f"parameter {position}")
+        if not isinstance(own, dict):
+            return f"the optimizer state of {name} is {type(own).__name__}, not a mapping"
+        for key, made in expected.get(position, {}).items():
+            if key not in own:
+                return f"the optimizer state of {name} lacks '{key}'"
+            if isinstance(made, torch.Tensor) and (not isinstance(own[key], torch.Tensor) or own[key].shape != made.shape):
+                got = list(own[key].shape) if isinstance(own[key], torch.Tensor) else type(own[key]).__name__
+                return (f"the optimizer's '{key}' of {name} is {got}, but {name} {list(param.shape)} "
+                        f"needs {list(made.shape)}")
+    return None
+
+
 def group_of_each_parameter(groups: list[ParamGroup]) -> dict[str, str]:
     return {name: group.name for group in groups for name in group.param_names}
 

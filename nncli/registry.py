@@ -256,6 +256,11 @@ def load_plugins(plugins: list[str], base_dir: Path, error: Callable[..., Config
                 imported.append(plugin)
         except ConfigError:
             raise
+        except SystemExit as err:  # else the command would end there, with the plugin's status
+            raise error(f"plugin '{plugin}' called sys.exit({err.code!r}) while being imported; a plugin "
+                        "defines and registers layers and losses", "plugins", i,
+                        hint="Remove the call, or put the script part of the file under "
+                             "if __name__ == '__main__':.") from None
         except ModuleNotFoundError as err:
             if plugin.endswith(".py") or err.name != plugin.split(".")[0]:  # the plugin's own import failed
                 raise error(f"plugin '{plugin}' raised ModuleNotFoundError: {err}", "plugins", i,

@@ -146,7 +146,8 @@ def check_resume(path: Path, *, overrides: list[str] = (), epochs: int | None = 
     with located_errors(config):
         check_parallel(config["parallel"], processes)
     differences = [d for d in config_differences(stored.values, config.values) if d[0] != "name"
-                   and not (d[0] == "parallel" and processes != trained_by)]  # said with the processes
+                   and not (d[0] == "parallel" and processes != trained_by)  # said with the processes
+                   and not _features_recorded(d)]
     refused = [d for d in differences if _is_fixed(d)]
     if refused:
         # name the section (model, data, optimizer, ...), or train's own key (train.batch_size)
@@ -168,6 +169,13 @@ def check_resume(path: Path, *, overrides: list[str] = (), epochs: int | None = 
                           hint=f"To go on from an earlier epoch, resume its epoch_<N>.pt or {file.parent / 'best.pt'}: "
                                "that run continues in a new run directory, and this one is left as it is.")
     return ResumePlan(file, ckpt, stored, config, differences, trained_by, processes)
+
+
+def _features_recorded(difference: tuple[str, Any, Any]) -> bool:
+    """A CSV's `features` that a checkpoint left null (every column but the targets) and a config
+    now records by name: the same columns, not a change of the data."""
+    key, old, new = difference
+    return key.endswith("features") and key.startswith("data.") and old is None and isinstance(new, list)
 
 
 def continues_in_place(file: Path, out_dir: Path | None) -> bool:

@@ -36,7 +36,7 @@ from nncli.errors import ConfigError, Interrupted, RunError, first_line, stop_si
 from nncli.metrics import TOPK, check_metric_name, create_metric, higher_is_better
 from nncli.model import ModelPlan, plan_model
 from nncli.optim import (CLASS_INDEX_LOSSES, ParamGroup, Schedule, create_loss, create_optimizer, create_schedule,
-                         loss_name, monitored_metric, recorded_metrics)
+                         loss_name, monitored_metric, optimizer_state_problem, recorded_metrics)
 from nncli.reporting import Reporter
 from nncli.rundir import MetricsLog, RunLock, claim_run_dir, read_history
 from nncli.samples import Batches, Samples
@@ -92,6 +92,11 @@ class Run:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators. rich draws from Python's when first imported
+    (rich.style), which a run that prints would do after this: imported first, so that the states
+    saved in checkpoints do not depend on --quiet."""
+    import rich.style  # noqa: F401
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -652,6 +657,9 @@ def restore(run: Run, ckpt: dict, path: Path) -> None:
     its history read from the metrics.csv beside `path` (the rows the checkpoint counts as its own)."""
     with fitting_its_config(path):  # what an edited file can break
         run.model.load_state_dict(ckpt["model"])
+        names = {id(p): name for name, p in run.model.named_parameters()}
+        if (problem := optimizer_state_problem(run.optimizer, ckpt["optimizer"], names)) is not None:
+            raise ValueError(problem)  # torch would take it, and fail at the first step
         run.optimizer.load_state_dict(ckpt["optimizer"])
         if run.scaler and ckpt.get("scaler"):
             run.scaler.load_state_dict(ckpt["scaler"])

@@ -163,3 +163,39 @@ def test_error_line_points_inside_nested_block(cli, tmp_path):
     assert result.exit_code == 2
     assert f"{path}:8: body.1 (Linear): Linear has no argument 'out_feature'" in result.stderr
     assert "Did you mean 'out_features'?" in result.stderr
+
+
+@pytest.mark.parametrize("char", ["\x1b", "\ufffe", "\x07"], ids=["ESC", "U+FFFE", "BEL"])
+def test_control_characters_are_refused_at_their_line(cli, tmp_path, char):
+    """An ESC pasted with a terminal colour code, a noncharacter: exit 2 at the file's line, or
+    naming the --set option (the loader used to fail outside its error handling)."""
+    path = write_config(tmp_path, f"""
+        model:
+          input_shape: [4]
+          layers: [{{type: Linear, out_features: 2, name: "head{char}[0m"}}]
+    """)
+    code = f"U+{ord(char):04X}"
+    result = cli("validate", path)
+    _check_refused(result, path, f"contains the character {code}, which YAML does not allow", 3)
+    result = cli("validate", CONFIGS / "seed_positional.yaml", "--set", f"name=run{char}")
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.startswith(f"error: --set name: contains the character {code}"), result.stderr
+    assert "Traceback" not in result.stderr and "position" not in result.stderr
+
+
+def test_a_large_document_without_aliases_loads(cli, tmp_path):
+    """A 1 MB inline `tensors` section (325,000 values, no anchors) is data, not an alias bomb."""
+    rows = [", ".join(str((r * 7 + c) % 10) for c in range(24)) for r in range(13_000)]
+    path = write_config(tmp_path, f"""
+        data:
+          source: tensors
+          x: [{"], [".join(rows).join("[]")}]
+          y: [{", ".join(str(r % 2) for r in range(13_000))}]
+        model:
+          layers: [{{type: Linear, out_features: 2}}]
+    """)
+    assert path.stat().st_size > 1_000_000
+    result = cli("validate", path)
+    assert result.exit_code == 0, result.stderr
+    assert "input [24] -> output [2]" in result.stdout
+

@@ -23,8 +23,8 @@ import pytest
 import torch
 import yaml
 
-from helpers import (DROPOUT_MLP, ENV, load, metrics_rows, nncli_argv, ok, run_nncli, run_python, snapshot,
-                     train_config, write_config)
+from helpers import (DROPOUT_MLP, ENV, TINY_REGRESSION, load, metrics_rows, nncli_argv, ok, run_nncli, run_python,
+                     snapshot, train_config, write_config)
 
 SMALL = """
 seed: 2
@@ -253,6 +253,12 @@ EDITS = {
     "weights_of_another_shape": lambda ckpt: ckpt["model"].update({"0.weight": torch.zeros(2, 2)}),
     "epoch_as_text": lambda ckpt: ckpt.update(epoch="three"),
     "no_optimizer": lambda ckpt: ckpt.pop("optimizer"),
+    # of the right type, but no run writes them: each crashed later, or resumed at epoch -4
+    "input_shape_negative": lambda ckpt: ckpt.update(input_shape=[-1]),
+    "best_value_as_text": lambda ckpt: ckpt["best"].update(value="abc"),
+    "epoch_negative": lambda ckpt: ckpt.update(epoch=-5),
+    "normalization_of_another_shape": lambda ckpt: ckpt.update(normalization={"mean": torch.zeros(3),
+                                                                              "std": torch.ones(3)}),
 }
 BAD_KINDS = ["missing", "empty", "truncated", "corrupted", "text", "list", "pickle_os_system",
              "pickle_open", *EDITS]
@@ -262,7 +268,12 @@ EXPECTED_WORDS = {"missing": "not found", "empty": "empty", "truncated": "trunca
                   "pickle_open": "refused",
                   "weights_of_another_shape": "does not fit the run its own config describes (Error(s) in "
                                               "loading state_dict for Sequential: size mismatch for 0.weight",
-                  "epoch_as_text": "the checkpoint holds str as 'epoch'", "no_optimizer": "lacks 'optimizer'"}
+                  "epoch_as_text": "the checkpoint holds str as 'epoch'", "no_optimizer": "lacks 'optimizer'",
+                  "input_shape_negative": "the checkpoint has 'input_shape': [-1]; expected one sample's shape",
+                  "best_value_as_text": "the checkpoint has a 'best' value of 'abc', not a number",
+                  "epoch_negative": "the checkpoint has 'epoch': -5, below 0",
+                  "normalization_of_another_shape": "the checkpoint has a 'normalization' of shape [3] (mean) "
+                                                    "and [3] (std), but the model's input is [16]"}
 
 
 @pytest.fixture(scope="module")
@@ -352,3 +363,78 @@ def test_unwritable_file_in_run_directory_is_a_clear_error(trained, tmp_path):
     assert str(run / "metrics.csv") in result.stderr and "cannot write" in result.stderr, result.stderr
     assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
     assert (run / "last.pt").read_bytes() == before  # resume writes metrics.csv before it trains
+
+
+@pytest.mark.parametrize("optimizer, edit, problem", [
+    ("{type: SGD, lr: 0.1, momentum: 0.9}", lambda state: state.update(momentum_buffer=torch.zeros(2, 2)),
+     "the optimizer's 'momentum_buffer' of 0.weight is [2, 2], but 0.weight [1, 2] needs [1, 2]"),
+    ("{type: Adam, lr: 0.01}", lambda state: state.pop("exp_avg"),
+     "the optimizer state of 0.weight lacks 'exp_avg'"),
+], ids=["wrong_shape", "missing"])
+def test_an_optimizer_state_that_does_not_fit_is_refused_on_resume(tmp_path, optimizer, edit, problem):
+    """The field types pass, torch's load_state_dict takes it, and the first step crashed (exit 1)."""
+    text = TINY_REGRESSION.replace("{type: SGD, lr: 0.1}", optimizer)
+    run = train_config(tmp_path, text, "tiny")[1]
+    ckpt = load(run / "last.pt")
+    edit(ckpt["optimizer"]["state"][0])
+    torch.save(ckpt, run / "last.pt")
+    before = snapshot(run)
+    result = run_nncli("resume", run, "--epochs", "4", cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr == (f"error: {run / 'last.pt'}: the checkpoint does not fit the run its own config "
+                             f"describes ({problem}); was it edited?\n")
+    assert snapshot(run) == before
+
+
+def test_an_archive_that_inflates_far_beyond_its_size_is_refused_at_once(tmp_path):
+    """A 0.8 MB file whose data.pkl inflates to 800 MB: torch.save stores its entries
+    uncompressed, so eval and resume refuse it from the archive's directory, before inflating
+    anything (eval ran for minutes at 2 GB)."""
+    bomb = tmp_path / "model.pt"
+    zeros = bytes(1 << 20)
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/version", "3\n")
+        with archive.open("archive/data.pkl", "w") as f:
+            for _ in range(800):
+                f.write(zeros)
+    size = bomb.stat().st_size
+    assert size < 1_000_000
+    for command in ("eval", "resume"):
+        started = time.monotonic()
+        result = run_nncli(command, bomb, cwd=tmp_path, timeout=120)
+        assert time.monotonic() - started < 30  # the issue's bound: refused in seconds, whatever the machine
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert result.stderr == (f"error: {bomb}: refused to load: its entries would inflate to 838,860,802 bytes, "
+                                 f"and the file has {size:,}; torch.save stores them uncompressed, so it did not "
+                                 "write this archive\n")
+    assert snapshot(tmp_path) == {"model.pt": bomb.read_bytes()}
+
+
+def test_a_read_only_run_directory_says_it_cannot_write(trained, tmp_path):
+    """On a read-only file system even deleting the temporary file that was never created fails;
+    that failure hid the message saying which file could not be written."""
+    run = shutil.copytree(trained, tmp_path / "run")
+    before = snapshot(run)
+    # the run directory mounted read-only, in a user namespace of its own (no privileges needed)
+    mount = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+             'mount --bind -o ro "$1" "$1" && shift && exec "$@"', "sh", str(run)]
+    if shutil.which("unshare") is None or subprocess.run([*mount, "true"], capture_output=True).returncode:
+        pytest.skip("needs unshare and user namespaces to mount a folder read-only")
+    result = subprocess.run([*mount, *nncli_argv("resume", run, "--epochs", "4")], cwd=tmp_path, env=ENV,
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr == (f"error: {run / 'metrics.csv'}: cannot write {run / 'metrics.csv'}: Read-only file "
+                             "system; the previous file, if any, is unchanged\n")
+    assert snapshot(run) == before
+
+
+def test_the_saved_random_state_does_not_depend_on_quiet(tmp_path):
+    """Importing rich (for the output that --quiet leaves out) draws from Python's generator: it
+    changed the `rng.python` state saved after seeding."""
+    config = write_config(tmp_path, TINY_REGRESSION, "tiny.yaml")
+    ok(run_nncli("train", config, "--out", tmp_path / "quiet", "--quiet", cwd=tmp_path))
+    ok(run_nncli("train", config, "--out", tmp_path / "talking", cwd=tmp_path))
+    quiet, talking = (load(tmp_path / out / "tiny" / "last.pt")["rng"] for out in ("quiet", "talking"))
+    assert quiet["python"] == talking["python"]
+    random.seed(0)  # the config's seed: training itself draws nothing from Python's generator
+    assert tuple(quiet["python"][1]) == random.getstate()[1]

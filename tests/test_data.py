@@ -3,13 +3,15 @@ every way the data can be wrong (exit 2, naming the config file, the line and th
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
-from helpers import invoke, load, run_nncli, write_config
+from helpers import invoke, load, metrics_rows, run_nncli, write_config
 
 MODEL = "model:\n  layers:\n    - {type: Linear, out_features: 2}\n"
 
@@ -145,6 +147,10 @@ def write_files(tmp_path):
     np.save(tmp_path / "words.npy", np.array(["a", "b", "c"]))
     np.savez(tmp_path / "arrays.npz", x=np.zeros((3, 2)), y=np.array(["a", "b", "c"]))
     (tmp_path / "fake.npz").write_text("not an archive")
+    np.savez(tmp_path / "objects.npz", x=np.zeros((3, 2)), y=np.array([0, "a", None], dtype=object))
+    np.save(tmp_path / "objects.npy", np.array([[1], "a", None], dtype=object))
+    np.save(tmp_path / "complex.npy", np.ones((4, 2), np.complex128))
+    np.save(tmp_path / "big_endian.npy", np.zeros((4, 2), ">f4"))
 
 
 BAD_DATA = {
@@ -229,6 +235,22 @@ BAD_DATA = {
         "  source: npy\n  x: arrays.npz\n  y: y4.npy\n",
         "{cfg}:3: data.x: arrays.npz is not a readable .npy file: it is an .npz archive (arrays: x, y); "
         "use source: npz with path: arrays.npz"),
+    "npz holding an object array": (
+        "  source: npz\n  path: objects.npz\n",
+        "{cfg}:1: data.y: objects.npz: array 'y' cannot be read: it holds Python objects (dtype object), "
+        "which only pickle can read, and nncli never unpickles data. Save numbers: e.g. "),
+    "npy holding an object array": (
+        "  source: npy\n  x: objects.npy\n  y: y4.npy\n",
+        "{cfg}:3: data.x: objects.npy is not a readable .npy file: it holds Python objects (dtype object)"),
+    "complex numbers": (
+        "  source: npy\n  x: complex.npy\n  y: y4.npy\n",
+        "{cfg}:3: data.x: array 'x' holds complex numbers (complex128); a model trains on real numbers. "
+        "Give the real and imaginary parts as two features: np.stack([x.real, x.imag], axis=-1)."),
+    "memory map of a big-endian file": (
+        "  source: npy\n  x: big_endian.npy\n  y: y4.npy\n  mmap: true\n  loader: dataloader\n",
+        "{cfg}:3: data.x: big_endian.npy is stored big-endian; a memory map reads it as stored, and torch "
+        "takes this machine's byte order. Re-save it with np.save(path, x.astype(x.dtype.newbyteorder('='))), "
+        "or remove mmap."),
     "not an npz file": (
         "  source: npz\n  path: fake.npz\n",
         "{cfg}:3: data.path: fake.npz is not a readable .npz file"),
@@ -327,3 +349,61 @@ def test_eval_data_file_is_read_by_column_name(tmp_path):
     np.save(tmp_path / "x.npy", np.zeros((2, 2)))
     one_npy = invoke("eval", run, "--data", tmp_path / "x.npy")
     assert one_npy.exit_code == 2 and "numpy.savez('data.npz', x=x, y=y)" in one_npy.stderr
+
+
+def test_a_big_endian_npy_file_is_read_in_this_machines_byte_order(tmp_path):
+    """Valid data written on (or for) a big-endian machine trains as the same numbers do."""
+    x = np.random.default_rng(0).standard_normal((40, 3))
+    y = (x.sum(1) > 0).astype(np.int64)
+    for order in ("<", ">"):
+        np.save(tmp_path / f"x{order == '>'}.npy", x.astype(f"{order}f8"))
+        np.save(tmp_path / f"y{order == '>'}.npy", y.astype(f"{order}i8"))
+        config = data_config(tmp_path, f"  source: npy\n  x: x{order == '>'}.npy\n  y: y{order == '>'}.npy\n",
+                             name=f"order{order == '>'}.yaml")
+        result = invoke("train", config, "--out", tmp_path / "runs", "--epochs", 2, "-q")
+        assert result.exit_code == 0, result.stderr
+    assert metrics_rows(tmp_path / "runs" / "orderTrue") == metrics_rows(tmp_path / "runs" / "orderFalse")
+    assert load(tmp_path / "runs" / "orderTrue" / "last.pt")["model"]["0.weight"].dtype == torch.float32
+
+
+def test_a_30000_column_csv_validates_and_an_unknown_column_is_named_briefly(tmp_path):
+    """Reading a CSV file is linear in its cells (it was quadratic in the columns: 14 s for these
+    30,000), and an unknown column's error lists the first columns, not all of them."""
+    columns = [f"pixel{i}" for i in range(30_000)]
+    rng = np.random.default_rng(0)
+    rows = [",".join(f"{v:.3f}" for v in rng.standard_normal(30_000)) + f",{r % 2}" for r in range(30)]
+    (tmp_path / "wide.csv").write_text(",".join(columns + ["label"]) + "\n" + "\n".join(rows) + "\n")
+    config = data_config(tmp_path, "  source: csv\n  path: wide.csv\n  target: label\n")
+    result = invoke("validate", config)
+    assert result.exit_code == 0, result.stderr
+    assert "input [30000] -> output [2]" in result.stdout
+    result = invoke("validate", config, "--set", "data.target=lable")
+    assert result.exit_code == 2
+    assert result.stderr == ("error: --set data.target: column 'lable' is not in wide.csv (columns: "
+                             f"{', '.join(columns[:20])}, ... 30,001 in all). Did you mean 'label'?\n")
+
+
+def test_the_run_records_which_csv_columns_its_model_takes(tmp_path):
+    """`features` left out means every other column: config.yaml and the checkpoints say which."""
+    (tmp_path / "scores.csv").write_text("a,label,b\n" + "".join(f"{i},{i % 2},{i % 3}\n" for i in range(12)))
+    config = data_config(tmp_path, "  source: csv\n  path: scores.csv\n  target: label\n")
+    assert invoke("train", config, "--out", tmp_path / "runs", "--epochs", 1, "-q").exit_code == 0
+    run = tmp_path / "runs" / "config"
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["features"] == ["a", "b"]
+    assert load(run / "last.pt")["config"]["data"]["features"] == ["a", "b"]
+    resumed = invoke("resume", run, "--epochs", 2, "-q")  # the stored list is the same columns
+    assert resumed.exit_code == 0, resumed.stderr
+
+
+def test_more_workers_than_cpus_are_capped_with_a_warning(tmp_path):
+    """`workers: 100000` would try to start 100,000 processes: as many as the CPUs start instead."""
+    config = data_config(tmp_path, "  source: synthetic\n  n: 64\n  features: 4\n  loader: dataloader\n"
+                                   "  workers: 100000\n")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    warning = (f"warning: {config}:6: data.workers: 100000 worker processes asked for, but this process "
+               f"may use {cpus} CPUs: {cpus} workers read the batches\n")
+    result = invoke("validate", config)
+    assert result.exit_code == 0 and result.stderr == warning, result.stderr
+    trained = run_nncli("train", config, "--out", tmp_path / "runs", "--epochs", 1, "-q")
+    assert trained.returncode == 0 and trained.stderr == warning, trained.stderr
+    assert yaml.safe_load((tmp_path / "runs" / "config" / "config.yaml").read_text())["data"]["workers"] == cpus

@@ -41,6 +41,8 @@ def _refused(result, expected: str) -> None:
     ("device: ''", "device: must be auto, cpu, cuda, cuda:N or mps, got ''. Use auto to pick CUDA, else MPS, "
                    "else the CPU."),
     ("device: 0", "device: expected a string, got integer 0. Did you mean 'cuda:0'?"),
+    ("device: cuda:128", "device: must be a GPU index that torch can take, got 'cuda:128'. torch numbers "
+                         "GPUs from 0 to 127; nvidia-smi lists this machine's."),
     ("amp: true", "amp: expected a string, got boolean True. amp: true is not a precision: use bf16 "
                   "(or fp16 on older GPUs)."),
     ("amp: false", "amp: expected a string, got boolean False. Did you mean 'off'?"),
@@ -79,6 +81,19 @@ def test_set_device_is_checked_like_the_file(tmp_path: Path) -> None:
     path = write_config(tmp_path, BASE)
     _refused(invoke("validate", path, "--set", "device=gpu"),
              "error: --set device: must be auto, cpu, cuda, cuda:N or mps, got 'gpu'. Did you mean 'cuda'?")
+
+
+def test_a_gpu_index_beyond_torchs_is_refused_naming_the_option(tmp_path: Path) -> None:
+    """cuda:99999999999999999999 passed the syntax check, then torch.device failed (exit 1)."""
+    path = write_config(tmp_path, BASE)
+    device = "cuda:99999999999999999999"
+    _refused(invoke("validate", path, "--set", f"device={device}"),
+             f"error: --set device: must be a GPU index that torch can take, got '{device}'. torch numbers "
+             "GPUs from 0 to 127; nvidia-smi lists this machine's.")
+    result = invoke("train", path, "--device", device, "--out", tmp_path / "runs")
+    _refused(result, f"error: --device: '{device}' is not a device; expected auto, cpu, cuda, cuda:N or mps. "
+                     "torch numbers GPUs from 0 to 127; nvidia-smi lists this machine's.")
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("device, hint", [

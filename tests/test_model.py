@@ -243,6 +243,25 @@ def test_a_plugin_layer_may_take_token_ids(tmp_path):
     assert model(torch.tensor([[1, 2, 3, 4, 5]])).shape == (1, 2)
 
 
+@pytest.mark.parametrize("status", ["0", "'done'"])
+def test_a_plugin_that_exits_is_a_config_error_naming_it(cli, tmp_path, status):
+    """sys.exit(0) in a plugin made `validate` end at once with exit 0, printing nothing."""
+    (tmp_path / "script.py").write_text(f"import sys\nprint('imported')\nsys.exit({status})\n")
+    path = write_config(tmp_path, """
+        model:
+          input_shape: [4]
+          layers: [{type: Linear, out_features: 2}]
+        plugins: [script.py]
+    """)
+    for command in ("validate", "train"):
+        result = cli(command, path, "--out", tmp_path / "runs") if command == "train" else cli(command, path)
+        assert result.exit_code == 2, (command, result.stdout, result.stderr)
+        assert result.stderr == (f"error: {path}:4: plugins.0: plugin 'script.py' called sys.exit({status}) while "
+                                 "being imported; a plugin defines and registers layers and losses. Remove the "
+                                 "call, or put the script part of the file under if __name__ == '__main__':.\n")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_registered_name_replaces_a_built_in_one():
     from nncli.registry import Registry
 
