@@ -422,9 +422,9 @@ def test_a_read_only_run_directory_says_it_cannot_write(trained, tmp_path):
         pytest.skip("needs unshare and user namespaces to mount a folder read-only")
     result = subprocess.run([*mount, *nncli_argv("resume", run, "--epochs", "4")], cwd=tmp_path, env=ENV,
                             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert result.stderr == (f"error: {run / 'metrics.csv'}: cannot write {run / 'metrics.csv'}: Read-only file "
-                             "system; the previous file, if any, is unchanged\n")
+    assert result.returncode == 2, result.stdout + result.stderr  # found when the run is locked, at once
+    assert result.stderr == (f"error: {run}: cannot write in the run directory: Read-only file system. Resume it "
+                             "from a copy in a folder you can write to.\n")
     assert snapshot(run) == before
 
 

@@ -391,7 +391,7 @@ def test_the_run_records_which_csv_columns_its_model_takes(tmp_path):
     run = tmp_path / "runs" / "config"
     assert yaml.safe_load((run / "config.yaml").read_text())["data"]["features"] == ["a", "b"]
     assert load(run / "last.pt")["config"]["data"]["features"] == ["a", "b"]
-    resumed = invoke("resume", run, "--epochs", 2, "-q")  # the stored list is the same columns
+    resumed = invoke("resume", run, "--epochs", 2, "-q", "--trust-data", tmp_path)  # the stored list is the same columns
     assert resumed.exit_code == 0, resumed.stderr
 
 
