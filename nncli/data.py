@@ -273,8 +273,7 @@ def _import_torchvision(ctx: SourceContext) -> tuple[Any, Callable]:
     missing, or does not work with the installed torch: one built for another torch fails as it
     loads its operators ("operator torchvision::nms does not exist")."""
     try:
-        import torchvision  # first alone: "not installed" is a ModuleNotFoundError for this name
-        from torchvision import datasets
+        import torchvision
         from torchvision.transforms import ToTensor
     except Exception as err:  # a broken install fails in many ways: RuntimeError, OSError, ImportError
         if isinstance(err, ModuleNotFoundError) and err.name == "torchvision":
@@ -288,7 +287,7 @@ def _import_torchvision(ctx: SourceContext) -> tuple[Any, Callable]:
                         + (", the sign of a torchvision built for another torch" if other_torch else ""), "name",
                         hint=f"Install the torchvision made for torch {torch_version}, from the package index "
                              f"torch came from: pip install --upgrade 'torch=={torch_version}' torchvision.") from None
-    return datasets, ToTensor()
+    return torchvision.datasets, ToTensor()
 
 
 def _version(package: str) -> str:
