@@ -45,6 +45,22 @@ def _say_plugins(config) -> None:
         print(f"plugins: imported {', '.join(shown)} (Python code that the config names)", file=sys.stderr)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from nncli import __version__
+
+        print(f"nncli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print nncli's version and exit."),
+) -> None:
+    """The options that come before a command (the app's help text is Typer's `help=`)."""
+
+
 def run_command(action: Callable[[], Optional[int]], debug: bool) -> None:
     """Run a command body: nncli errors become one paragraph on stderr and an exit status
     (2 bad input, 1 failure, 130 interrupted); other exceptions too, traceback only with --debug.
@@ -191,7 +207,8 @@ def validate(
         plan, _ = check_config(cfg)
         total = sum(p.numel() for p in plan.model.parameters())
         layers = len(list(plan.walk()))
-        print(f"ok: {config}: {layers} layer{'s' if layers != 1 else ''}, {total:,} parameters, input "
+        verdict = "ok" if cfg["data"] is not None else "ok (model only: train needs a data: section)"
+        print(f"{verdict}: {config}: {layers} layer{'s' if layers != 1 else ''}, {total:,} parameters, input "
               f"{list(plan.input_shape)} -> output {describe_shape(plan.output_shape[1:])}")
 
     run_command(action, debug)

@@ -7,6 +7,7 @@ memory-mapped, and read by a torch DataLoader (`dataloader`).
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import math
 import warnings
 import zlib
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,9 +25,9 @@ from nncli.annotations import value_kind
 from nncli.config import (NUMBER, REQUIRED, SECTION_KEYS, Config, Key, check_section, fraction, non_negative,
                           one_of, positive)
 from nncli.devices import usable_cpus
-from nncli.errors import ConfigError, did_you_mean
+from nncli.errors import ConfigError, did_you_mean, first_line
 from nncli.optim import CLASS_INDEX_LOSSES, loss_name
-from nncli.registry import Registry
+from nncli.registry import Registry, accepted_arguments
 from nncli.samples import HostSamples, Samples, TensorPair, map_npy
 from nncli.yamlio import to_plain
 
@@ -35,6 +37,7 @@ class Source:
     load: Callable[[dict, SourceContext], tuple[torch.Tensor, torch.Tensor]]
     keys: dict[str, Key]
     paths: tuple[str, ...] = ()  # the keys that name files or folders to read
+    default_split: float = 0.2  # val_split when the data section gives none
 
 
 @dataclass
@@ -65,11 +68,11 @@ class SourceContext:
 SOURCES = Registry("data source")
 
 
-def source(name: str, /, *, paths: tuple[str, ...] = (), **keys: Key) -> Callable:
-    """Register a data source with the keys it takes (checked like every other section), and
-    which of them are paths."""
+def source(name: str, /, *, paths: tuple[str, ...] = (), default_split: float = 0.2, **keys: Key) -> Callable:
+    """Register a data source with the keys it takes (checked like every other section), which of
+    them are paths, and the validation split it gets when the config gives no `val_split:`."""
     def add(load: Callable) -> Callable:
-        SOURCES.add(name, Source(load, keys, paths))
+        SOURCES.add(name, Source(load, keys, paths, default_split))
         return load
     return add
 
@@ -82,7 +85,8 @@ def load_digits(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.
         return torch.from_numpy(arrays["images"]), torch.from_numpy(arrays["labels"])
 
 
-@source("tensors", x=Key((list,), REQUIRED), y=Key((list,), REQUIRED))
+# Inline data is a handful of samples, too few to give some of them up to validation unasked.
+@source("tensors", default_split=0, x=Key((list,), REQUIRED), y=Key((list,), REQUIRED))
 def load_tensors(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.Tensor]:
     """Inline `x:` and `y:` lists, as in the tutorial's linear regression."""
     tensors = []
@@ -317,22 +321,29 @@ def load_synthetic(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, tor
 @source("torchvision", paths=("root",), name=Key((str,), REQUIRED), root=Key((str,), "data"),
         download=Key((bool,), False), train=Key((bool,), True))
 def load_torchvision(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """A torchvision dataset (e.g. MNIST), read once into memory as tensors."""
+    """A torchvision dataset (e.g. MNIST), read once into memory as tensors. `root`, `train` and
+    `download` go to the datasets that take them (FakeData, made up in memory, takes none)."""
+    datasets, to_tensor = _import_torchvision(ctx)
+    name = options["name"]
+    names = [n for n in dir(datasets) if isinstance(getattr(datasets, n), type)]
+    if name not in names:
+        raise ctx.error(f"torchvision has no dataset '{name}'", "name", hint=did_you_mean(name, names))
+    dataset_class = getattr(datasets, name)
+    takes = accepted_arguments(dataset_class)
+    given = {"train": options["train"], "download": options["download"]}
+    root = ctx.config.locate(options["root"])
+    if takes is None or "root" in takes:  # a folder to read (and write, with download): checked as one
+        given["root"] = str(ctx.config.resolve_path(options["root"], *ctx.where, "root"))
     try:
-        import torchvision
-        from torchvision.transforms import ToTensor
-    except ImportError:
-        raise ctx.error("needs torchvision, which is not installed", "name",
-                        hint="Install it with: pip install 'nncli[vision]'.") from None
-    dataset_class = getattr(torchvision.datasets, options["name"], None)
-    if dataset_class is None:
-        raise ctx.error(f"torchvision has no dataset '{options['name']}'", "name")
-    try:
-        dataset = dataset_class(str(ctx.config.resolve_path(options["root"], *ctx.where, "root")), train=options["train"],
-                                download=options["download"], transform=ToTensor())
+        dataset = dataset_class(**{k: v for k, v in given.items() if takes is None or k in takes},
+                                transform=to_tensor)
     except Exception as err:
-        raise ctx.error(f"cannot load {options['name']}: {err}", "name",
-                        hint="Set download: true, or root: to where the files are.") from None
+        if options["download"]:  # fetching failed: the network, a proxy, the disk
+            hint = (f"Check the network connection; or download the files elsewhere, copy them to {root} "
+                    "and set download: false.")
+        else:
+            hint = f"Set download: true to fetch them, or root: to the folder that holds them (now {root})."
+        raise ctx.error(f"cannot load {name}: {first_line(err)}", "name", hint=hint) from None
     loader = torch.utils.data.DataLoader(dataset, batch_size=1024)
     xs, ys = zip(*loader)
     return torch.cat(xs), torch.cat(ys)
@@ -351,6 +362,35 @@ def data_paths(config: Config) -> list[Path]:
     return located
 
 
+def _import_torchvision(ctx: SourceContext) -> tuple[Any, Callable]:
+    """torchvision's datasets and a ToTensor transform. Bad input (exit 2) when torchvision is
+    missing, or does not work with the installed torch: one built for another torch fails as it
+    loads its operators ("operator torchvision::nms does not exist")."""
+    try:
+        import torchvision
+        from torchvision.transforms import ToTensor
+    except Exception as err:  # a broken install fails in many ways: RuntimeError, OSError, ImportError
+        if isinstance(err, ModuleNotFoundError) and err.name == "torchvision":
+            raise ctx.error("needs torchvision, which is not installed", "name",
+                            hint="Install it with: pip install 'nncli[vision]'.") from None
+        why = first_line(err)
+        other_torch = "torchvision::" in why or "undefined symbol" in why  # its operators do not load
+        torch_version = torch.__version__.split("+")[0]
+        raise ctx.error(f"torchvision {_version('torchvision')} does not work with the installed torch "
+                        f"{torch.__version__}: importing it fails with '{why}'"
+                        + (", the sign of a torchvision built for another torch" if other_torch else ""), "name",
+                        hint=f"Install the torchvision made for torch {torch_version}, from the package index "
+                             f"torch came from: pip install --upgrade 'torch=={torch_version}' torchvision.") from None
+    return torchvision.datasets, ToTensor()
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "(version unknown)"
+
+
 # --- the data section ------------------------------------------------------------------------
 
 # How batches are read (the data section's keys, in either layout).
@@ -360,7 +400,7 @@ LOADER_KEYS = {
 }
 # Keys of the data section itself; the rest belong to its source.
 DATA_KEYS = {
-    "val_split": Key(NUMBER, 0.2, lambda v: None if v == 0 else fraction(v)),
+    "val_split": Key(NUMBER, 0.2, lambda v: None if v == 0 else fraction(v)),  # tensors: 0 (see load_tensors)
     "normalize": Key((bool,), False),
     **LOADER_KEYS,
 }
@@ -415,9 +455,11 @@ def normalization_of(samples: Samples) -> dict:
     return {"mean": mean.to(dtype), "std": torch.where(std > 0, std, torch.ones_like(std)).to(dtype)}
 
 
-def read_source(options: dict, config: Config, where: tuple, loader: dict) -> tuple[Samples, dict]:
-    """Check one source mapping (`source:` and that source's keys) and load it, as the `loader`
-    options ask; also return the mapping with the source's defaults filled in."""
+def read_source(options: dict, config: Config, where: tuple, loader: dict,
+                section_keys: dict[str, Key] | None = None) -> tuple[Samples, dict]:
+    """Check one source mapping (`source:` and that source's keys, and `section_keys` where the
+    source shares its mapping with the data section's own keys) and load it, as the `loader`
+    options ask; also return the mapping with the defaults filled in."""
     if not isinstance(options, dict) or not options.get("source"):
         raise config.error(f"needs 'source:', one of: {', '.join(SOURCES)}", *where)
     try:
@@ -435,7 +477,9 @@ def read_source(options: dict, config: Config, where: tuple, loader: dict) -> tu
             own = f"its keys: {', '.join(src.keys)}" if src.keys else "it takes no keys"
             raise config.error(f"source {options['source']} has no key '{key}' ({own}); {key} belongs to "
                                f"the {', '.join(owners)} source{'s' if len(owners) > 1 else ''}", *where, key)
-    checked = check_section(options, {"source": Key((str,)), **src.keys}, config.error, *where)
+    # every key the mapping takes, so that a misspelt one is told the closest of them all
+    checked = check_section(options, {"source": Key((str,)), **src.keys, **(section_keys or {})},
+                            config.error, *where)
     ctx = SourceContext(config, where, streamed=loader["loader"] == "dataloader")
     x, y = src.load(checked, ctx)
     if len(x) != len(y):
@@ -473,8 +517,8 @@ def _first_non_finite(values: torch.Tensor) -> list[int] | None:
 def load_data(config: Config, normalization: dict | None = None, *, scan: bool = True) -> Data:
     """Read the data section: sources, split, normalization; targets as the loss needs them.
 
-    Either one source (with `val_split:`, default 0.2; 0 for no validation) or `train:` and
-    optional `val:` sources. The section, its defaults filled in, replaces `config["data"]`, so
+    Either one source (with `val_split:`, default 0.2, inline tensors 0; 0 for no validation) or
+    `train:` and optional `val:` sources. The section, its defaults filled in, replaces `config["data"]`, so
     the run's config.yaml records them. With `normalize: true`, the inputs are normalized with
     `normalization` when given (a checkpoint's: what its model was trained with), else with the
     training set's statistics. `scan=False` skips the passes over every input (the fingerprint,
@@ -495,9 +539,10 @@ def load_data(config: Config, normalization: dict | None = None, *, scan: bool =
         own = {k: v for k, v in section.items() if k in DATA_KEYS}
         options = check_section(own, DATA_KEYS, config.error, "data")
         _check_loader(options, config)
-        everything, source_options = read_source({k: v for k, v in section.items() if k not in DATA_KEYS},
-                                                 config, ("data",), options)
+        everything, source_options = read_source(section, config, ("data",), options, DATA_KEYS)
         options.update(source_options)
+        if "val_split" not in section:
+            options["val_split"] = SOURCES.get(options["source"]).default_split
         train, val = split_data(everything, options["val_split"], config)
     if val is not None and val.x.shape[1:] != train.x.shape[1:]:
         raise config.error(f"validation samples have shape {list(val.x.shape[1:])}, training samples "
@@ -542,6 +587,9 @@ def _class_indices(y: torch.Tensor) -> torch.Tensor:
     return (y[:, 0] if y.dim() == 2 and y.shape[1] == 1 else y).long()
 
 
+MIN_VALIDATION = 10  # fewer validation samples than this: their loss says little, and it picks best.pt
+
+
 def split_data(data: Samples, val_split: float, config: Config) -> tuple[Samples, Samples | None]:
     """A seeded split: the first `val_split` of a random permutation is the validation set."""
     if val_split == 0:
@@ -551,6 +599,12 @@ def split_data(data: Samples, val_split: float, config: Config) -> tuple[Samples
         raise config.error(f"a split of {val_split} leaves the {'validation' if n_val == 0 else 'training'} "
                            f"side empty ({len(data)} samples)", "data", "val_split",
                            hint="Use val_split: 0 to train without validation.")
+    if n_val < MIN_VALIDATION:
+        warnings.warn(str(config.error(
+            f"a split of {val_split} keeps {n_val} of the {len(data)} samples out of training for validation: "
+            f"fewer than {MIN_VALIDATION}, too few for a validation loss that means much, yet that loss picks "
+            "best.pt (and early stopping)", "data", "val_split",
+            hint="Use val_split: 0 to train on every sample, or give more data.")))
     perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(config["seed"]))
     return data.subset(perm[n_val:]), data.subset(perm[:n_val])
 

@@ -47,12 +47,32 @@ class RunError(NncliError):
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
-    """A 'did you mean ...?' hint naming the closest choice, or None when nothing is close."""
-    choices = list(choices)
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    if not close:  # case slips ("relu" for "ReLU") are the commonest typo in type names
-        close = [c for c in choices if c.lower() == str(word).lower()]
-    return f"Did you mean '{close[0]}'?" if close else None
+    """A 'did you mean ...?' hint naming the closest choice, or None when nothing is close.
+
+    Close: difflib's usual cutoff, or within an edit for every three letters. Closest: the fewest
+    edits, ignoring case, where swapping two neighbouring letters is one edit (Damerau), so that
+    a transposition or a case slip wins ('Adma' -> 'Adam', not 'Adamax'; 'relu' -> 'ReLU')."""
+    word = str(word)
+    ranked = []
+    for i, choice in enumerate(dict.fromkeys(str(c) for c in choices)):
+        edits = damerau_distance(word.lower(), choice.lower())
+        similarity = difflib.SequenceMatcher(None, choice, word).ratio()
+        if edits <= len(word) // 3 or similarity >= 0.6:
+            ranked.append((edits, -similarity, i, choice))
+    return f"Did you mean '{min(ranked)[3]}'?" if ranked else None
+
+
+def damerau_distance(a: str, b: str) -> int:
+    """Insertions, deletions, substitutions and swaps of two neighbouring characters that turn
+    `a` into `b` (the optimal string alignment distance)."""
+    previous, row = None, list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        before, previous, row = previous, row, [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            row[j] = min(previous[j] + 1, row[j - 1] + 1, previous[j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                row[j] = min(row[j], before[j - 2] + 1)
+    return row[-1]
 
 
 def option_error(option: str) -> Callable[..., ConfigError]:

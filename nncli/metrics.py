@@ -67,26 +67,34 @@ class RMSE(Metric):
 
 
 class R2(Metric):
-    """1 - SSE / SST over all outputs (targets' variance taken over the whole evaluation)."""
+    """scikit-learn's `r2_score`: for each output, 1 - SSE / SST (its targets' spread about their
+    mean over the whole evaluation), then the plain mean over the outputs (multioutput=
+    "uniform_average"); an output whose targets are all equal scores 1 when predicted exactly,
+    else 0 (force_finite). Pooling the outputs instead would let the widest one decide."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, outputs: int = 1) -> None:
         super().__init__(device)
-        self.sse, self.sum, self.sum_sq = (torch.zeros((), device=device, dtype=torch.float64) for _ in range(3))
+        self.sse, self.sum, self.sum_sq = (torch.zeros(outputs, device=device, dtype=torch.float64)
+                                           for _ in range(3))
 
     def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
-        target = target.reshape(output.shape).double()
-        self.sse += ((output.double() - target) ** 2).sum()
-        self.sum += target.sum()
-        self.sum_sq += (target ** 2).sum()
-        self.count += target.numel()
+        output = output.double().reshape(len(output), -1)  # one column per output
+        target = target.double().reshape(output.shape)
+        self.sse += ((output - target) ** 2).sum(0)
+        self.sum += target.sum(0)
+        self.sum_sq += (target ** 2).sum(0)
+        self.count += len(target)
 
     def sums(self) -> list[torch.Tensor]:
         return [self.sse, self.sum, self.sum_sq, self.count]
 
     def compute(self) -> float:
-        n = self.count.clamp(min=1)
-        sst = self.sum_sq - self.sum ** 2 / n
-        return float(1 - self.sse / sst) if float(sst) > 0 else float("nan")
+        if not self.count:
+            return float("nan")
+        sst = self.sum_sq - self.sum ** 2 / self.count
+        constant = sst <= 1e-12 * self.sum_sq  # all equal, up to rounding
+        per_output = torch.where(constant, (self.sse == 0).double(), 1 - self.sse / torch.where(constant, 1, sst))
+        return float(per_output.mean())
 
 
 METRICS = {"accuracy": Accuracy, "mae": MAE, "rmse": RMSE, "r2": R2}
@@ -101,10 +109,13 @@ def check_metric_name(name: str) -> None:
                           "(e.g. top5)", hint=did_you_mean(name, METRICS))
 
 
-def create_metric(name: str, device: torch.device) -> Metric:
+def create_metric(name: str, device: torch.device, outputs: int = 1) -> Metric:
+    """The metric `name`, for a model with `outputs` numbers per sample (r2 scores each one)."""
     check_metric_name(name)
     if (match := TOPK.match(name)):
         return TopK(device, int(match.group(1)))
+    if name == "r2":
+        return R2(device, outputs)
     return METRICS[name](device)
 
 

@@ -116,6 +116,7 @@ class ParamGroup:
     patterns: list[str]
     param_names: list[str]
     settings: dict
+    lr_column: str  # its learning rate's column in metrics.csv: lr_<name> when the config names it, else lr_<i>
 
 
 def split_param_groups(model: nn.Module, config: Config) -> list[ParamGroup]:
@@ -149,11 +150,21 @@ def split_param_groups(model: nn.Module, config: Config) -> list[ParamGroup]:
                                            "an earlier group, so this group's settings apply to nothing",
                                            *where, "params", hint="Put the more specific group first.")))
         taken.update(members)
-        groups.append(ParamGroup(str(group.get("name", i)), patterns, members,
-                                 {k: v for k, v in group.items() if k not in ("params", "name")}))
+        name = group.get("name")
+        if name is not None and (isinstance(name, bool) or not isinstance(name, (str, int))):
+            raise config.error(f"a group's name must be a text, got {name!r}", *where, "name")
+        name = str(i if name is None else name)
+        groups.append(ParamGroup(name, patterns, members,
+                                 {k: v for k, v in group.items() if k not in ("params", "name")}, f"lr_{name}"))
     rest = [n for n, _ in named if n not in taken]
     if rest or not groups:
-        groups.append(ParamGroup("default", ["(rest)"] if groups else ["*"], rest, {}))
+        groups.append(ParamGroup("default", ["(rest)"] if groups else ["*"], rest, {}, f"lr_{len(groups)}"))
+    columns = [g.lr_column for g in groups]
+    for i, column in enumerate(columns):
+        if column in columns[:i]:  # a name took another group's column: blame the named one
+            named_one = i if i < len(groups_spec) and groups_spec[i].get("name") is not None else columns.index(column)
+            raise config.error(f"two groups' learning rates would share the column {column} of metrics.csv; "
+                               "give each group a name of its own", "optimizer", "groups", named_one, "name")
     return groups
 
 
@@ -277,11 +288,14 @@ class Schedule:
             self.scheduler.step()
 
 
-def create_schedule(optimizer: torch.optim.Optimizer, config: Config, steps_per_epoch: int,
+def create_schedule(optimizer: torch.optim.Optimizer, config: Config, steps_per_epoch: int | None,
                     epochs: int | None = None) -> Schedule | None:
     """The schedule section as a scheduler, with optional linear warmup first.
 
-    `epochs` (default `train.epochs`) is the run's length, for schedules that depend on it."""
+    `epochs` (default `train.epochs`) is the run's length, for schedules that depend on it.
+    `steps_per_epoch` None: not known (`validate` without data); the schedule is then built and
+    rehearsed as if an epoch were one step, the fewest a run takes, and a warmup given in steps
+    is not compared with the run's length."""
     spec = config["schedule"]
     if spec is None:
         return None
@@ -291,7 +305,7 @@ def create_schedule(optimizer: torch.optim.Optimizer, config: Config, steps_per_
     if (problem := one_of("epoch", "step")(interval)):
         raise config.error(f"interval {problem}", "schedule", "interval")
     warmup = check_section(spec.get("warmup") or {}, WARMUP_KEYS, config.error, "schedule", "warmup")
-    per_interval = steps_per_epoch if interval == "step" else 1
+    per_interval = (steps_per_epoch or 1) if interval == "step" else 1
     if warmup["steps"] and warmup["epochs"]:
         raise config.error("give the warmup's length once: epochs or steps", "schedule", "warmup", "steps")
     if warmup["steps"] and interval == "epoch":
@@ -323,7 +337,7 @@ def create_schedule(optimizer: torch.optim.Optimizer, config: Config, steps_per_
         if warmup_len:
             raise config.error("warmup does not combine with ReduceLROnPlateau", "schedule", "warmup")
     total = epochs * per_interval
-    if warmup_len > total:
+    if warmup_len > total and not (steps_per_epoch is None and warmup["steps"]):
         raise config.error(f"the warmup ({warmup_len} {interval}s) is longer than the run ({total} "
                            f"{interval}s), so the schedule would never start", "schedule", "warmup")
     note = note.replace(" after warmup", "") if not warmup_len else note

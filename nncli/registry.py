@@ -189,7 +189,9 @@ def _load_builtin_layers(registry: Registry) -> None:
             obj = _recurrent_factory(obj)
         arguments = _argument_names(obj)
         infer = {arg: rule for arg, rule in INFER_BY_ARGUMENT.items() if arg in arguments}
-        defaults = {"batch_first": True} if submodule == "rnn" and "batch_first" in arguments else {}
+        # nncli's data is batch-first: torch's default (batch_first=False) would read the batch as
+        # the sequence, so that recurrent layers and attention mix the samples of a batch
+        defaults = {"batch_first": True} if "batch_first" in arguments else {}
         category = CATEGORY_BY_NAME.get(name) or CATEGORY_BY_TORCH_MODULE.get(submodule, "other")
         registry.add(name, LayerEntry(name, obj, category,
                                       "torch.nn", infer, defaults))

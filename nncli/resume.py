@@ -11,6 +11,7 @@ stops (exit 2).
 from __future__ import annotations
 
 import copy
+import math
 import re
 import warnings
 from dataclasses import dataclass, replace
@@ -25,7 +26,7 @@ from nncli.devices import check_parallel, end_process, is_main_process, launched
 from nncli.errors import ConfigError
 from nncli.inference import Named, config_of
 from nncli.optim import LENGTH_ARGUMENT, has_validation, monitored_metric
-from nncli.reporting import Reporter
+from nncli.reporting import Reporter, format_value
 from nncli.rundir import MetricsLog, check_not_in_use, lock_run_dir
 from nncli.train import (Run, announce, check_device, check_launch, located_errors, prepare_run, restore,
                          resume_command, run_fit, start_run_dir)
@@ -261,9 +262,22 @@ def resume(path: Path, reporter: Reporter, *, overrides: list[str] = (), epochs:
     where = f"epoch {state.epoch + 1} of {run.epochs}"
     if state.position:
         where += f", batch {state.position + 1} of {len(run.batches)}"
-    reporter.print(f"resuming {file} at {where}")
+    reporter.print(f"resuming {file} at {where}; next learning rates: {next_rates(run)}")
     run_fit(run, reporter)
     return run
+
+
+def next_rates(run: Run) -> str:
+    """The rate each group's next step takes, as `lr_0=1e-05 (0.001 x 0.01, the schedule's factor)`:
+    a learning rate set on resume is the base rate, and a schedule goes on scaling it."""
+    parts = []
+    for group, settings in zip(run.groups, run.optimizer.param_groups):
+        lr, base = settings["lr"], group.settings.get("lr")
+        part = f"{group.lr_column}={format_value(group.lr_column, lr)}"
+        if run.schedule and isinstance(base, (int, float)) and base > 0 and not math.isclose(lr, base):
+            part += f" ({base:.3g} x {lr / base:.3g}, the schedule's factor)"
+        parts.append(part)
+    return ", ".join(parts)
 
 
 def _length_changed(stored: Config, config: Config) -> bool:

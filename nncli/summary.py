@@ -50,6 +50,12 @@ def summarize(plan: ModelPlan, depth: int | None = None,
     }
 
 
+# What the MACs column counts (torch's FlopCounterMode, halved): tools that also count the
+# element-wise work (torchinfo) give slightly larger totals.
+MACS_COUNTED = ("multiply-adds of convolutions, linear layers and matrix products (attention's too); "
+                "biases, normalization, activations and pooling are not counted")
+
+
 def human_count(n: float) -> str:
     for unit, size in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= size:
@@ -87,7 +93,7 @@ def print_summary(summary: dict, console: Console, title: str = "") -> None:
                   f"   Non-trainable: {summary['non_trainable_params']:,}")
     console.print(f"Parameter memory: {human_bytes(summary['param_bytes'])}   Activation memory "
                   f"({per}, forward): {human_bytes(summary['activation_bytes'])}")
-    console.print(f"MACs (one sample): {human_count(summary['macs'])} ({summary['macs']:,})")
+    console.print(f"MACs (one sample): {human_count(summary['macs'])} ({summary['macs']:,}): {MACS_COUNTED}")
 
 
 def print_parameters(plan: ModelPlan, console: Console) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import random
 import re
 import time
@@ -126,23 +127,29 @@ def check_training_config(config: Config) -> None:
                                f"{', '.join(known)}", "train", "early_stop", "metric")
 
 
-def check_config(config: Config, processes: int = 1) -> tuple[ModelPlan, list[ParamGroup] | None]:
+def check_config(config: Config, processes: int = 1) -> tuple[ModelPlan, list[ParamGroup]]:
     """Every check possible without training (`nncli validate`, and `--nproc` before it starts
-    its `processes`): the model's shape pass on the meta device, and when the config has data:
-    the data, targets, loss, metrics, optimizer groups and schedule. Returns the plan and the
-    optimizer groups."""
+    its `processes`): the loss, the metrics, the model's shape pass on the meta device, the
+    optimizer and its groups against the model's parameters, the schedule; and when the config
+    has data, the data, and the targets and the loss against the model's output. Without data
+    the schedule is checked as if an epoch were one step (a run takes at least that many).
+    Returns the plan and the optimizer groups."""
     with located_errors(config):
         check_parallel(config["parallel"], processes)
-    if config["data"] is None:
-        return plan_model(config), None
     create_loss(config)  # an unknown loss name first: the targets' checks depend on the loss
-    data = load_data(config, scan=False)
-    check_training_config(config)
-    plan = plan_model(config, input_shape=_input_shape(config, data))
-    check_data_fits_model(config, data, plan)
+    if config["data"] is None:
+        check_training_config(config)
+        plan, steps_per_epoch = plan_model(config), None
+    else:
+        data = load_data(config, scan=False)
+        check_training_config(config)
+        plan = plan_model(config, input_shape=_input_shape(config, data))
+        check_data_fits_model(config, data, plan)
+        batches = make_batches(config, data.train, Process(0, processes))
+        steps_per_epoch = -(-len(batches) // config["train"]["accumulate"])
+    warn_of_softmax_before_cross_entropy(config, plan)
     optimizer, groups = create_optimizer(plan.model, config)
-    batches = make_batches(config, data.train, Process(0, processes))
-    create_schedule(optimizer, config, -(-len(batches) // config["train"]["accumulate"]))
+    create_schedule(optimizer, config, steps_per_epoch)
     return plan, groups
 
 
@@ -174,6 +181,30 @@ def check_loss(config: Config, output_shape: tuple, targets: torch.Tensor) -> No
     except Exception as err:
         raise config.error(f"{loss_name(config)} fails when computed (on zeros shaped as the model's output, "
                            f"{list(output_shape)}, and two targets): {first_line(err)}", "loss") from None
+
+
+def warn_of_softmax_before_cross_entropy(config: Config, plan: ModelPlan) -> None:
+    """A Softmax or LogSoftmax as the last layer before CrossEntropyLoss (a Keras habit): the
+    loss takes scores (logits) and applies log-softmax itself, so nothing fails, but after a
+    Softmax the model trains worse, without a word."""
+    if loss_name(config) != "CrossEntropyLoss" or not plan.layers:
+        return
+    last = plan.layers[-1]
+    while last.type == "Sequential" and last.children:  # a block's last layer is the model's (not a Residual's)
+        last = last.children[-1]
+    if last.type == "Softmax":
+        why = ("CrossEntropyLoss applies log-softmax to the model's output itself, so it takes these "
+               "probabilities for scores: the gradients shrink and the model trains worse")
+        hint = ("Drop the Softmax: the model then outputs scores (logits), with the same predicted class; "
+                "or end with LogSoftmax and use loss: NLLLoss.")
+    elif last.type == "LogSoftmax":
+        why = "CrossEntropyLoss applies log-softmax to the model's output itself, so it is done twice"
+        hint = ("Use loss: NLLLoss, the loss that takes log-probabilities (the same loss, done once); "
+                "or drop the LogSoftmax.")
+    else:
+        return
+    warnings.warn(str(ConfigError(f"the model ends with {last.type}, and {why}", file=config.source,
+                                  line=last.line, key=f"{last.path} ({last.type})", hint=hint)))
 
 
 @contextlib.contextmanager
@@ -245,6 +276,7 @@ def prepare_run(config: Config, *, device: str | None = None, run_dir: Path | No
                                 "building it; use a smaller model, or a machine with more memory."):
         plan = plan_model(config, input_shape=_input_shape(config, data), device="cpu")
     check_data_fits_model(config, data, plan)
+    warn_of_softmax_before_cross_entropy(config, plan)
     with out_of_memory_as_error(f"moving the model and data to {target_device}",
                                 "The data and the model must fit in the device's memory together: "
                                 "set data.loader: dataloader to keep the data on the host, or use a "
@@ -320,7 +352,8 @@ def evaluate(model: nn.Module, data: Samples, loss_fn: nn.Module, metric_names: 
     was_training = model.training
     model.eval()
     device = data.device
-    metrics = {name: create_metric(name, device) for name in metric_names}
+    outputs = math.prod(data.y.shape[1:])  # numbers per sample, as the targets are shaped like the output
+    metrics = {name: create_metric(name, device, outputs) for name in metric_names}
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     count = torch.full((), float(len(data)), device=device, dtype=torch.float64)
     with torch.no_grad(), autocast(device, amp):
@@ -410,7 +443,7 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
                 results = evaluate(run.model, run.val, run.loss_fn, config["metrics"],
                                    eval_batch_size(config), config["amp"])
                 row.update({f"val_{k}": v for k, v in results.items()})
-            row.update({f"lr_{i}": lr for i, lr in enumerate(state.epoch_lrs)})
+            row.update({group.lr_column: lr for group, lr in zip(run.groups, state.epoch_lrs)})
             row["time_s"] = time.perf_counter() - started
             if run.schedule:
                 run.schedule.step_epoch(row)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import invoke, load, metrics_rows, run_nncli, write_config
+from helpers import ENV, REPO, invoke, load, metrics_rows, read_metrics, run_nncli, write_config
 
 MODEL = "model:\n  layers:\n    - {type: Linear, out_features: 2}\n"
 
@@ -407,3 +408,164 @@ def test_more_workers_than_cpus_are_capped_with_a_warning(tmp_path):
     trained = run_nncli("train", config, "--out", tmp_path / "runs", "--epochs", 1, "-q")
     assert trained.returncode == 0 and trained.stderr == warning, trained.stderr
     assert yaml.safe_load((tmp_path / "runs" / "config" / "config.yaml").read_text())["data"]["workers"] == cpus
+
+
+# --- the validation split ------------------------------------------------------------------
+
+TUTORIAL_POINTS = """
+seed: 0
+data:
+  source: tensors
+  x: [[1.0], [2.0], [3.0]]
+  y: [[2.0], [4.0], [6.0]]
+loss: {type: MSELoss, reduction: sum}
+optimizer: {type: SGD, lr: 0.01}
+train: {epochs: 1000, batch_size: 3}
+model:
+  layers:
+    linear: {type: Linear, out_features: 1}
+"""
+
+
+def test_inline_tensors_train_on_every_point_unless_val_split_is_given(tmp_path):
+    """The tutorial's three points as inline tensors: no validation split by default, so the
+    1000 epochs learn what PyTorch learns on all three (w -> 2, 4 -> 8)."""
+    config = write_config(tmp_path, TUTORIAL_POINTS, "points.yaml")
+    result = invoke("train", config, "--out", tmp_path / "runs")
+    assert result.exit_code == 0, result.stderr
+    assert "train/val samples: 3/0" in result.stdout
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1, 1)
+    x = torch.tensor([[1.0], [2.0], [3.0]])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(1000):
+        optimizer.zero_grad()
+        torch.nn.MSELoss(reduction="sum")(model(x), 2 * x).backward()
+        optimizer.step()
+    saved = load(tmp_path / "runs" / "points" / "last.pt")
+    assert float(saved["model"]["linear.weight"]) == pytest.approx(float(model.weight), abs=1e-5)
+    assert float(model.weight) == pytest.approx(2.0, abs=1e-3)
+    assert saved["config"]["data"]["val_split"] == 0  # the resolved config says so
+
+    given = invoke("validate", config, "--set", "data.val_split=0.34")  # asked for: split, and warned
+    assert given.exit_code == 0
+    assert given.stderr == (f"warning: --set data.val_split: a split of 0.34 keeps 1 of the 3 samples out of "
+                            "training for validation: fewer than 10, too few for a validation loss that means "
+                            "much, yet that loss picks best.pt (and early stopping). Use val_split: 0 to train "
+                            "on every sample, or give more data.\n")
+
+
+@pytest.mark.parametrize("n, warned", [(40, True), (50, False)])
+def test_a_split_that_leaves_fewer_than_10_validation_samples_warns_with_the_figure(tmp_path, n, warned):
+    config = data_config(tmp_path, f"  source: synthetic\n  n: {n}\n  features: 2\n  val_split: 0.2\n")
+    result = invoke("validate", config)
+    assert result.exit_code == 0, result.stderr
+    expected = (f"warning: {config}:5: data.val_split: a split of 0.2 keeps 8 of the 40 samples out of training "
+                "for validation: fewer than 10") if warned else ""
+    assert result.stderr.startswith(expected) and bool(result.stderr) == warned, result.stderr
+
+
+# --- torchvision (not a test dependency: a stand-in package plays its part) -----------------
+
+# The parts of torchvision that the source uses, as torchvision shapes them: MNIST takes root,
+# train and download, and fails as the real one does without its files or without a network;
+# FakeData takes none of those (its defaults made small here).
+FAKE_DATASETS = '''
+import urllib.error
+
+import torch
+
+
+class MNIST:
+    def __init__(self, root, train=True, transform=None, target_transform=None, download=False):
+        if download:
+            raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+        raise RuntimeError("Dataset not found. You can use download=True to download it")
+
+
+class FakeData:
+    def __init__(self, size=40, image_size=(1, 4, 4), num_classes=3, transform=None, target_transform=None,
+                 random_offset=0):
+        self.size, self.image_size, self.num_classes, self.transform = size, image_size, num_classes, transform
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        g = torch.Generator().manual_seed(index)
+        image = torch.rand(self.image_size, generator=g)
+        return self.transform(image), torch.randint(0, self.num_classes, (1,), generator=g)[0]
+'''
+
+
+@pytest.fixture
+def fake_torchvision(tmp_path, monkeypatch):
+    """Write a stand-in torchvision (0.99.0) whose __init__ is `init`, first on the subprocesses'
+    PYTHONPATH; returns the function that writes it."""
+    def write(init: str) -> None:
+        site = tmp_path / "site"
+        package = site / "torchvision"
+        package.mkdir(parents=True)
+        (package / "__init__.py").write_text(init)
+        (package / "datasets.py").write_text(FAKE_DATASETS)
+        (package / "transforms.py").write_text("class ToTensor:\n    def __call__(self, image):\n"
+                                               "        return image\n")
+        (site / "torchvision-0.99.0.dist-info").mkdir()
+        (site / "torchvision-0.99.0.dist-info" / "METADATA").write_text(
+            "Metadata-Version: 2.1\nName: torchvision\nVersion: 0.99.0\n")
+        monkeypatch.setitem(ENV, "PYTHONPATH", os.pathsep.join([str(site), ENV["PYTHONPATH"]]))
+    return write
+
+
+def test_torchvision_built_for_another_torch_is_exit_2_saying_so(tmp_path, fake_torchvision):
+    fake_torchvision('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    config = data_config(tmp_path, "  source: torchvision\n  name: MNIST\n")
+    result = run_nncli("train", config, "--out", tmp_path / "runs")
+    assert result.returncode == 2, result.stderr
+    version = torch.__version__.split("+")[0]
+    assert result.stderr == (
+        f"error: {config}:3: data.name: torchvision 0.99.0 does not work with the installed torch "
+        f"{torch.__version__}: importing it fails with 'operator torchvision::nms does not exist', the sign "
+        f"of a torchvision built for another torch. Install the torchvision made for torch {version}, from the "
+        f"package index torch came from: pip install --upgrade 'torch=={version}' torchvision.\n")
+
+
+@pytest.mark.parametrize("download, hint", [
+    ("true", "Check the network connection; or download the files elsewhere, copy them to {root} and set "
+             "download: false."),
+    ("false", "Set download: true to fetch them, or root: to the folder that holds them (now {root})."),
+])
+def test_torchvision_dataset_that_cannot_load_hints_what_fits(tmp_path, fake_torchvision, download, hint):
+    """Without a network, download: true fails: the hint is not to set it again."""
+    fake_torchvision("from . import datasets, transforms\n")
+    config = data_config(tmp_path, f"  source: torchvision\n  name: MNIST\n  download: {download}\n")
+    result = run_nncli("validate", config)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"error: {config}:3: data.name: cannot load MNIST: ")
+    assert result.stderr.endswith(hint.format(root=tmp_path / "data") + "\n"), result.stderr
+    assert ("Set download: true" in result.stderr) == (download == "false")
+
+
+def test_torchvision_fakedata_trains(tmp_path, fake_torchvision):
+    """FakeData takes no root, train or download: it is given only what it takes."""
+    fake_torchvision("from . import datasets, transforms\n")
+    text = ("data: {source: torchvision, name: FakeData}\nmodel:\n  layers: [Flatten, {type: Linear, "
+            "out_features: 3}]\ntrain: {epochs: 2, batch_size: 8}\n")
+    config = write_config(tmp_path, text, "fake.yaml")
+    result = run_nncli("train", config, "--out", tmp_path / "runs")
+    assert result.returncode == 0, result.stderr
+    assert "train/val samples: 32/8" in result.stdout
+    _, rows = read_metrics(tmp_path / "runs" / "fake")
+    assert len(rows) == 2 and 0 <= rows[-1]["val_accuracy"] <= 1
+
+
+def test_every_extra_a_message_names_is_in_pyproject():
+    """`pip install 'nncli[vision]'` must install something: every extra named by nncli's messages
+    or the README is one that pyproject.toml defines."""
+    extras_section = re.search(r"^\[project\.optional-dependencies\]\n(.*?)(?=^\[)", (REPO / "pyproject.toml")
+                               .read_text(), re.M | re.S).group(1)
+    defined = set(re.findall(r"^(\w+) = \[", extras_section, re.M))
+    texts = [p.read_text() for p in sorted((REPO / "nncli").glob("*.py"))] + [(REPO / "README.md").read_text()]
+    named = {extra for text in texts for extra in re.findall(r"nncli\[(\w+)\]", text)}
+    assert "vision" in named
+    assert named <= defined, named - defined

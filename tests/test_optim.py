@@ -95,8 +95,9 @@ def test_group_lrs_reach_metrics_csv_and_the_table_comes_before_epoch_1(tmp_path
     result = invoke("train", config, "--out", tmp_path / "runs")
     assert result.exit_code == 0, result.stderr
     header, rows = read_metrics(tmp_path / "runs" / "groups")
-    assert [h for h in header if h.startswith("lr_")] == ["lr_0", "lr_1", "lr_2"]
-    assert all((r["lr_0"], r["lr_1"], r["lr_2"]) == (0.5, 0.05, 0.1) for r in rows)
+    # named by the groups' names; the default group, which the config does not name, by its index
+    assert [h for h in header if h.startswith("lr_")] == ["lr_biases", "lr_head", "lr_2"]
+    assert all((r["lr_biases"], r["lr_head"], r["lr_2"]) == (0.5, 0.05, 0.1) for r in rows)
     out = result.stdout
     table = out.index("Optimizer groups")
     assert table < out.index("epoch 1/2")
@@ -106,6 +107,25 @@ def test_group_lrs_reach_metrics_csv_and_the_table_comes_before_epoch_1(tmp_path
     table_lines = table_text.splitlines()
     biases = next(line for line in table_lines if "biases" in line)
     assert "│ 2 " in biases and "│ 5 " in biases  # fc1.bias (4) + fc2.bias (1): 2 tensors, 5 numbers
+
+
+def test_unnamed_groups_keep_their_index_as_column(tmp_path):
+    config = write_config(tmp_path, GROUPS.replace("    - name: biases\n      params", "    - params"), "groups.yaml")
+    result = invoke("train", config, "--out", tmp_path / "runs", "--quiet", "--epochs", 1)
+    assert result.exit_code == 0, result.stderr
+    header, rows = read_metrics(tmp_path / "runs" / "groups")
+    assert [h for h in header if h.startswith("lr_")] == ["lr_0", "lr_head", "lr_2"]
+
+
+@pytest.mark.parametrize("first, second, column", [("head", "head", "lr_head"), ("null", "'0'", "lr_0")])
+def test_two_groups_cannot_share_a_learning_rate_column(tmp_path, first, second, column):
+    text = GROUPS.replace("name: biases", f"name: {first}").replace("name: head", f"name: {second}")
+    config = write_config(tmp_path, text, "groups.yaml")
+    result = invoke("validate", config)
+    assert result.exit_code == 2
+    assert result.stderr == (f"error: {config}:12: optimizer.groups.1.name: two groups' learning rates "
+                             f"would share the column {column} of metrics.csv; give each group a name of its "
+                             "own\n")
 
 
 def test_a_pattern_matching_nothing_exits_2_with_file_and_line(tmp_path):

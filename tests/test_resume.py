@@ -445,10 +445,10 @@ def test_resume_changes_a_groups_learning_rate_but_not_its_parameters(tmp_path):
     run_two = copy_run(run, tmp_path / "two")
     ok(run_nncli("resume", run_two, "--epochs", "5", "--set", "optimizer.groups.0.lr=0.002", cwd=tmp_path))
     rows = metrics_rows(run_two)
-    assert [r["lr_0"] for r in rows[:4]] == [r["lr_0"] for r in metrics_rows(run)]
+    assert [r["lr_biases"] for r in rows[:4]] == [r["lr_biases"] for r in metrics_rows(run)]  # the group's name
     # StepLR (step 2, gamma 0.5) after a 1-epoch warmup: epochs 4 and 5 at half the base rates
-    assert float(rows[4]["lr_0"]) == pytest.approx(0.002 * 0.5)
-    assert float(rows[4]["lr_1"]) == pytest.approx(0.1 * 0.5)
+    assert float(rows[4]["lr_biases"]) == pytest.approx(0.002 * 0.5)
+    assert float(rows[4]["lr_1"]) == pytest.approx(0.1 * 0.5)  # the default group: no name, its index
 
     before = snapshot(run)
     refused = run_nncli("resume", run, "--epochs", "5", "--set", "optimizer.groups.0.params='*.weight'",
@@ -456,6 +456,27 @@ def test_resume_changes_a_groups_learning_rate_but_not_its_parameters(tmp_path):
     assert refused.returncode == 2
     assert "optimizer.groups.0.params: '*.bias' -> '*.weight'" in refused.stderr
     assert snapshot(run) == before
+
+
+def test_resume_says_the_rate_each_group_takes_next_and_set_lr_sets_the_base_rate(short, tmp_path):
+    """`--set optimizer.lr` on resume gives the base rate; the schedule's factor where the run
+    stands multiplies it, and resume says the rate that results."""
+    run = copy_run(short["run"], tmp_path / "run")
+    result = ok(run_nncli("resume", run, "--epochs", "5", "--set", "optimizer.lr=0.01", cwd=tmp_path))
+    # SHORT's schedule by hand, from lr 0.01: a 1-epoch warmup, then StepLR; 4 epochs done
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.01)
+    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=1)
+    step = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, step], milestones=[1])
+    for _ in range(4):
+        optimizer.step()
+        scheduler.step()
+    expected = optimizer.param_groups[0]["lr"]
+    assert expected == pytest.approx(0.01 * 0.5)  # epochs 4 and 5 at half the base rate
+    line = next(line for line in result.stdout.splitlines() if line.startswith("resuming"))
+    assert line.endswith(f"at epoch 5 of 5; next learning rates: lr_0={expected:.3g} (0.01 x 0.5, the "
+                         "schedule's factor)"), line
+    assert float(metrics_rows(run)[4]["lr_0"]) == pytest.approx(expected)
 
 
 def test_resume_with_another_metric_adds_its_column(short, tmp_path):

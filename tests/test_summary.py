@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 import nncli
-from helpers import CONFIGS, DATA, FROZEN_AND_HEAD, ok, run_nncli, run_python, write_config
+from helpers import CONFIGS, DATA, FROZEN_AND_HEAD, REPO, ok, run_nncli, run_python, write_config
 from nncli.summary import human_count, summarize
 
 ALEXNET = DATA / "alexnet.yaml"
@@ -70,6 +72,34 @@ def test_conv_linear_macs_by_hand(cli, tmp_path):
     # ... and torch's flop counter on a real forward pass agrees
     model = nncli.build_model(nncli.load_config(tmp_path / "config.yaml"))
     assert real_macs(model, torch.randn(1, 3, 16, 16)) == data["macs"]
+
+
+def test_macs_count_multiply_adds_only_as_the_footer_says(cli, tmp_path):
+    """The MACs convention, stated in the footer: the multiply-adds of convolutions, linear layers
+    and matrix products; a bias, a BatchNorm, an activation or a pooling adds none."""
+    path = write_config(tmp_path, """
+        model:
+          input_shape: [3, 6, 6]
+          layers:
+            - {type: Conv2d, out_channels: 4, kernel_size: 3}
+            - BatchNorm2d
+            - ReLU
+            - {type: MaxPool2d, kernel_size: 2}
+            - Flatten
+            - {type: Linear, out_features: 5}
+            - {type: LayerNorm}
+            - Sigmoid
+    """)
+    data = summary_json(cli, path)
+    conv, linear = 4 * 4 * 4 * (3 * 3 * 3), 16 * 5  # no bias terms
+    assert [row["macs"] for row in data["layers"]] == [conv, 0, 0, 0, 0, linear, 0, 0]
+    assert data["macs"] == conv + linear
+    result = cli("summary", path)
+    assert result.exit_code == 0
+    footer = result.stdout.strip().splitlines()[-1]
+    assert footer == (f"MACs (one sample): {human_count(conv + linear)} ({conv + linear:,}): multiply-adds of "
+                      "convolutions, linear layers and matrix products (attention's too); biases, normalization, "
+                      "activations and pooling are not counted")
 
 
 def test_macs_of_recurrent_model_by_hand(cli, tmp_path):
@@ -226,19 +256,64 @@ def test_summary_bad_options(cli):
 
 # --- validate -------------------------------------------------------------------------------------
 
+MODEL_ONLY = "ok (model only: train needs a data: section)"
+
+
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
 def test_validate_every_shipped_config(cli, path):
     result = cli("validate", path)
     assert result.exit_code == 0, result.stderr
-    assert result.stdout.startswith(f"ok: {path}: ")
+    verdict = "ok" if yaml.safe_load(path.read_text()).get("data") else MODEL_ONLY  # the seed_* models
+    assert result.stdout.startswith(f"{verdict}: {path}: ")
     plugins = yaml.safe_load(path.read_text()).get("plugins", [])
-    assert result.stderr == "".join(f"plugins: imported {(path.parent / p).resolve().relative_to(Path.cwd())} (Python code that the "
-                                    "config names)\n" for p in plugins)
+    assert result.stderr == "".join(f"plugins: imported {(path.parent / p).resolve().relative_to(Path.cwd())} "
+                                    "(Python code that the config names)\n" for p in plugins)
+
+
+MODEL_WITHOUT_DATA = """
+model:
+  input_shape: [4]
+  layers:
+    - {type: Linear, out_features: 2}
+"""
+
+
+@pytest.mark.parametrize("section, message", [
+    ("optimizer: {type: SGDD, lr: 0.1}", "5: optimizer.type: unknown optimizer 'SGDD'. Did you mean 'SGD'?"),
+    ("optimizer: {type: SGD, lr: -0.1}", "5: optimizer: SGD cannot be built with lr=-0.1"),
+    ("optimizer: {type: SGD, lr: 0.1, groups: [{params: '*.bais', lr: 0.01}]}",
+     "5: optimizer.groups.0.params: pattern '*.bais' matches no trainable parameter (they are named like: "
+     "0.weight, 0.bias)"),
+    ("schedule: {type: StepLRR}", "5: schedule.type: unknown schedule 'StepLRR'. Did you mean 'StepLR'?"),
+    ("schedule: {type: StepLR, step_size: 0}", "5: schedule: the schedule fails when stepped"),
+    ("loss: {type: MSELos}", "5: loss.type: unknown loss 'MSELos'. Did you mean 'MSELoss'?"),
+    ("loss: {type: MSELoss, reductio: sum}", "5: loss.reductio: MSELoss has no argument 'reductio'"),
+    ("loss: MSELoss\nmetrics: [accuracy]", "6: metrics.0: metric 'accuracy' does not apply to regression targets"),
+])
+def test_validate_without_data_checks_every_section_it_has(cli, tmp_path, section, message):
+    """A model without data is checked for all the config has: loss, metrics, optimizer and its
+    groups against the model's parameters, schedule; summary checks the same."""
+    path = write_config(tmp_path, MODEL_WITHOUT_DATA + section + "\n")
+    for command in ("validate", "summary"):
+        result = cli(command, path)
+        assert result.exit_code == 2, (command, result.stdout, result.stderr)
+        assert result.stderr.startswith(f"error: {path}:{message}"), result.stderr
+
+
+def test_validate_without_data_says_what_it_checked(cli, tmp_path):
+    """Without data, `ok` says that only the model (and the sections beside it) could be checked;
+    a schedule whose warmup in steps depends on the data's size is not refused."""
+    path = write_config(tmp_path, MODEL_WITHOUT_DATA + (
+        "optimizer: {type: SGD, lr: 0.1, groups: [{name: bias, params: '*.bias', lr: 0.01}]}\n"
+        "schedule: {type: CosineAnnealingLR, interval: step, warmup: {steps: 500}}\n"))
+    result = cli("validate", path)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == f"{MODEL_ONLY}: {path}: 1 layer, 10 parameters, input [4] -> output [2]\n"
 
 
 def test_validate_one_line_summary(cli):
     result = cli("validate", ALEXNET)
-    assert result.stdout.strip() == (f"ok: {ALEXNET}: 24 layers, 61,100,840 parameters, "
+    assert result.stdout.strip() == (f"{MODEL_ONLY}: {ALEXNET}: 24 layers, 61,100,840 parameters, "
                                      "input [3, 224, 224] -> output [1000]")
 
 
@@ -270,8 +345,11 @@ def test_layers_one_layer(cli):
     assert "'zeros'" in lines["padding_mode"]
 
 
-def test_layers_recurrent_default(cli):
-    result = cli("layers", "LSTM")
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN", "TransformerEncoderLayer", "TransformerDecoderLayer",
+                                  "Transformer", "MultiheadAttention"])
+def test_layers_batch_first_default(cli, name):
+    """nncli's data is batch-first: every layer with a batch_first argument defaults to true."""
+    result = cli("layers", name)
     assert result.exit_code == 0
     line = next(line for line in result.stdout.splitlines() if "batch_first" in line)
     assert "True (nncli; torch: False)" in line
@@ -335,6 +413,14 @@ def test_help_subprocess_without_torch():
              "assert 'torch' not in sys.modules, 'nncli --help imported torch'\n")
     check = run_python("-c", probe, timeout=60)
     assert check.returncode == 0, check.stderr
+
+
+def test_version_is_the_packages():
+    result = run_nncli("--version")
+    assert result.returncode == 0, result.stderr
+    version = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)
+    assert result.stdout == f"nncli {version}\n"
+    assert version == nncli.__version__
 
 
 def test_import_does_not_import_torch():

@@ -27,7 +27,7 @@ SHIPPED_HEADERS = {
     "digits_cnn.yaml": "epoch,train_loss,val_loss,val_accuracy,lr_0,time_s",
     "digits_mlp.yaml": "epoch,train_loss,val_loss,val_accuracy,val_top3,lr_0,time_s",
     "linear_regression.yaml": "epoch,train_loss,lr_0,time_s",  # val_split: 0
-    "perceptron_lr_groups.yaml": "epoch,train_loss,val_loss,val_mae,lr_0,lr_1,time_s",  # 2 groups
+    "perceptron_lr_groups.yaml": "epoch,train_loss,val_loss,val_mae,lr_bias,lr_weight,time_s",  # 2 named groups
     "perceptron_synthetic.yaml": "epoch,train_loss,val_loss,val_mae,val_r2,lr_0,time_s",
 }
 
@@ -313,7 +313,7 @@ def test_a_model_too_big_for_the_cpu_is_exit_1_with_a_hint(tmp_path):
         "        super().__init__(in_features, out_features)\n")
     config = write_config(tmp_path, """
         plugins: [huge.py]
-        data: {source: synthetic, n: 40, features: 4, classes: 2}
+        data: {source: synthetic, n: 50, features: 4, classes: 2}
         model: {layers: [{type: Huge, out_features: 2}]}
         """)
     assert invoke("validate", config).exit_code == 0
@@ -375,10 +375,13 @@ def test_torch_warnings_are_one_line_each_and_in_full_with_debug(tmp_path):
         """)
     softmax = "Implicit dimension choice for softmax has been deprecated"
     done = ok(run_nncli("train", config, "--out", tmp_path / "runs", "-q", cwd=tmp_path))
-    assert [line for line in done.stderr.splitlines() if line] == [
-        f"warning: {softmax}. Change the call to include dim=X as an argument."]
+    lines = [line for line in done.stderr.splitlines() if line]
+    assert len(lines) == 2, lines  # torch's and nncli's (a Softmax before CrossEntropyLoss)
+    assert lines[0] == f"warning: {softmax}. Change the call to include dim=X as an argument."
+    assert lines[1].startswith(f"warning: {config}:3: 1 (Softmax): the model ends with Softmax")
     debug = ok(run_nncli("train", config, "--out", tmp_path / "runs", "-q", "--debug", cwd=tmp_path))
     assert f"UserWarning: {softmax}" in debug.stderr  # Python's own format: file, line, category
+    assert f"UserWarning: {config}:3: 1 (Softmax)" in debug.stderr
 
 
 def test_eval_on_a_data_file_with_labels_outside_the_classes_exits_2(mlp_run, tmp_path):
@@ -786,3 +789,120 @@ def test_build_model_takes_the_input_shape_from_the_data():
     config = nncli.load_config(CONFIGS / "digits_cnn.yaml", overrides=["train.epochs=3"])
     model = nncli.build_model(config)
     assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_r2_of_several_outputs_is_their_plain_mean_as_scikit_learn_computes_it():
+    """r2 as scikit-learn's r2_score (multioutput='uniform_average'): each output's R² from its
+    own targets' spread, then the mean; an exactly predicted constant output scores 1, else 0."""
+    from nncli.metrics import create_metric
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(50, 2, generator=g) * torch.tensor([1.0, 10.0])
+    output = target + torch.randn(50, 2, generator=g) * torch.tensor([0.3, 10.0])  # R² near 0.9 and 0
+    t, o = target.double().numpy(), output.double().numpy()
+    per_output = 1 - ((o - t) ** 2).sum(0) / ((t - t.mean(0)) ** 2).sum(0)
+    metric = create_metric("r2", torch.device("cpu"), outputs=2)
+    metric.update(output[:20], target[:20])
+    metric.update(output[20:], target[20:])
+    assert metric.compute() == pytest.approx(per_output.mean(), rel=1e-9)
+    pooled = 1 - ((o - t) ** 2).sum() / ((t - t.mean()) ** 2).sum()
+    assert abs(pooled - per_output.mean()) > 0.05  # what the outputs pooled would have said
+
+    constant = torch.full((4, 1), 0.1)
+    for predicted, expected in ((constant, 1.0), (constant + 0.5, 0.0)):
+        metric = create_metric("r2", torch.device("cpu"))
+        metric.update(predicted, constant[:, 0])
+        assert metric.compute() == expected
+
+
+def test_r2_of_a_two_target_csv_regression_through_eval_and_predict(tmp_path):
+    """A 2-target CSV: metrics.csv and eval give the r2 computed here, by hand, from predict's
+    outputs on the validation file (the mean of each target's R²)."""
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 120), ("val", 40)):
+        x = rng.normal(size=(n, 3))
+        y = np.stack([x @ [1.0, -2.0, 0.5] + rng.normal(0, 1.0, n),         # R² near 0.8
+                      100 * (x @ [0.3, 0.2, -0.1]) + rng.normal(0, 40.0, n)], 1)  # wide, poorly fit
+        rows = ["a,b,c,t1,t2"] + [",".join(f"{v:.6f}" for v in row) for row in np.hstack([x, y])]
+        (tmp_path / f"{name}.csv").write_text("\n".join(rows) + "\n")
+    config = write_config(tmp_path, """
+        seed: 0
+        data:
+          train: {source: csv, path: train.csv, target: [t1, t2]}
+          val: {source: csv, path: val.csv, target: [t1, t2]}
+        loss: MSELoss
+        metrics: [r2]
+        optimizer: {type: Adam, lr: 0.05}
+        train: {epochs: 30, batch_size: 16}
+        model:
+          layers: [{type: Linear, out_features: 2}]
+    """)
+    ok(invoke("train", config, "--out", tmp_path / "runs", "--quiet"))
+    run = tmp_path / "runs" / "config"
+    evaluated = json.loads(ok(invoke("eval", run, "--json")).stdout)
+    predicted = np.array([row["output"] for row in json.loads(ok(invoke("predict", run, "--input", tmp_path / "val.csv",
+                                                                        "--json")).stdout)])
+    val = np.loadtxt(tmp_path / "val.csv", delimiter=",", skiprows=1)[:, 3:]
+    per_target = 1 - ((predicted - val) ** 2).sum(0) / ((val - val.mean(0)) ** 2).sum(0)
+    assert evaluated["r2"] == pytest.approx(per_target.mean(), abs=1e-5)
+    pooled = 1 - ((predicted - val) ** 2).sum() / ((val - val.mean()) ** 2).sum()
+    assert abs(pooled - per_target.mean()) > 0.1, (pooled, per_target)
+    _, rows = read_metrics(run)
+    best = min(rows, key=lambda row: row["val_loss"])
+    assert best["val_r2"] == pytest.approx(evaluated["r2"], abs=1e-6)
+
+
+# --- silent traps -------------------------------------------------------------------------------
+
+TRANSFORMER = """
+seed: 0
+data: {source: synthetic, kind: images, n: 32, shape: [5, 8], classes: 3, val_split: 0}
+model:
+  layers:
+    - {type: TransformerEncoderLayer, nhead: 2, dim_feedforward: 16, dropout: 0.0}
+    - Flatten
+    - {type: Linear, out_features: 3}
+train: {epochs: 1, batch_size: 8}
+"""
+
+
+def test_a_transformer_sample_does_not_depend_on_the_other_samples_of_its_batch(tmp_path):
+    """Attention over each sample's own sequence (batch_first: true by default, nncli's data being
+    batch-first), not across the samples of a batch: the same as the layer built by hand."""
+    config = write_config(tmp_path, TRANSFORMER, "attention.yaml")
+    ok(invoke("train", config, "--out", tmp_path / "runs", "--quiet"))
+    run = tmp_path / "runs" / "attention"
+    x = np.random.default_rng(0).normal(size=(4, 5, 8)).astype(np.float32)
+    np.save(tmp_path / "batch.npy", x)
+    np.save(tmp_path / "alone.npy", x[:1])
+    batch = [row["output"] for row in json.loads(ok(invoke("predict", run, "--input", tmp_path / "batch.npy",
+                                                           "--json")).stdout)]
+    alone = json.loads(ok(invoke("predict", run, "--input", tmp_path / "alone.npy", "--json")).stdout)[0]["output"]
+    assert alone == pytest.approx(batch[0], abs=1e-5)
+
+    by_hand = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), nn.Flatten(),
+                            nn.Linear(40, 3))
+    by_hand.load_state_dict(load(run / "best.pt")["model"])
+    with torch.no_grad():
+        expected = by_hand.eval()(torch.from_numpy(x))
+    assert np.allclose(batch, expected.numpy(), atol=1e-5)
+
+
+def test_softmax_before_cross_entropy_warns_once_saying_why_and_what_to_do(tmp_path):
+    last = "    - {type: Linear, out_features: 10}"
+    text = (CONFIGS / "digits_mlp.yaml").read_text().replace(last, last + "\n    - {type: Softmax, dim: 1}")
+    config = write_config(tmp_path, text, "softmax.yaml")
+    result = run_nncli("train", config, "--epochs", 2, "--out", tmp_path / "runs", "-q")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == (
+        f"warning: {config}:20: 4 (Softmax): the model ends with Softmax, and CrossEntropyLoss applies "
+        "log-softmax to the model's output itself, so it takes these probabilities for scores: the gradients "
+        "shrink and the model trains worse. Drop the Softmax: the model then outputs scores (logits), with the "
+        "same predicted class; or end with LogSoftmax and use loss: NLLLoss.\n")
+    checked = invoke("validate", config)
+    assert checked.exit_code == 0 and checked.stderr.count("warning: ") == 1 and "ends with Softmax" in checked.stderr
+
+    log_softmax = write_config(tmp_path, text.replace("Softmax, dim", "LogSoftmax, dim"), "log_softmax.yaml")
+    checked = invoke("validate", log_softmax)
+    assert checked.exit_code == 0 and "Use loss: NLLLoss" in checked.stderr
+    assert invoke("validate", log_softmax, "--set", "loss=NLLLoss").stderr == ""  # the pair that fits
