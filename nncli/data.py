@@ -540,7 +540,7 @@ def load_data(config: Config, normalization: dict | None = None, *, scan: bool =
         options = check_section(own, DATA_KEYS, config.error, "data")
         _check_loader(options, config)
         everything, source_options = read_source(section, config, ("data",), options, DATA_KEYS)
-        options.update(source_options)
+        options.update({k: v for k, v in source_options.items() if k not in DATA_KEYS})  # the section's: checked
         if "val_split" not in section:
             options["val_split"] = SOURCES.get(options["source"]).default_split
         train, val = split_data(everything, options["val_split"], config)

@@ -839,7 +839,7 @@ def test_r2_of_a_two_target_csv_regression_through_eval_and_predict(tmp_path):
     """)
     ok(invoke("train", config, "--out", tmp_path / "runs", "--quiet"))
     run = tmp_path / "runs" / "config"
-    evaluated = json.loads(ok(invoke("eval", run, "--json")).stdout)
+    evaluated = json.loads(ok(invoke("eval", run, "--json", "--trust-data", tmp_path)).stdout)
     predicted = np.array([row["output"] for row in json.loads(ok(invoke("predict", run, "--input", tmp_path / "val.csv",
                                                                         "--json")).stdout)])
     val = np.loadtxt(tmp_path / "val.csv", delimiter=",", skiprows=1)[:, 3:]
