@@ -24,9 +24,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from nncli.config import load_config  # noqa: E402
-from nncli.reporting import Reporter  # noqa: E402
-from nncli.train import fit, prepare_run  # noqa: E402
+from nncli.report.console import ConsoleReporter as Reporter  # noqa: E402
+from nncli.run.loop import fit  # noqa: E402
+from nncli.run.setup import (
+    load_config,  # noqa: E402
+    prepare_run,  # noqa: E402
+)
 
 REFERENCE = ROOT.parent / "shared" / "bench" / "reference_loop.py"
 CASES = {  # case: (reference_loop.py arguments, nncli config, nncli --set overrides)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from nncli.config import load_config
-from nncli.reporting import Reporter
-from nncli.train import evaluate, fit, prepare_run
+from nncli.report.console import ConsoleReporter as Reporter
+from nncli.run.loop import evaluate, fit
+from nncli.run.setup import load_config, prepare_run
 
 
 def main() -> None:

@@ -12,16 +12,16 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_config": "nncli.config",
+    "load_config": "nncli.run.setup",
     "Config": "nncli.config",
-    "build_model": "nncli.model",
-    "plan_model": "nncli.model",
-    "register_layer": "nncli.registry",
-    "register_loss": "nncli.optim",
-    "summarize": "nncli.summary",
-    "load_data": "nncli.data",
-    "prepare_run": "nncli.train",
-    "fit": "nncli.train",
+    "build_model": "nncli.run.setup",
+    "plan_model": "nncli.model.plan",
+    "register_layer": "nncli.model.layers",
+    "register_loss": "nncli.optim.losses",
+    "summarize": "nncli.report.summary",
+    "load_data": "nncli.run.setup",
+    "prepare_run": "nncli.run.setup",
+    "fit": "nncli.run.loop",
     "ConfigError": "nncli.errors",
     "RunError": "nncli.errors",
 }

@@ -1,48 +1,68 @@
 """The `nncli` command line: each command parses its options, calls the library, and prints.
 
-torch is imported inside the commands that need it, so `nncli --help` answers at once.
+The options several commands share are defined once, below. torch is imported inside the
+commands that need it, so `nncli --help` answers at once; nncli.exits turns errors into one
+paragraph and an exit status.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
-import traceback
 import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
 import typer
 
+from nncli.exits import run_command
+
 app = typer.Typer(help="Train PyTorch networks described in YAML.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False,
                   rich_markup_mode="rich", context_settings={"help_option_names": ["-h", "--help"]})
 
-ConfigArg = typer.Argument(..., help="The YAML config file.", show_default=False, metavar="CONFIG")
-DebugOpt = typer.Option(False, "--debug", help="Show the Python traceback of an error.")
-OverridesOpt = typer.Option([], "--set", help="Override a config value: KEY=VALUE (dotted key, YAML value).")
-PluginOpt = typer.Option([], "--plugin", metavar="FILE_OR_MODULE",
-                         help="Import a plugin (a .py file or a module) that the checkpoint's model needs: "
-                              "a checkpoint's own plugin names are never imported.")
-TrustDataOpt = typer.Option([], "--trust-data", metavar="PATH",
-                            help="Let the run's data be read from files under PATH: paths that a checkpoint "
-                                 "names are never read otherwise.")
+# --- options that several commands take ----------------------------------------------------------
+
+CONFIG = typer.Argument(..., help="The YAML config file.", show_default=False, metavar="CONFIG")
+CHECKPOINT = typer.Argument(..., help="A checkpoint file or run directory.", metavar="RUN_OR_CHECKPOINT")
+DEBUG = typer.Option(False, "--debug", help="Show the Python traceback of an error.")
+SET = typer.Option([], "--set", help="Override a config value: KEY=VALUE (dotted key, YAML value).")
+EPOCHS = typer.Option(None, "--epochs", min=1, help="Train for N epochs (resume: N in all).")
+DEVICE = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps.")
+QUIET = typer.Option(False, "--quiet", "-q", help="Print only the result.")
+NPROC = typer.Option(None, "--nproc", min=1, help="Run N DDP processes on this machine through torchrun.")
+JSON = typer.Option(False, "--json", help="Print JSON.")
+PLUGIN = typer.Option([], "--plugin", metavar="FILE_OR_MODULE",
+                      help="Import a plugin (a .py file or a module) that the checkpoint's model needs: "
+                           "a checkpoint's own plugin names are never imported.")
+TRUST_DATA = typer.Option([], "--trust-data", metavar="PATH",
+                          help="Let the run's data be read from files under PATH: paths that a checkpoint "
+                               "names are never read otherwise.")
 
 
 def _named(plugins: list[str], trusted: list[Path]):
     """What the user named for a checkpoint's config to import and read (inference.Named)."""
-    from nncli.inference import Named
+    from nncli.run.inference import Named
 
     return Named(tuple(plugins), tuple(trusted))
 
 
 def _say_plugins(config) -> None:
-    """One line naming the code a config's `plugins:` import: it runs with the user's rights."""
-    if config.imported_plugins:
+    """One line naming the code a config's `plugins:` imported: it runs with the user's rights."""
+    if config.imported_plugins and int(os.environ.get("RANK", "0")) == 0:
         from nncli.config import shown_path
 
         shown = [shown_path(Path(p)) if p.endswith(".py") else p for p in config.imported_plugins]
         print(f"plugins: imported {', '.join(shown)} (Python code that the config names)", file=sys.stderr)
+
+
+def _load(config: Path, overrides: list[str], epochs: int | None = None):
+    """The user's config, resolved, its plugins said."""
+    from nncli.config.overrides import with_epochs
+    from nncli.run.setup import load_config
+
+    cfg = load_config(config, with_epochs(overrides, epochs))
+    _say_plugins(cfg)
+    return cfg
 
 
 def _print_version(value: bool) -> None:
@@ -61,124 +81,33 @@ def main_options(
     """The options that come before a command (the app's help text is Typer's `help=`)."""
 
 
-def run_command(action: Callable[[], Optional[int]], debug: bool) -> None:
-    """Run a command body: nncli errors become one paragraph on stderr and an exit status
-    (2 bad input, 1 failure, 130 interrupted); other exceptions too, traceback only with --debug.
-    Under DDP, the other processes' messages are marked with their rank, and only the main
-    process shows warnings (every process would repeat them)."""
-    from nncli.errors import NncliError
-
-    rank = int(os.environ.get("RANK", "0"))  # torchrun's: which process of the job this is
-
-    def say(text: str) -> None:
-        print(text if rank == 0 else f"[process {rank}] {text}", file=sys.stderr)
-
-    if not debug:
-        warnings.showwarning = _show_warning if rank == 0 else (lambda *args, **kwargs: None)
-    try:
-        with _stop_signals_interrupt():
-            code = action() or 0
-    except NncliError as err:
-        if debug:
-            traceback.print_exc()
-        if str(err):  # empty on the DDP processes that leave the message to the main one
-            say(f"{err.prefix}{err}")
-        raise typer.Exit(err.exit_code) from None
-    except KeyboardInterrupt:
-        if debug:
-            traceback.print_exc()
-        say("interrupted")
-        raise typer.Exit(130) from None
-    except BrokenPipeError:  # `nncli predict ... | head`: the reader has what it wanted (training
-        # is not stopped by it: see Reporter.print)
-        if debug:
-            traceback.print_exc()
-        from nncli.reporting import silence_stdout
-
-        silence_stdout()
-        raise typer.Exit(1) from None
-    except Exception as err:
-        if debug:
-            traceback.print_exc()
-        if (out_of_memory := _out_of_memory_text(err)) is not None:
-            say(f"error: out of memory: {out_of_memory}. The config's sizes (data, layers, batch) ask for "
-                "more than this machine has; `nncli summary` shows the model's size")
-        elif "torch" in sys.modules and _is_peer_failure(err):
-            say("error: stopped because another process of the job failed")  # gloo's words for it
-        else:
-            say(f"error: {type(err).__name__}: {err}" + ("" if debug else " (run again with --debug for the traceback)"))
-        raise typer.Exit(1) from None
-    raise typer.Exit(code)
-
-
-def _out_of_memory_text(err: Exception) -> str | None:
-    """torch's out-of-memory error in one line, where no step of nncli's says what ran out (the
-    data of `validate`, say); None for other errors."""
-    if "torch" not in sys.modules:  # not imported: not torch's error, and --help stays fast
-        return None
-    from nncli.devices import is_out_of_memory, out_of_memory_text
-
-    return out_of_memory_text(err) if is_out_of_memory(err) else None
-
-
-def _is_peer_failure(err: Exception) -> bool:
-    from nncli.devices import is_peer_failure
-
-    return is_peer_failure(err)
-
-
-def _stop_signals_interrupt() -> contextlib.AbstractContextManager:
-    """SIGTERM and SIGHUP stop a command the way Ctrl-C does ("interrupted", exit 130), not
-    silently with 143 or 129, also before training starts (its loop then takes them over to save
-    first: StopRequest). Not in a torchrun worker: one waiting for the others to join the job
-    would never run the handler, and its launcher says 130 itself."""
-    from nncli.errors import stop_signals_handled_by
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    return stop_signals_handled_by(interrupt) if os.environ.get("WORLD_SIZE", "1") == "1" else contextlib.nullcontext()
-
-
-_shown_warnings: set[str] = set()
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Warnings (nncli's and torch's) as one line each, once, without the source line they came
-    from (torch's warning filters let some through again on every model build)."""
-    text = str(message)
-    if text not in _shown_warnings:
-        _shown_warnings.add(text)
-        print(f"warning: {text}", file=sys.stderr)
-
+# --- commands ------------------------------------------------------------------------------------
 
 @app.command()
 def summary(
-    config: Path = ConfigArg,
+    config: Path = CONFIG,
     depth: Optional[int] = typer.Option(None, "--depth", min=0, help="Collapse blocks nested deeper than N."),
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="Shapes and memory for a batch of N."),
     params: bool = typer.Option(False, "--params", help="Also list every named parameter."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
-    overrides: list[str] = OverridesOpt,
-    debug: bool = DebugOpt,
+    overrides: list[str] = SET,
+    debug: bool = DEBUG,
 ) -> None:
     """Print each layer's output shape, parameters and MACs, without allocating weights."""
     def action() -> None:
         import json
 
-        from nncli.config import load_config
-        from nncli.model import plan_model
-        from nncli.optim import group_of_each_parameter
-        from nncli.reporting import make_console
-        from nncli.summary import print_parameters, print_summary, summarize
-        from nncli.train import check_config
+        from nncli.model.plan import plan_model
+        from nncli.optim.optimizers import group_of_each_parameter
+        from nncli.report.console import make_console
+        from nncli.report.summary import print_parameters, print_summary, summarize
+        from nncli.run.setup import check_config
 
-        cfg = load_config(config, overrides)
-        _say_plugins(cfg)
+        cfg = _load(config, overrides)
         checked, groups = check_config(cfg)
         plan = plan_model(cfg, checked.input_shape, batch_size, count_macs=True)
         has_groups = isinstance(cfg["optimizer"], dict) and cfg["optimizer"].get("groups")
-        result = summarize(plan, depth, group_of_each_parameter(groups) if has_groups and groups else None)
+        result = summarize(plan, depth, group_of_each_parameter(groups) if has_groups else None)
         if as_json:
             print(json.dumps(result, indent=2))
             return
@@ -190,24 +119,21 @@ def summary(
     run_command(action, debug)
 
 
+MODEL_ONLY = "ok (model only: train needs a data: section)"
+
+
 @app.command()
-def validate(
-    config: Path = ConfigArg,
-    overrides: list[str] = OverridesOpt,
-    debug: bool = DebugOpt,
-) -> None:
+def validate(config: Path = CONFIG, overrides: list[str] = SET, debug: bool = DEBUG) -> None:
     """Check a config without training: prints `ok` and a one-line summary, or the error."""
     def action() -> None:
-        from nncli.config import load_config
-        from nncli.model import describe_shape
-        from nncli.train import check_config
+        from nncli.model.plan import describe_shape
+        from nncli.run.setup import check_config
 
-        cfg = load_config(config, overrides)
-        _say_plugins(cfg)
+        cfg = _load(config, overrides)
         plan, _ = check_config(cfg)
         total = sum(p.numel() for p in plan.model.parameters())
         layers = len(list(plan.walk()))
-        verdict = "ok" if cfg["data"] is not None else "ok (model only: train needs a data: section)"
+        verdict = "ok" if cfg["data"] is not None else MODEL_ONLY
         print(f"{verdict}: {config}: {layers} layer{'s' if layers != 1 else ''}, {total:,} parameters, input "
               f"{list(plan.input_shape)} -> output {describe_shape(plan.output_shape[1:])}")
 
@@ -219,14 +145,14 @@ def layers(
     name: Optional[str] = typer.Argument(None, help="A layer type: show its arguments.", metavar="NAME"),
     plugins: list[str] = typer.Option([], "--plugin", metavar="FILE_OR_MODULE",
                                       help="Load a plugin first: a .py file or a module name, as in `plugins:`."),
-    debug: bool = DebugOpt,
+    debug: bool = DEBUG,
 ) -> None:
     """List the layer registry by category, or one layer's arguments."""
     def action() -> None:
         from nncli.errors import option_error
-        from nncli.layer_docs import print_layer, print_registry
-        from nncli.registry import load_plugins
-        from nncli.reporting import make_console
+        from nncli.plugins import load_plugins
+        from nncli.report.console import make_console
+        from nncli.report.layer_docs import print_layer, print_registry
 
         load_plugins(plugins, Path.cwd(), option_error("--plugin"))
         console = make_console()
@@ -240,20 +166,20 @@ def layers(
 
 @app.command()
 def train(
-    config: Path = ConfigArg,
-    overrides: list[str] = OverridesOpt,
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Train for N epochs."),
+    config: Path = CONFIG,
+    overrides: list[str] = SET,
+    epochs: Optional[int] = EPOCHS,
     out: Optional[Path] = typer.Option(None, "--out", help="Put the run directory under DIR (replaces checkpoint.dir)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the result."),
-    nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Start N DDP processes on this machine through torchrun."),
-    debug: bool = DebugOpt,
+    device: Optional[str] = DEVICE,
+    quiet: bool = QUIET,
+    nproc: Optional[int] = NPROC,
+    debug: bool = DEBUG,
 ) -> None:
     """Train the config's model; write config, metrics and checkpoints to a run directory."""
     if nproc:
         def check() -> None:
-            from nncli.config import load_config, with_epochs
-            from nncli.train import check_launch
+            from nncli.config.overrides import with_epochs
+            from nncli.run.setup import check_launch, load_config
 
             check_launch(load_config(config, with_epochs(overrides, epochs)), device, nproc)
 
@@ -261,15 +187,11 @@ def train(
         return
 
     def action() -> None:
-        from nncli.config import load_config, with_epochs
-        from nncli.reporting import make_reporter
-        from nncli.train import train as train_run
+        from nncli.report.console import make_reporter
+        from nncli.run.train import train as train_run
 
-        cfg = load_config(config, with_epochs(overrides, epochs))
-        if int(os.environ.get("RANK", "0")) == 0:
-            _say_plugins(cfg)
         reporter = make_reporter(quiet)
-        run = train_run(cfg, reporter, device=device, out_dir=out)
+        run = train_run(_load(config, overrides, epochs), reporter, device=device, out_dir=out)
         _print_result(run, reporter)
 
     run_command(action, debug)
@@ -294,50 +216,42 @@ def resume(
     path: Path = typer.Argument(..., help="A run directory or checkpoint; or a plain state_dict file with --config.",
                                 metavar="PATH"),
     config: Optional[Path] = typer.Option(None, "--config", help="A config: required to warm-start from a state_dict; for a run, its changes are checked."),
-    overrides: list[str] = OverridesOpt,
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Extend or shorten the run to N epochs in all."),
+    overrides: list[str] = SET,
+    epochs: Optional[int] = EPOCHS,
     warm: bool = typer.Option(False, "--warm-start", help="Start a new run of --config from the checkpoint's weights only (no optimizer, schedule or epoch count)."),
     strict: bool = typer.Option(True, "--strict/--no-strict", help="Warm start: refuse weights that do not all fit."),
     out: Optional[Path] = typer.Option(None, "--out", help="Continue in a new run directory under DIR (a warm start's, or a copy of the run's), leaving the run as it is."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the result."),
-    nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Continue with N DDP processes through torchrun."),
-    plugins: list[str] = PluginOpt,
-    trusted: list[Path] = TrustDataOpt,
-    debug: bool = DebugOpt,
+    device: Optional[str] = DEVICE,
+    quiet: bool = QUIET,
+    nproc: Optional[int] = NPROC,
+    plugins: list[str] = PLUGIN,
+    trusted: list[Path] = TRUST_DATA,
+    debug: bool = DEBUG,
 ) -> None:
     """Continue a run exactly where it stopped, or warm-start a new run from plain weights."""
+    def request():
+        from nncli.run.resume import ResumeRequest
+
+        return ResumeRequest(path, config, warm, tuple(overrides), epochs, strict, device, out,
+                             _named(plugins, trusted))
+
     if nproc:
         def check() -> None:
-            from nncli.resume import check_resume_launch
+            from nncli.run.resume import check_resume_launch
 
-            check_resume_launch(path, config_path=config, overrides=overrides, epochs=epochs,
-                                device=device, processes=nproc, warm=warm, named=_named(plugins, trusted),
-                                out_dir=out)
+            check_resume_launch(request(), nproc)
 
         _check_then_launch(nproc, check, debug)  # exits with the job's status
         return
 
     def action() -> None:
-        from nncli.errors import ConfigError
-        from nncli.reporting import make_reporter
-        from nncli.resume import check_warm_start, is_nncli_checkpoint, resume as resume_run, warm_start
+        from nncli.report.console import make_reporter
+        from nncli.run.resume import resume_or_warm_start
 
         reporter = make_reporter(quiet)
-        check_warm_start(warm, config)
-        if not warm and is_nncli_checkpoint(path):
-            run = resume_run(path, reporter, overrides=overrides, epochs=epochs, config_path=config,
-                             device=device, named=_named(plugins, trusted), out_dir=out)
-            if run is None:  # finished already: nothing trained, nothing saved
-                return
-        elif config is None:
-            raise ConfigError("is not an nncli checkpoint; if it is a plain state_dict, give the "
-                              "model's config to warm-start from it: nncli resume WEIGHTS --config CONFIG",
-                              file=str(path))
-        else:
-            run = warm_start(path, config, reporter, overrides=overrides, epochs=epochs,
-                             strict=strict, device=device, out_dir=out)
-        _print_result(run, reporter)
+        run = resume_or_warm_start(request(), reporter)
+        if run is not None:  # None: finished already, nothing trained, nothing saved
+            _print_result(run, reporter)
 
     run_command(action, debug)
 
@@ -347,8 +261,8 @@ def _check_then_launch(nproc: int, check: Callable[[], None], debug: bool) -> No
     wrong; their warnings are theirs to show), then run this command again, without --nproc, in
     N DDP processes (devices.launch)."""
     def action() -> int:
-        from nncli.devices import launch
         from nncli.errors import ConfigError
+        from nncli.run.devices import launch
 
         if nproc == 1:
             raise ConfigError("1 process is a plain run: leave out --nproc, or give 2 or more", key="--nproc")
@@ -370,19 +284,19 @@ def _check_then_launch(nproc: int, check: Callable[[], None], debug: bool) -> No
 
 @app.command(name="eval")
 def evaluate(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint file or run directory.", metavar="RUN_OR_CHECKPOINT"),
+    checkpoint: Path = CHECKPOINT,
     data: Optional[Path] = typer.Option(None, "--data", help="A data file (.csv, .npz) to evaluate on, read with the run's data settings."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    plugins: list[str] = PluginOpt,
-    trusted: list[Path] = TrustDataOpt,
-    debug: bool = DebugOpt,
+    as_json: bool = JSON,
+    device: Optional[str] = DEVICE,
+    plugins: list[str] = PLUGIN,
+    trusted: list[Path] = TRUST_DATA,
+    debug: bool = DEBUG,
 ) -> None:
     """Loss and metrics of a trained model on its validation data, or on --data."""
     def action() -> None:
         import json
 
-        from nncli.inference import evaluate_checkpoint
+        from nncli.run.inference import evaluate_checkpoint
 
         results, source = evaluate_checkpoint(checkpoint, data, device, _named(plugins, trusted))
         if as_json:
@@ -395,18 +309,18 @@ def evaluate(
 
 @app.command()
 def predict(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint file or run directory.", metavar="RUN_OR_CHECKPOINT"),
+    checkpoint: Path = CHECKPOINT,
     inputs: str = typer.Option(..., "--input", help="Inputs: a JSON list of samples, or a .json, .csv, .npy or .npz file."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    plugins: list[str] = PluginOpt,
-    debug: bool = DebugOpt,
+    as_json: bool = JSON,
+    device: Optional[str] = DEVICE,
+    plugins: list[str] = PLUGIN,
+    debug: bool = DEBUG,
 ) -> None:
     """The model's outputs for the given inputs, one row per input."""
     def action() -> None:
         import json
 
-        from nncli.inference import predict_checkpoint
+        from nncli.run.inference import predict_checkpoint
 
         rows = predict_checkpoint(checkpoint, inputs, device, _named(plugins, []))
         if as_json:

@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import difflib
+import re
 import signal
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -44,6 +46,20 @@ class RunError(NncliError):
     """A failure while running: exit status 1."""
 
     exit_code = 1
+
+
+# Python types in a config's words: one, and several ("expected a list of 2 integers")
+TYPE_NOUNS = {int: ("an integer", "integers"), float: ("a number", "numbers"), str: ("a string", "strings"),
+              bool: ("true or false", "booleans"), list: ("a list", "lists"), dict: ("a mapping", "mappings"),
+              type(None): ("null", "nulls")}
+
+
+def value_kind(value: Any) -> str:
+    """A config value's type in a config's words: "integer", "list", "mapping", ..."""
+    for kind in (bool, *TYPE_NOUNS):  # bool first: True is an int too
+        if isinstance(value, kind):
+            return TYPE_NOUNS[kind][1][:-1]  # "integers" -> "integer"
+    return type(value).__name__
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
@@ -111,6 +127,32 @@ def stop_signals_handled_by(handler: Callable[[int, Any], None]) -> Iterator[Non
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+# --- running out of memory ------------------------------------------------------------------
+
+@contextmanager
+def out_of_memory_as_error(doing: str, hint: str) -> Iterator[None]:
+    """A device running out of memory while `doing` something becomes a RunError (exit 1) with
+    a hint, instead of torch's multi-line message and a traceback."""
+    try:
+        yield
+    except RuntimeError as err:
+        if not is_out_of_memory(err):
+            raise
+        raise RunError(f"out of memory {doing}: {out_of_memory_text(err)}", hint=hint) from None
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """A GPU's OutOfMemoryError, or the CPU allocator's RuntimeError (which has no class of its own).
+    Neither can happen before torch is imported (and this module does not import it)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and (isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err))
+
+
+def out_of_memory_text(err: BaseException) -> str:
+    """The allocator's message in one line, without the C++ source location the CPU's starts with."""
+    return re.sub(r"^\[enforce fail at [^\]]*\] err == 0\. ", "", first_line(err))
 
 
 class Interrupted(NncliError):

@@ -11,7 +11,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from helpers import BROKEN, CONFIGS, write_config
 
 CASES = sorted(BROKEN.glob("*.yaml"))

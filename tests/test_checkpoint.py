@@ -22,9 +22,20 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from helpers import (DROPOUT_MLP, ENV, TINY_REGRESSION, load, metrics_rows, nncli_argv, ok, run_nncli, run_python,
-                     snapshot, train_config, write_config)
+from helpers import (
+    DROPOUT_MLP,
+    ENV,
+    TINY_REGRESSION,
+    load,
+    metrics_rows,
+    nncli_argv,
+    ok,
+    run_nncli,
+    run_python,
+    snapshot,
+    train_config,
+    write_config,
+)
 
 SMALL = """
 seed: 2
@@ -165,10 +176,10 @@ def test_kill_9_during_checkpoint_writes(tmp_path):
 
 KILL_AT_BEST = """
 import os, sys
-import nncli.train
+import nncli.run.save
 from nncli.cli import main
 
-write_atomic = nncli.train.write_atomic
+write_atomic = nncli.run.save.write_atomic
 best_writes = 0
 
 def write_then_die(data, path):  # kill -9 at one exact instant: as epoch 2's best.pt is written
@@ -179,7 +190,7 @@ def write_then_die(data, path):  # kill -9 at one exact instant: as epoch 2's be
             os._exit(137)
     write_atomic(data, path)
 
-nncli.train.write_atomic = write_then_die
+nncli.run.save.write_atomic = write_then_die
 sys.argv = ["nncli", *sys.argv[1:]]
 main()
 """

@@ -11,15 +11,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from helpers import ENV, REPO, invoke, load, metrics_rows, read_metrics, run_nncli, write_config
 
 MODEL = "model:\n  layers:\n    - {type: Linear, out_features: 2}\n"
 
 
 def load_dataset(path):
-    from nncli.config import load_config
-    from nncli.data import load_data
+    from nncli.run.setup import load_config, load_data
 
     return load_data(load_config(path))
 
@@ -118,7 +116,7 @@ def test_normalize_uses_training_statistics_for_both_sides(tmp_path):
 
 def test_synthetic_and_digits_sources():
     from nncli.config import config_from_mapping
-    from nncli.data import load_data
+    from nncli.run.setup import load_data
 
     model = {"layers": [{"type": "Linear", "out_features": 3}]}
     data = load_data(config_from_mapping({"seed": 3, "model": model, "data": {
@@ -449,7 +447,7 @@ def test_inline_tensors_train_on_every_point_unless_val_split_is_given(tmp_path)
 
     given = invoke("validate", config, "--set", "data.val_split=0.34")  # asked for: split, and warned
     assert given.exit_code == 0
-    assert given.stderr == (f"warning: --set data.val_split: a split of 0.34 keeps 1 of the 3 samples out of "
+    assert given.stderr == ("warning: --set data.val_split: a split of 0.34 keeps 1 of the 3 samples out of "
                             "training for validation: fewer than 10, too few for a validation loss that means "
                             "much, yet that loss picks best.pt (and early stopping). Use val_split: 0 to train "
                             "on every sample, or give more data.\n")

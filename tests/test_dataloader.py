@@ -11,9 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from helpers import (DROPOUT_MLP, ENV, load, metrics_rows, nncli_argv, ok, run_nncli, run_python, train_config,
-                     write_config)
+from helpers import (
+    DROPOUT_MLP,
+    ENV,
+    load,
+    metrics_rows,
+    nncli_argv,
+    ok,
+    run_nncli,
+    run_python,
+    train_config,
+    write_config,
+)
 
 # Dropout and normalize: a loader that drew torch's global RNG, or normalized differently, would
 # change the weights.
@@ -67,9 +76,8 @@ def test_dataloader_with_workers_trains_the_same_model_as_memory(tmp_path):
 
 
 def test_mmap_keeps_the_inputs_in_the_file_and_trains_like_memory(tmp_path):
-    from nncli.config import load_config
-    from nncli.data import load_data
-    from nncli.samples import HostSamples
+    from nncli.data.samples import HostSamples
+    from nncli.run.setup import load_config, load_data
 
     x = write_arrays(tmp_path)
     config = write_config(tmp_path, NPY % ", loader: dataloader, mmap: true", "mapped.yaml")
@@ -90,8 +98,7 @@ def test_mmap_keeps_the_inputs_in_the_file_and_trains_like_memory(tmp_path):
 
 
 def test_a_mapped_file_is_mapped_again_not_copied_when_pickled_for_a_spawned_worker(tmp_path):
-    from nncli.config import load_config
-    from nncli.data import load_data
+    from nncli.run.setup import load_config, load_data
 
     x = write_arrays(tmp_path)
     train = load_data(load_config(write_config(tmp_path, NPY % ", loader: dataloader, mmap: true"))).train
@@ -128,8 +135,7 @@ def test_mmap_of_a_fortran_ordered_file_is_refused(tmp_path):
 def test_an_empty_share_gives_no_batch(tmp_path, loader):
     """Under DDP a process's share of a tiny validation set may be empty: no batch, not an empty
     one, whose mean loss is NaN and would make the job's val_loss NaN."""
-    from nncli.config import load_config
-    from nncli.data import load_data
+    from nncli.run.setup import load_config, load_data
 
     write_arrays(tmp_path, 10)
     config = write_config(tmp_path, NPY % f", loader: {loader}, workers: 0, val_split: 0.1")
@@ -139,9 +145,9 @@ def test_an_empty_share_gives_no_batch(tmp_path, loader):
 
 
 def test_normalization_statistics_merged_over_chunks_match_torch(monkeypatch):
-    from nncli import data
-    from nncli.data import normalization_of
-    from nncli.samples import HostSamples
+    from nncli.data import load as data
+    from nncli.data.load import normalization_of
+    from nncli.data.samples import HostSamples
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1001, 3, 4, dtype=torch.float64, generator=g) * torch.tensor([1.0, 1e3, 0.0]).view(3, 1) + 7
@@ -213,9 +219,8 @@ def test_how_the_data_is_read_may_change_on_resume_but_not_what_it_is(tmp_path, 
 def test_checking_a_config_does_not_read_every_input(tmp_path, monkeypatch):
     """validate, summary and `--nproc`'s check in the parent need shapes and targets, not a pass
     over a (maybe larger than memory) mapped file for the fingerprint and the statistics."""
-    from nncli import data
-    from nncli.config import load_config
-    from nncli.train import check_config
+    from nncli.data import load as data
+    from nncli.run.setup import check_config, load_config
 
     def must_not_scan(*args):
         raise AssertionError("a pass over every input")
@@ -228,4 +233,4 @@ def test_checking_a_config_does_not_read_every_input(tmp_path, monkeypatch):
     plan, groups = check_config(config)
     assert plan.output_shape[1:] == (3,) and len(groups) == 1
     with pytest.raises(AssertionError, match="a pass over every input"):
-        data.load_data(config)  # training does scan
+        data.read_data(config)  # training does scan

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import invoke, ok, run_nncli, write_config
-from nncli.devices import Process, resolve_device, wrap_model
+
 from nncli.errors import ConfigError
+from nncli.run.devices import Process, resolve_device, wrap_model
 
 BASE = """\
 data: {source: synthetic, n: 64, features: 2, classes: 3, val_split: 0.25}

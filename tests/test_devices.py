@@ -4,9 +4,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from helpers import (CONFIGS, DROPOUT_MLP, Background, load, metrics_rows, ok, read_metrics, run_nncli, run_python,
-                     write_config)
+from helpers import (
+    CONFIGS,
+    DROPOUT_MLP,
+    Background,
+    load,
+    metrics_rows,
+    ok,
+    read_metrics,
+    run_nncli,
+    run_python,
+    write_config,
+)
 
 CONFIG = """\
 seed: 1

@@ -3,7 +3,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import CONFIGS, load, metrics_rows, run_nncli, write_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -66,8 +65,7 @@ def test_explicit_missing_gpu_index_is_an_error(tmp_path: Path) -> None:
 
 
 def test_dataloader_pins_batches_and_trains_like_memory_on_the_gpu(tmp_path: Path) -> None:
-    from nncli.config import load_config
-    from nncli.data import load_data
+    from nncli.run.setup import load_config, load_data
 
     config = load_config(CONFIGS / "digits_mlp.yaml", ["data.loader=dataloader", "data.workers=1"])
     train = load_data(config).train.to(torch.device("cuda"))

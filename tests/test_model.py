@@ -9,15 +9,13 @@ import math
 from collections import OrderedDict
 
 import numpy as np
-
 import pytest
 import torch
+from helpers import CONFIGS, FROZEN_AND_HEAD, invoke, write_config
 from torch import nn
 
 import nncli
-from helpers import CONFIGS, FROZEN_AND_HEAD, invoke, write_config
-from nncli.yamlio import parse_yaml
-
+from nncli.config.yamlio import parse_yaml
 
 # --- the tutorial's hand-written networks ------------------------------------------------------
 
@@ -217,7 +215,7 @@ def test_plugin_loss_reproduces_the_tutorials_backward_step(tmp_path):
     assert nncli.load_config(path)["metrics"] == []  # a loss not registered for class labels
     labels = nncli.load_config(path, ["loss={type: LabelSmoothed, smoothing: 0.2}"])
     assert labels["metrics"] == ["accuracy"]  # registered with class_indices=True
-    from nncli.optim import create_loss
+    from nncli.optim.losses import create_loss
 
     assert create_loss(labels).label_smoothing == 0.2
 
@@ -415,7 +413,7 @@ def test_residual_adds_its_input(tmp_path):
                 - Tanh
     """)
     model = build(path)
-    from nncli.blocks import Residual
+    from nncli.model.blocks import Residual
 
     assert isinstance(model[1], Residual)
     x = torch.randn(3, 4)

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from helpers import CONFIGS, TINY_REGRESSION, invoke, load, read_metrics, write_config
 
 GROUPS = """
@@ -35,8 +34,7 @@ model:
 
 
 def prepare(path, **kwargs):
-    from nncli.config import load_config
-    from nncli.train import prepare_run
+    from nncli.run.setup import load_config, prepare_run
 
     return prepare_run(load_config(path), **kwargs)
 
@@ -194,8 +192,8 @@ def test_an_optimizer_refused_for_a_set_value_says_so(tmp_path):
 # --- losses --------------------------------------------------------------------------------
 
 def test_loss_with_arguments_and_loss_errors(tmp_path):
-    from nncli.config import load_config
-    from nncli.optim import create_loss
+    from nncli.optim.losses import create_loss
+    from nncli.run.setup import load_config
 
     config = write_config(tmp_path, TINY_REGRESSION.replace("loss: MSELoss", "loss: {type: HuberLoss, delta: 0.25}"),
                           "tiny.yaml")

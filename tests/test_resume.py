@@ -17,9 +17,22 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from helpers import (DROPOUT_MLP, ENV, REPO, TINY_REGRESSION, Background, invoke, load, metrics_rows, nncli_argv,
-                     ok, run_nncli, snapshot, train_config, write_config)
+from helpers import (
+    DROPOUT_MLP,
+    ENV,
+    REPO,
+    TINY_REGRESSION,
+    Background,
+    invoke,
+    load,
+    metrics_rows,
+    nncli_argv,
+    ok,
+    run_nncli,
+    snapshot,
+    train_config,
+    write_config,
+)
 
 # Short epochs: StepLR after an epoch-wise warmup; an MLP with Dropout; SGD with momentum and decay.
 SHORT = """
@@ -92,21 +105,6 @@ def test_stop_at_epoch_boundary_then_resume_is_exact(short, tmp_path):
     ckpt = load(run / "last.pt")
     assert (ckpt["epoch"], ckpt["position"]) == (4, 0)
     assert ckpt["config"]["train"]["epochs"] == 4
-
-
-def test_a_checkpoint_of_the_earlier_nested_layout_resumes_exactly(short, tmp_path):
-    """Checkpoints written before 2026-11-27 keep where the run stood under `train_state`."""
-    run = tmp_path / "out" / "short"
-    ok(run_nncli("train", short["config"], "--out", tmp_path / "out", "--epochs", "2", "-q", cwd=tmp_path))
-    ckpt = load(run / "last.pt")
-    state = ("epoch", "step", "position", "epoch_losses", "epoch_lrs", "best", "bad_epochs", "stopped_early")
-    ckpt["train_state"] = {key: ckpt[key] for key in state}
-    for key in ("epoch_losses", "epoch_lrs", "bad_epochs", "stopped_early"):
-        del ckpt[key]
-    torch.save(ckpt, run / "last.pt")
-    ok(run_nncli("resume", run, "--epochs", "4", cwd=tmp_path))
-    assert_same_run(run, short["run"])
-    assert "train_state" not in load(run / "last.pt")
 
 
 def _wait_for_mid_epoch_checkpoint(proc: Background, last: Path, timeout: float = 60) -> None:
@@ -249,8 +247,7 @@ def test_a_layer_with_extra_state_resumes(tmp_path):
 
 def _built_state_dict(config: Path) -> dict[str, torch.Tensor]:
     """The config's model, built through the nncli API, with weights that no seed would give."""
-    from nncli.config import load_config
-    from nncli.model import build_model
+    from nncli.run.setup import build_model, load_config
 
     model = build_model(load_config(config), input_shape=(16,))
     g = torch.Generator().manual_seed(1234)
@@ -524,11 +521,11 @@ def test_resume_refuses_other_config_with_different_model(long, tmp_path):
 def test_resume_of_a_checkpoint_file_reads_it_once(short, tmp_path, monkeypatch):
     """`resume FILE` tells a checkpoint from a plain state_dict by its pickle alone, then loads it
     once (a large checkpoint is not read twice)."""
-    import nncli.checkpoint
+    import nncli.run.checkpoint
 
     loads = []
-    real = nncli.checkpoint.load_file
-    monkeypatch.setattr(nncli.checkpoint, "load_file", lambda path: loads.append(path) or real(path))
+    real = nncli.run.checkpoint.load_file
+    monkeypatch.setattr(nncli.run.checkpoint, "load_file", lambda path: loads.append(path) or real(path))
     run = copy_run(short["run"], tmp_path / "run")
     result = invoke("resume", run / "last.pt", "--epochs", "5", "-q")
     assert result.exit_code == 0, result.stderr

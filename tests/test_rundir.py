@@ -13,9 +13,19 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from helpers import (ENV, Background, TINY_REGRESSION, load, metrics_rows, nncli_argv, ok, run_nncli,
-                     snapshot, train_config, write_config)
+from helpers import (
+    ENV,
+    TINY_REGRESSION,
+    Background,
+    load,
+    metrics_rows,
+    nncli_argv,
+    ok,
+    run_nncli,
+    snapshot,
+    train_config,
+    write_config,
+)
 
 KEPT = TINY_REGRESSION.replace("train: {epochs: 3, batch_size: 16}",
                                "train: {epochs: 4, batch_size: 16}\ncheckpoint: {keep_last: 4}")
@@ -44,7 +54,7 @@ def test_resume_from_an_older_checkpoint_leaves_the_run_as_it_was(tmp_path):
 
 
 def _claim(args: tuple) -> str:
-    from nncli.rundir import claim_run_dir
+    from nncli.run.rundir import claim_run_dir
 
     base, barrier = args
     barrier.wait()

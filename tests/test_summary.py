@@ -6,14 +6,13 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 import torch
 import yaml
+from helpers import CONFIGS, DATA, FROZEN_AND_HEAD, REPO, ok, run_nncli, run_python, write_config
 from torch.utils.flop_counter import FlopCounterMode
 
 import nncli
-from helpers import CONFIGS, DATA, FROZEN_AND_HEAD, REPO, ok, run_nncli, run_python, write_config
-from nncli.summary import human_count, summarize
+from nncli.report.summary import human_count, summarize
 
 ALEXNET = DATA / "alexnet.yaml"
 

@@ -12,10 +12,22 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import (
+    BAR_CHARS,
+    CONFIGS,
+    ENV,
+    REPO,
+    TINY_REGRESSION,
+    invoke,
+    load,
+    nncli_argv,
+    ok,
+    only_run_dir,
+    read_metrics,
+    run_nncli,
+    write_config,
+)
 from torch import nn
-
-from helpers import (BAR_CHARS, CONFIGS, ENV, REPO, TINY_REGRESSION, invoke, load, nncli_argv, ok, only_run_dir,
-                     read_metrics, run_nncli, write_config)
 
 REFERENCE_LOOP = REPO.parent / "shared" / "bench" / "reference_loop.py"
 if not REFERENCE_LOOP.is_file():
@@ -708,7 +720,7 @@ def test_a_huge_value_in_the_data_stops_with_exit_1_naming_epoch_and_batch(tmp_p
 
 def test_nan_stop_leaves_the_earlier_epochs_checkpoint_unchanged(tmp_path, monkeypatch):
     """lr 0.01 in epoch 1, then 1e8 (StepLR gamma 1e10): the loss overflows after epoch 1."""
-    import nncli.train as train_module
+    import nncli.run.save as train_module
 
     config = tiny(tmp_path, "schedule: {type: StepLR, step_size: 1, gamma: 1.0e+10}\n")
     config.write_text(config.read_text().replace("lr: 0.1", "lr: 0.01").replace("epochs: 3", "epochs: 6"))
@@ -745,7 +757,7 @@ def test_nan_stop_leaves_the_earlier_epochs_checkpoint_unchanged(tmp_path, monke
 # --- metrics -------------------------------------------------------------------------------
 
 def test_metrics_against_numpy():
-    from nncli.metrics import create_metric, higher_is_better
+    from nncli.optim.metrics import create_metric, higher_is_better
 
     cpu = torch.device("cpu")
     logits = torch.tensor([[0.1, 0.7, 0.2], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5], [0.3, 0.4, 0.3]])
@@ -794,7 +806,7 @@ def test_build_model_takes_the_input_shape_from_the_data():
 def test_r2_of_several_outputs_is_their_plain_mean_as_scikit_learn_computes_it():
     """r2 as scikit-learn's r2_score (multioutput='uniform_average'): each output's R² from its
     own targets' spread, then the mean; an exactly predicted constant output scores 1, else 0."""
-    from nncli.metrics import create_metric
+    from nncli.optim.metrics import create_metric
 
     g = torch.Generator().manual_seed(0)
     target = torch.randn(50, 2, generator=g) * torch.tensor([1.0, 10.0])

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from helpers import TINY_REGRESSION, load, ok, run_nncli, train_config, write_config
+from helpers import TINY_REGRESSION, load, ok, run_nncli, train_config
 
 # A layer plugin that also leaves a marker file when imported: proof of what ran.
 PLUGIN = """

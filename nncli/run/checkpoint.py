@@ -1,14 +1,12 @@
 """Checkpoints: written atomically, read with `weights_only=True`, checked before use.
 
 A checkpoint is a dict of plain containers and tensors, so `torch.load(path, weights_only=True)`
-reads it and loading can never run code. Writing goes to a temporary file in the same folder,
-flushed and fsynced, then `os.replace`d over the old file: a crash at any instant leaves either
-the previous checkpoint or the new one, never a broken file.
+reads it and loading can never run code. It is written with nncli.files.write_atomic: a crash at
+any instant leaves either the previous checkpoint or the new one, never a broken file.
 """
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import random
 import re
@@ -22,8 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nncli.devices import is_out_of_memory
-from nncli.errors import ConfigError, RunError
+from nncli.errors import ConfigError, is_out_of_memory
 
 FORMAT = "nncli-checkpoint-1"
 
@@ -50,54 +47,6 @@ def on_cpu(value: Any, copy: bool = False) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(on_cpu(v, copy) for v in value)
     return value
-
-
-def write_text_atomic(text: str, path: Path) -> None:
-    """The same guarantee as `write_atomic`, for small text files (config.yaml, metrics.csv)."""
-    write_atomic(text.encode("utf-8"), path)
-
-
-def write_atomic(data: bytes | memoryview, path: Path) -> None:
-    """Write `data` to a temporary file beside `path`, fsync it, `os.replace` it over `path`
-    and fsync the folder: `path` is always either the old or the new file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except OSError as err:
-        _remove_quietly(tmp)
-        raise RunError(f"cannot write {path}: {err.strerror or err}; the previous file, if any, "
-                       "is unchanged", file=str(path)) from None
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-
-
-def _remove_quietly(path: Path) -> None:
-    """Delete a temporary file if it is there. Failing to must not hide why the write failed: a
-    read-only file system refuses even to delete a file that does not exist."""
-    try:
-        path.unlink(missing_ok=True)
-    except OSError:
-        pass
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_file(path: Path) -> Any:
@@ -163,37 +112,6 @@ def _refuse_inflating(archive: zipfile.ZipFile, path: Path) -> None:
                           "archive", file=str(path))
 
 
-_TEMPORARY = re.compile(r"^\..+\.(\d+)\.tmp$")  # write_atomic's `.<name>.<pid>.tmp`
-
-
-def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete the temporary files that a writer killed mid-write (kill -9, power loss) left in
-    `folder`; files of a process still running, and every finished file, are left alone."""
-    removed = []
-    for path in Path(folder).glob(".*.tmp"):
-        found = _TEMPORARY.match(path.name)
-        if found is None or not path.is_file() or _process_exists(int(found.group(1))):
-            continue
-        try:
-            path.unlink()
-        except OSError:
-            continue
-        removed.append(path)
-    return removed
-
-
-def _process_exists(pid: int) -> bool:
-    if pid == os.getpid() or os.name == "nt":  # on Windows os.kill(pid, 0) would end the process
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # PermissionError: it exists, under another user
-        return True
-    return True
-
-
 def find_checkpoint(path: str | Path, prefer: tuple[str, ...] = ("last.pt", "best.pt")) -> Path:
     """A checkpoint file, or the preferred checkpoint inside a run directory."""
     path = Path(path)
@@ -229,8 +147,6 @@ def load_checkpoint(path: Path) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ConfigError("not an nncli checkpoint (a plain state_dict? warm-start from it with "
                           "`nncli resume WEIGHTS --config CONFIG`)", file=str(path))
-    if isinstance(ckpt.get("train_state"), dict):  # earlier files nested where the run stood in it
-        ckpt.update(ckpt.pop("train_state"))
     if (problem := _field_problem(ckpt) or _value_problem(ckpt)) is not None:
         raise ConfigError(f"the checkpoint {problem}; it is damaged, edited or from another tool",
                           file=str(path))
@@ -358,8 +274,7 @@ def capture_rng(gpus: list[torch.device]) -> dict:
 
 
 def restore_rng(state: dict, gpus: list[torch.device]) -> None:
-    """Put back what `capture_rng` saved, the GPU generators in the order of `gpus` (earlier files
-    hold every visible GPU's, from GPU 0 on)."""
+    """Put back what `capture_rng` saved, the GPU generators in the order of `gpus`."""
     random.setstate(_as_tuple(state["python"]))
     torch.set_rng_state(state["torch"])
     numpy = state["numpy"]

@@ -6,7 +6,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from nncli.model import ModelPlan, describe_shape
+from nncli.model.plan import ModelPlan, describe_shape
 
 
 def _shape_json(shape: Any) -> Any:

@@ -1,8 +1,8 @@
 """What `nncli train` prints: the group table, progress, and the per-epoch metrics table.
 
 On a terminal a rich progress bar (epoch, batch, loss, lr, samples/s, ETA); otherwise one plain
-line per epoch, so CI and cluster logs do not fill with bars. The loss shown on the bar is read
-from the device only every few batches, never once per step.
+line per epoch (every `train.log_every`), so CI and cluster logs do not fill with bars. The loss
+shown on the bar is read from the device only every few batches, never once per step.
 """
 from __future__ import annotations
 
@@ -13,11 +13,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from nncli.optim import ParamGroup, optimizer_settings
-from nncli.rundir import history_columns
+from nncli.optim.optimizers import ParamGroup, optimizer_settings
+from nncli.report.loggers import history_columns
+from nncli.report.reporters import Reporter
 
 if TYPE_CHECKING:
     from rich.console import Console
+
+    from nncli.config import Config
 
 
 def make_console() -> Console:
@@ -50,12 +53,13 @@ def format_value(key: str, value: object) -> str:
     return f"{value:.4f}"
 
 
-class Reporter:
-    """Plain output: a line per epoch. Also the base for the terminal progress display."""
+class ConsoleReporter(Reporter):
+    """Plain output: a line every `log_every` epochs. Also the base for the terminal progress display."""
 
     def __init__(self, console: Console | None = None, quiet: bool = False) -> None:
         self._console = console
         self.quiet = quiet
+        self.epochs, self.log_every = 0, 1
 
     @property
     def console(self) -> Console:
@@ -88,21 +92,18 @@ class Reporter:
                           f"{sum(params[n] for n in group.param_names):,}", optimizer_settings(group))
         self.print(table)
 
-    def epoch_start(self, epoch: int, epochs: int, steps: int, done: int, lr: float,
-                    batch_size: int) -> None:
+    def start(self, config: Config, epochs: int, steps: int, batch_size: int) -> None:
+        self.epochs, self.log_every = epochs, config["train"]["log_every"]
+        self.steps, self.batch_size = steps, batch_size
+
+    def epoch_start(self, epoch: int, done: int, lr: float) -> None:
         self._started = time.perf_counter()
 
-    def batch(self, done: int, losses: list[torch.Tensor]) -> None:
-        """Called after every batch; the plain reporter has nothing to show until the epoch ends."""
-
-    def epoch_end(self, row: dict, epochs: int, improved: bool) -> None:
-        if self.quiet:
+    def epoch_end(self, row: dict, improved: bool) -> None:
+        if self.quiet or (row["epoch"] % self.log_every and row["epoch"] != self.epochs):
             return
         parts = [f"{k}={format_value(k, v)}" for k, v in row.items() if k != "epoch"]
-        self.print(f"epoch {row['epoch']}/{epochs} " + " ".join(parts) + (" *" if improved else ""))
-
-    def close(self) -> None:
-        pass
+        self.print(f"epoch {row['epoch']}/{self.epochs} " + " ".join(parts) + (" *" if improved else ""))
 
     def history(self, history: list[dict], best_epoch: int | None, log_every: int = 1) -> None:
         if self.quiet or not history:
@@ -122,12 +123,18 @@ class Reporter:
         self.print(table)
 
 
-class ProgressReporter(Reporter):
+class ProgressReporter(ConsoleReporter):
     """A rich progress bar per epoch, refreshed about 20 times per epoch."""
 
     def __init__(self, console: Console | None = None) -> None:
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         super().__init__(console)
         self.progress = Progress(
@@ -137,16 +144,14 @@ class ProgressReporter(Reporter):
             console=self.console, transient=True)
         self.task = None  # the bar starts with the first epoch: nothing to clean up before it
 
-    def epoch_start(self, epoch: int, epochs: int, steps: int, done: int, lr: float,
-                    batch_size: int) -> None:
-        super().epoch_start(epoch, epochs, steps, done, lr, batch_size)
-        self.batch_size = batch_size
-        self.every = max(1, steps // 20)
+    def epoch_start(self, epoch: int, done: int, lr: float) -> None:
+        super().epoch_start(epoch, done, lr)
+        self.every = max(1, self.steps // 20)
         if self.task is None:
             self.progress.start()
         else:
             self.progress.remove_task(self.task)
-        self.task = self.progress.add_task("train", total=steps, completed=done, epoch=f"{epoch}/{epochs}",
+        self.task = self.progress.add_task("train", total=self.steps, completed=done, epoch=f"{epoch}/{self.epochs}",
                                            loss="-", lr=f"{lr:.3g}", speed="-")
         self._done_at_start = done
 
@@ -163,8 +168,8 @@ class ProgressReporter(Reporter):
         self.progress.stop()
 
 
-def make_reporter(quiet: bool) -> Reporter:
+def make_reporter(quiet: bool) -> ConsoleReporter:
     """Quiet for --quiet and for every DDP process but the first (RANK is torchrun's)."""
     if quiet or int(os.environ.get("RANK", "0")) > 0:
-        return Reporter(quiet=True)
-    return ProgressReporter() if sys.stdout.isatty() else Reporter()
+        return ConsoleReporter(quiet=True)
+    return ProgressReporter() if sys.stdout.isatty() else ConsoleReporter()

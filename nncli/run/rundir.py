@@ -1,25 +1,18 @@
-"""The run directory: claimed by one run, locked while a process trains in it, its metrics.csv
-grown a row per epoch.
+"""The run directory: claimed by one run, and locked while a process trains in it.
 
 - `claim_run_dir` makes `<base>/<name>` (or `<name>-2`, ...) and takes it atomically: two runs
   started at the same instant never share a directory.
 - `lock_run_dir` holds an OS lock on `<run>/.lock` while a process trains there, so a second
   `resume` of the same run stops at once instead of writing over the first one's results. The OS
   drops the lock when the process ends, however it ends (`kill -9` too): a lock is never stale.
-- `MetricsLog` appends each epoch's row to metrics.csv, so saving costs the same at epoch 4000 as
-  at epoch 4; a checkpoint records how many rows are its own (`metrics_rows`), and a resumed run
-  cuts the file back to those rows before it trains on.
 """
 from __future__ import annotations
 
-import csv
 import errno
-import io
 import os
 import socket
 from pathlib import Path
 
-from nncli.checkpoint import write_text_atomic
 from nncli.errors import ConfigError, RunError
 
 try:
@@ -153,70 +146,3 @@ def _not_a_folder(candidate: Path) -> ConfigError:
     blocker = next((p for p in [candidate, *candidate.parents] if p.exists() and not p.is_dir()), candidate)
     return ConfigError(f"cannot create the run directory {candidate}: {blocker} is a file",
                        file=str(blocker), hint="Give --out (or checkpoint.dir) a folder.")
-
-
-# --- metrics.csv -----------------------------------------------------------------------------
-
-def history_columns(history: list[dict]) -> list[str]:
-    """The columns of metrics.csv and of the table: the latest row's first, then any that only
-    earlier rows have (metrics added or dropped on resume leave empty cells)."""
-    return list(dict.fromkeys([*history[-1], *(key for row in history for key in row)]))
-
-
-def _csv_text(columns: list[str], rows: list[dict], header: bool) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=columns, restval="", lineterminator="\n")
-    if header:
-        writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
-
-
-class MetricsLog:
-    """`metrics.csv`: the run's history, a row per epoch. A row whose columns the file already has
-    is appended; one with new columns (a metric added on resume) rewrites the file once."""
-
-    def __init__(self, path: Path, history: list[dict]) -> None:
-        """`history`: the rows the file holds now (written by `restart`)."""
-        self.path = path
-        self.columns = history_columns(history) if history else []
-
-    @classmethod
-    def restart(cls, path: Path, history: list[dict]) -> MetricsLog:
-        """A log that holds exactly `history` (a checkpoint's rows): later rows, which a run
-        killed after its last checkpoint left behind, are cut off."""
-        log = cls(path, history)
-        if history:  # else the first row written replaces the whole file
-            write_text_atomic(_csv_text(log.columns, history, header=True), path)
-        return log
-
-    def append(self, row: dict, history: list[dict]) -> None:
-        """Add `row`, the last of `history`, to the file."""
-        if not self.columns or set(row) - set(self.columns):
-            self.columns = history_columns(history)
-            write_text_atomic(_csv_text(self.columns, history, header=True), self.path)
-            return
-        try:
-            with open(self.path, "a", encoding="utf-8", newline="") as f:
-                f.write(_csv_text(self.columns, [row], header=False))
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as err:
-            raise RunError(f"cannot write {self.path}: {err.strerror or err}", file=str(self.path)) from None
-
-
-def read_history(path: Path, rows: int) -> list[dict] | None:
-    """Up to the first `rows` complete rows of a metrics.csv as numbers (epoch an integer, empty
-    cells left out); None when the file is missing or unreadable."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return None
-    found = list(csv.DictReader(io.StringIO(text)))
-    if found and not text.endswith("\n"):
-        found.pop()  # cut off in the middle of a row (a kill while it was appended)
-    try:
-        return [{key: int(cell) if key == "epoch" else float(cell)
-                 for key, cell in values.items() if cell not in ("", None)} for values in found[:rows]]
-    except (TypeError, ValueError):
-        return None

@@ -4,9 +4,12 @@
 in the input-size arguments from the shape flowing in, constructs each layer and runs it once to
 learn its output shape, parameter count and (on request) multiply-accumulates. By default this
 happens on PyTorch's `meta` device: no memory, no arithmetic, so `summary` and `validate` work
-for models far too big to allocate. `build_model` plans on a real device instead, where the
-constructed layers are the model: built in file order, so a model built with a given seed has
-the same weights as the same network written by hand.
+for models far too big to allocate. Planned on a real device, the constructed layers are the
+model: built in file order, so a model built with a given seed has the same weights as the same
+network written by hand.
+
+What nncli knows about a layer type (which arguments it infers, whether it is a block, takes
+token ids or a recurrent layer's state) is on its registry entry (model.layers).
 """
 from __future__ import annotations
 
@@ -21,21 +24,21 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from nncli.annotations import describe_annotation, fits_annotation, has_nan, type_hints
+from nncli.arguments import (
+    accepted_arguments,
+    as_argument,
+    describe_annotation,
+    fits_annotation,
+    has_nan,
+    signature_of,
+    type_hints,
+)
 from nncli.config import Config
-from nncli.devices import is_out_of_memory
-from nncli.errors import ConfigError, did_you_mean, first_line
-from nncli.registry import LAYERS, LayerEntry, accepted_arguments, as_argument
-from nncli.yamlio import line_of, to_plain
+from nncli.config.yamlio import line_of, to_plain
+from nncli.errors import ConfigError, did_you_mean, first_line, is_out_of_memory
+from nncli.model.layers import LAYERS, SIZE_ARGUMENTS, LayerEntry
 
 SPEC_KEYS = {"type", "name", "args", "repeat", "layers", "trainable"}
-INDEX_LAYERS = (nn.Embedding, nn.EmbeddingBag)  # they take integer indices (model.input_dtype: int64)
-# Arguments that are sizes: every number in them must be positive.
-POSITIVE_SIZES = {"in_channels", "out_channels", "kernel_size", "in_features", "out_features",
-                  "num_features", "num_channels", "num_groups", "hidden_size", "input_size",
-                  "num_layers", "embedding_dim", "num_embeddings", "d_model", "nhead",
-                  "dim_feedforward", "embed_dim", "num_heads", "output_size", "stride",
-                  "dilation", "normalized_shape", "upscale_factor", "downscale_factor"}
 
 
 @dataclass
@@ -239,7 +242,7 @@ class _Planner:
         plan.children, modules, x = self.plan_sequence(options["layers"], line_of(options, "layers"),
                                                        plan.path, plan.depth + 1, x)
         module = plan.entry.factory(OrderedDict((c.name, m) for c, m in zip(plan.children, modules)))
-        if plan.type == "Residual":
+        if plan.entry.adds_input:
             if not isinstance(x, torch.Tensor) or x.shape != block_in.shape:
                 raise self.fail(f"the block changes the shape from {describe_shape(_shape_of(block_in))} "
                                 f"to {describe_shape(_shape_of(x))}, but a Residual adds its input to "
@@ -251,7 +254,7 @@ class _Planner:
                   prev_plan: LayerPlan | None, prev_module: nn.Module | None) -> tuple[nn.Module, Any]:
         entry = plan.entry
         source = f"{prev_plan.path} ({prev_plan.type})" if prev_plan else "the input"
-        if isinstance(x, tuple) and entry.name not in ("SequenceOutput", "LastStep"):
+        if isinstance(x, tuple) and not entry.takes_state:
             raise self.fail(f"gets a tuple (output, hidden state) from {source}, not a tensor",
                             plan.line, where,
                             hint="Put SequenceOutput (keep the sequence) or LastStep (keep the last "
@@ -291,7 +294,7 @@ class _Planner:
         if (not isinstance(x, torch.Tensor) or plan.entry.source == "plugin"
                 or not any(p.is_floating_point() for p in module.parameters())):
             return
-        takes_indices = isinstance(module, INDEX_LAYERS)
+        takes_indices = plan.entry.takes_token_ids
         if takes_indices and x.is_floating_point():
             raise self.fail(f"takes integer indices (token ids), but gets {str(x.dtype)[6:]} values from "
                             f"{source}", plan.line, where, hint="Set model.input_dtype: int64.")
@@ -303,10 +306,7 @@ class _Planner:
                        prev_module: nn.Module | None, source: str, where: str) -> inspect.BoundArguments:
         """Check the layer's arguments against its signature and fill in the inferred ones."""
         entry = plan.entry
-        try:
-            signature = inspect.signature(entry.factory)
-        except (TypeError, ValueError):
-            signature = None
+        signature = signature_of(entry.factory)
         kwargs = {k: as_argument(v) for k, v in options.items() if k not in SPEC_KEYS}
         args = options.get("args", [])
         if not isinstance(args, list):
@@ -359,7 +359,7 @@ class _Planner:
             if hint is not None and not all(fits_annotation(item, hint) for item in items):
                 raise self.fail(f"argument '{arg}' expects {describe_annotation(hint)}, got {_plain(value)!r}",
                                 line, where)
-            if arg in POSITIVE_SIZES and not _all_positive(value):
+            if arg in SIZE_ARGUMENTS and not _all_positive(value):
                 raise self.fail(f"argument '{arg}' is a size and must be positive, got {_plain(value)!r}",
                                 line, where)
         return bound
@@ -402,6 +402,17 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
+def input_dtype(config: Config) -> torch.dtype:
+    """What the model takes: `model.input_dtype` (float32, float64, or int64 token ids)."""
+    return getattr(torch, config["model"]["input_dtype"])
+
+
+def float_dtype(config: Config) -> torch.dtype:
+    """The model's floating-point dtype: its input's, float32 for token ids."""
+    dtype = input_dtype(config)
+    return dtype if dtype.is_floating_point else torch.float32
+
+
 def plan_model(config: Config, input_shape: tuple | list | None = None, batch_size: int = 1,
                count_macs: bool = False, device: str | torch.device = "meta") -> ModelPlan:
     """Check the model section and run the shape pass, by default on the meta device (no weights
@@ -416,21 +427,10 @@ def plan_model(config: Config, input_shape: tuple | list | None = None, batch_si
     shape = tuple(int(d) for d in shape)
     device = torch.device(device)
     planner = _Planner(config, count_macs, device)
-    input_dtype = getattr(torch, config["model"]["input_dtype"])
-    x = torch.zeros(batch_size, *shape, device=device, dtype=input_dtype)
-    with _default_dtype(input_dtype if input_dtype.is_floating_point else torch.get_default_dtype()):
+    x = torch.zeros(batch_size, *shape, device=device, dtype=input_dtype(config))
+    with _default_dtype(float_dtype(config)):
         layers, modules, _ = planner.plan_sequence(config["model"]["layers"], config.line("model", "layers"),
                                                    "", 0, x)
     model = nn.Sequential(OrderedDict((p.name, m) for p, m in zip(layers, modules)))
     return ModelPlan(shape, batch_size, layers, model)
 
-
-def build_model(config: Config, input_shape: tuple | list | None = None,
-                device: str | torch.device = "cpu") -> nn.Sequential:
-    """The config's network as a plain `nn.Sequential`, its weights initialised as torch does.
-    Without `input_shape` or `model.input_shape`, the data section tells the shape."""
-    if input_shape is None and config["model"]["input_shape"] is None and config["data"] is not None:
-        from nncli.data import load_data
-
-        input_shape = load_data(config, scan=False).sample_shape
-    return plan_model(config, input_shape, device=device).model

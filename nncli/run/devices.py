@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from nncli.errors import ConfigError, RunError, first_line
+from nncli.data.load import usable_cpus
+from nncli.errors import ConfigError
 
 
 def resolve_device(name: str, processes: int | None = None) -> torch.device:
@@ -21,7 +21,7 @@ def resolve_device(name: str, processes: int | None = None) -> torch.device:
     LOCAL_WORLD_SIZE by default; `--nproc N` checks its N before starting them). With several,
     each process takes the GPU of its local rank."""
     processes = processes or local_processes()
-    from nncli.config import DEVICES, device_hint, device_name  # the syntax that `validate` checks
+    from nncli.config.schema import DEVICES, device_hint, device_name  # the syntax that `validate` checks
 
     if device_name(name):
         raise ConfigError(f"'{name}' is not a device; expected {DEVICES}", key="device",
@@ -62,28 +62,6 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
     return torch.autocast(device.type, dtype=dtype)
 
 
-@contextlib.contextmanager
-def out_of_memory_as_error(doing: str, hint: str) -> Iterator[None]:
-    """A device running out of memory while `doing` something becomes a RunError (exit 1) with
-    a hint, instead of torch's multi-line message and a traceback."""
-    try:
-        yield
-    except RuntimeError as err:
-        if not is_out_of_memory(err):
-            raise
-        raise RunError(f"out of memory {doing}: {out_of_memory_text(err)}", hint=hint) from None
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """A GPU's OutOfMemoryError, or the CPU allocator's RuntimeError (which has no class of its own)."""
-    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
-
-
-def out_of_memory_text(err: BaseException) -> str:
-    """The allocator's message in one line, without the C++ source location the CPU's starts with."""
-    return re.sub(r"^\[enforce fail at [^\]]*\] err == 0\. ", "", first_line(err))
-
-
 # --- distributed -----------------------------------------------------------------------------
 
 def launched_processes() -> int:
@@ -99,14 +77,6 @@ def is_distributed() -> bool:
 def is_main_process() -> bool:
     """Rank 0 of torchrun's job, or a process on its own: the one that writes the run directory."""
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on: its affinity mask where the OS keeps one (a container's or
-    a scheduler's share), else every CPU of the machine."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def local_rank() -> int:

@@ -18,19 +18,32 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from nncli.checkpoint import (find_checkpoint, holds_checkpoint, load_checkpoint, load_state_dict_file,
-                              remove_stale_temporaries)
-from nncli.config import Config, load_config, with_epochs
-from nncli.data import LOADER_KEYS, load_data
-from nncli.devices import check_parallel, end_process, is_main_process, launched_processes
+from nncli.config import Config
+from nncli.config.overrides import with_epochs
+from nncli.config.schema import LOADER_KEYS, has_validation
+from nncli.config.yamlio import to_plain
 from nncli.errors import ConfigError
-from nncli.inference import Named, config_of
-from nncli.optim import LENGTH_ARGUMENT, has_validation, monitored_metric
-from nncli.reporting import Reporter, format_value
-from nncli.rundir import MetricsLog, check_not_in_use, lock_run_dir
-from nncli.train import (Run, announce, check_device, check_launch, located_errors, prepare_run, restore,
-                         resume_command, run_fit, start_run_dir)
-from nncli.yamlio import to_plain
+from nncli.files import remove_stale_temporaries
+from nncli.optim.metrics import monitored_metric
+from nncli.optim.schedules import SCHEDULERS, fast_forward
+from nncli.report.console import ConsoleReporter, format_value
+from nncli.report.loggers import open_loggers
+from nncli.run.checkpoint import find_checkpoint, holds_checkpoint, load_checkpoint, load_state_dict_file
+from nncli.run.devices import check_parallel, end_process, is_main_process, launched_processes
+from nncli.run.inference import Named, config_of
+from nncli.run.loop import resume_command
+from nncli.run.rundir import check_not_in_use, lock_run_dir
+from nncli.run.save import restore
+from nncli.run.setup import (
+    check_config,
+    check_device,
+    load_config,
+    located_errors,
+    optimizer_steps,
+    prepare_run,
+)
+from nncli.run.state import Run
+from nncli.run.train import announce, run_fit, start_run_dir
 
 FIXED = ("model", "plugins", "data", "seed", "loss", "optimizer.type", "optimizer.groups",
          "schedule.type", "train.batch_size", "train.accumulate", "train.drop_last", "train.shuffle")
@@ -136,8 +149,6 @@ def check_resume(path: Path, *, overrides: list[str] = (), epochs: int | None = 
     if config_path is not None:  # the user's config: its own plugins are theirs to import
         config = load_config(config_path, with_epochs(overrides, epochs))
         named = replace(named, plugins=(*named.plugins, *config.imported_plugins))
-        if config["data"] is not None:
-            load_data(config, scan=False)  # fills in the data section's defaults, as the stored config has them
         stored = config_of(ckpt, file, named=named)
     else:
         stored = config_of(ckpt, file, named=named)
@@ -158,7 +169,7 @@ def check_resume(path: Path, *, overrides: list[str] = (), epochs: int | None = 
                           hint=f"Start a new run from this checkpoint's weights: nncli resume {file} "
                                f"--config {config_path or 'CONFIG'} --warm-start.")
     stored_monitor = ckpt["best"]["metric"]
-    monitor = monitored_metric(config, has_validation(config))
+    monitor = monitored_metric(config, has_validation(config["data"]))
     if monitor != stored_monitor:
         raise ConfigError(f"the run's best epoch (best.pt, early stopping) is chosen by {stored_monitor}; "
                           f"it cannot change to {monitor} on resume", file=str(config_path or file),
@@ -187,24 +198,7 @@ def continues_in_place(file: Path, out_dir: Path | None) -> bool:
     return out_dir is None and file.name == "last.pt" and (file.parent / "config.yaml").is_file()
 
 
-def check_resume_launch(path: Path, *, config_path: Path | None, overrides: list[str], epochs: int | None,
-                        device: str | None, processes: int, warm: bool = False, named: Named = Named(),
-                        out_dir: Path | None = None) -> None:
-    """What `resume --nproc N` checks once before it starts N processes (which would each say
-    it): the resume, or the warm start's config, the device for N processes, and that no other
-    process trains in the run."""
-    check_warm_start(warm, config_path)
-    if not warm and is_nncli_checkpoint(path):
-        plan = check_resume(path, overrides=overrides, epochs=epochs, config_path=config_path,
-                            processes=processes, named=named)
-        check_device(plan.config, device, processes)
-        if continues_in_place(plan.file, out_dir):
-            check_not_in_use(plan.file.parent)
-    elif config_path is not None:
-        check_launch(load_config(config_path, with_epochs(overrides, epochs)), device, processes)
-
-
-def resume(path: Path, reporter: Reporter, *, overrides: list[str] = (), epochs: int | None = None,
+def resume(path: Path, reporter: ConsoleReporter, *, overrides: list[str] = (), epochs: int | None = None,
            config_path: Path | None = None, device: str | None = None, named: Named = Named(),
            out_dir: Path | None = None) -> Run | None:
     """Continue the run saved at `path` (a run directory or a checkpoint file): in place from its
@@ -229,7 +223,7 @@ def resume(path: Path, reporter: Reporter, *, overrides: list[str] = (), epochs:
         reporter.print(f"changed on resume: {_describe(differences)}")
     steps_done = run.state.step
     if plan.processes != plan.trained_by:
-        steps_done = run.state.epoch * -(-len(run.batches) // config["train"]["accumulate"])
+        steps_done = run.state.epoch * optimizer_steps(config, run.batches)
         reporter.print(f"continuing with {plan.processes} process{'es' if plan.processes > 1 else ''} "
                        f"instead of {plan.trained_by}: {len(run.batches)} batches per process each epoch; "
                        f"the run will not reproduce one that kept {plan.trained_by}")
@@ -249,7 +243,7 @@ def resume(path: Path, reporter: Reporter, *, overrides: list[str] = (), epochs:
         run.lock = lock_run_dir(file.parent)
         remove_stale_temporaries(file.parent)  # what a writer killed mid-write left behind
         # rows of epochs after last.pt (a kill between the two writes) are trained again
-        run.metrics_log = MetricsLog.restart(file.parent / "metrics.csv", run.state.history)
+        run.loggers = open_loggers(file.parent, run.state.history)
     if in_place:
         # config.yaml is rewritten with the next last.pt (save_checkpoints), so the two always agree
         run.config_changed = bool(differences) or plan.processes != plan.trained_by
@@ -283,11 +277,12 @@ def next_rates(run: Run) -> str:
 def _length_changed(stored: Config, config: Config) -> bool:
     spec = config["schedule"]
     name = spec if isinstance(spec, str) else (spec or {}).get("type")
-    return name in LENGTH_ARGUMENT and stored["train"]["epochs"] != config["train"]["epochs"]
+    return (isinstance(name, str) and name in SCHEDULERS and SCHEDULERS.get(name).length_argument is not None
+            and stored["train"]["epochs"] != config["train"]["epochs"])
 
 
 def _replan_schedule(run: Run, fresh_groups: list[dict], fresh_schedule: dict | None,
-                     reporter: Reporter, steps_done: int) -> None:
+                     reporter: ConsoleReporter, steps_done: int) -> None:
     """The new settings (lr, schedule length) replace the checkpoint's: the fresh scheduler that
     `prepare_run` made is fast-forwarded over the optimizer steps (or epochs) already taken,
     from the new base rates."""
@@ -298,10 +293,7 @@ def _replan_schedule(run: Run, fresh_groups: list[dict], fresh_schedule: dict | 
     scheduler = run.schedule.scheduler
     done = steps_done if run.schedule.interval == "step" else run.state.epoch
     scheduler.load_state_dict(fresh_schedule)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()"
-        for _ in range(done):
-            scheduler.step()
+    fast_forward(scheduler, done)
     reporter.print(f"schedule re-planned over {run.epochs} epochs"
                    + (f" ({run.schedule.note})" if run.schedule.note else "")
                    + f"; fast-forwarded {done} {run.schedule.interval}s")
@@ -320,7 +312,46 @@ def _as_layer_of(state: dict, own: dict) -> tuple[dict, str | None]:
     return state, None
 
 
-def warm_start(weights: Path, config_path: Path, reporter: Reporter, *, overrides: list[str] = (),
+@dataclass
+class WeightsFit:
+    """How a state_dict fits a model: the tensors that load, and what does not fit."""
+
+    fitting: dict[str, Any]
+    problems: list[str]  # "missing: ...", "unexpected: ...", "wrong shape: ..."
+    layer: str | None  # one module's own state_dict, loaded into this layer
+
+
+def fit_weights(state: dict, own: dict, weights: Path, strict: bool) -> WeightsFit:
+    """What of `state` loads into a model whose state_dict is `own` (its tensors may be on the meta
+    device: only names and shapes count); a ConfigError when nothing fits, or not all and `strict`."""
+    state, layer = _as_layer_of(state, own)
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    misshaped = [f"{k} {list(state[k].shape)} (model: {list(own[k].shape)})" for k in state
+                 if k in own and state[k].shape != own[k].shape]
+    problems = [f"{label}: {', '.join(keys)}" for label, keys in
+                (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)) if keys]
+    fitting = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+    if not fitting:
+        raise ConfigError(f"none of the weights fit the config's model: {'; '.join(problems)}", file=str(weights),
+                          hint="Are these the weights of another model? `nncli summary --params` lists this one's.")
+    if problems and strict:
+        raise ConfigError(f"the weights do not fit the config's model: {'; '.join(problems)}",
+                          file=str(weights), hint="Pass --no-strict to load the tensors that fit.")
+    return WeightsFit(fitting, problems, layer)
+
+
+def check_warm_start_launch(weights: Path, config: Config, *, strict: bool, device: str | None,
+                            processes: int) -> None:
+    """What a warm start checks before `--nproc N` starts its processes: the config as `validate`
+    does, the device, and the weights against the model planned on the meta device."""
+    plan, _ = check_config(config, processes)
+    check_device(config, device, processes)
+    weights = find_checkpoint(weights, prefer=("best.pt", "last.pt"))
+    fit_weights(load_state_dict_file(weights), plan.model.state_dict(), weights, strict)
+
+
+def warm_start(weights: Path, config_path: Path, reporter: ConsoleReporter, *, overrides: list[str] = (),
                epochs: int | None = None, strict: bool = True, device: str | None = None,
                out_dir: Path | None = None) -> Run:
     """A new run of `config_path` whose model starts from `weights`: a plain state_dict, or the
@@ -330,28 +361,70 @@ def warm_start(weights: Path, config_path: Path, reporter: Reporter, *, override
     config = load_config(config_path, with_epochs(overrides, epochs))
     run = prepare_run(config, device=device, notice=reporter.print)
     own = run.model.state_dict()
-    state, layer = _as_layer_of(state, own)
-    if layer is not None:
-        reporter.print(f"the weights are one module's ({len(state)} tensors): loaded into layer {layer}")
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    misshaped = [f"{k} {list(state[k].shape)} (model: {list(own[k].shape)})" for k in state
-                 if k in own and state[k].shape != own[k].shape]
-    problems = [f"{label}: {', '.join(keys)}" for label, keys in
-                (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)) if keys]
-    if not any(k in own and v.shape == own[k].shape for k, v in state.items()):
-        raise ConfigError(f"none of the weights fit the config's model: {'; '.join(problems)}", file=str(weights),
-                          hint="Are these the weights of another model? `nncli summary --params` lists this one's.")
-    if problems and strict:
-        raise ConfigError(f"the weights do not fit the config's model: {'; '.join(problems)}",
-                          file=str(weights), hint="Pass --no-strict to load the tensors that fit.")
-    fitting = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
-    run.model.load_state_dict(fitting, strict=False)
+    fit = fit_weights(state, own, weights, strict)
+    if fit.layer is not None:
+        reporter.print(f"the weights are one module's ({len(state)} tensors): loaded into layer {fit.layer}")
+    run.model.load_state_dict(fit.fitting, strict=False)
     start_run_dir(run, out_dir)
-    reporter.print(f"warm start from {weights}: loaded {len(fitting)} of {len(own)} tensors")
-    if problems:  # a warning: shown with --quiet too
-        warnings.warn(f"warm start from {weights}: not loaded: {'; '.join(problems)}")
+    reporter.print(f"warm start from {weights}: loaded {len(fit.fitting)} of {len(own)} tensors")
+    if fit.problems:  # a warning: shown with --quiet too
+        warnings.warn(f"warm start from {weights}: not loaded: {'; '.join(fit.problems)}")
     announce(run, reporter)
     run_fit(run, reporter)
     return run
 
+
+# --- one dispatch for `nncli resume` ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ResumeRequest:
+    """What `nncli resume` was asked: continue a run, or warm-start a new one from weights."""
+
+    path: Path
+    config_path: Path | None = None
+    warm: bool = False  # --warm-start: the weights of an nncli checkpoint, a new run
+    overrides: tuple[str, ...] = ()
+    epochs: int | None = None
+    strict: bool = True
+    device: str | None = None
+    out_dir: Path | None = None
+    named: Named = Named()
+
+    def continues(self) -> bool:
+        """Whether this continues a run (else it warm-starts a new one, from --config); what is
+        neither is refused."""
+        check_warm_start(self.warm, self.config_path)
+        if not self.warm and is_nncli_checkpoint(self.path):
+            return True
+        if self.config_path is None:
+            raise ConfigError("is not an nncli checkpoint; if it is a plain state_dict, give the "
+                              "model's config to warm-start from it: nncli resume WEIGHTS --config CONFIG",
+                              file=str(self.path))
+        return False
+
+
+def check_resume_launch(request: ResumeRequest, processes: int) -> None:
+    """What `resume --nproc N` checks once before it starts N processes (which would each say
+    it): everything one process checks before it trains, the device for N processes, and that no
+    other process trains in the run."""
+    if request.continues():
+        plan = check_resume(request.path, overrides=list(request.overrides), epochs=request.epochs,
+                            config_path=request.config_path, processes=processes, named=request.named)
+        check_device(plan.config, request.device, processes)
+        if continues_in_place(plan.file, request.out_dir):
+            check_not_in_use(plan.file.parent)
+    else:
+        config = load_config(request.config_path, with_epochs(list(request.overrides), request.epochs))
+        check_warm_start_launch(request.path, config, strict=request.strict, device=request.device,
+                                processes=processes)
+
+
+def resume_or_warm_start(request: ResumeRequest, reporter: ConsoleReporter) -> Run | None:
+    """`nncli resume`: continue the run (None when it has nothing left to do), or warm-start one."""
+    if request.continues():
+        return resume(request.path, reporter, overrides=list(request.overrides), epochs=request.epochs,
+                      config_path=request.config_path, device=request.device, named=request.named,
+                      out_dir=request.out_dir)
+    return warm_start(request.path, request.config_path, reporter, overrides=list(request.overrides),
+                      epochs=request.epochs, strict=request.strict, device=request.device,
+                      out_dir=request.out_dir)

@@ -6,7 +6,8 @@ import inspect
 from rich.console import Console
 from rich.table import Table
 
-from nncli.registry import CATEGORY_ORDER, LAYERS
+from nncli.arguments import parameters_of
+from nncli.model.layers import CATEGORY_ORDER, LAYERS
 
 
 def print_registry(console: Console) -> None:
@@ -34,10 +35,7 @@ def print_layer(name: str, console: Console) -> None:
         console.print("A block: give its layers with `layers:` (list or mapping), like `model.layers`.")
         return
     table = Table("Argument", "Default", "Inferred")
-    try:
-        parameters = inspect.signature(entry.factory).parameters.values()
-    except (TypeError, ValueError):
-        parameters = []
+    parameters = parameters_of(entry.factory).values()
     for p in parameters:
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             table.add_row(("*" if p.kind == p.VAR_POSITIONAL else "**") + p.name, "", "")

@@ -1,7 +1,9 @@
 """Validation metrics, accumulated on the device and read once at the end of an evaluation.
 
 Each metric is a small class with `update(output, target)` (no host synchronisation) and
-`compute() -> float`. Names in the config: accuracy, top<k> (e.g. top5), mae, rmse, r2.
+`compute() -> float`. Names in the config: accuracy, top<k> (e.g. top5), mae, rmse, r2. The
+facts about each are class attributes: whether higher is better (for best.pt and early stopping)
+and whether it scores class labels or regression targets.
 """
 from __future__ import annotations
 
@@ -9,14 +11,17 @@ import re
 
 import torch
 
-from nncli.annotations import value_kind
-from nncli.errors import ConfigError, did_you_mean
+from nncli.config import Config
+from nncli.config.schema import has_validation
+from nncli.errors import ConfigError, did_you_mean, value_kind
+from nncli.optim.losses import loss_name
 
 
 class Metric:
     """Sums kept as device tensors; `compute` turns them into one float."""
 
     higher_is_better = True
+    for_classification = True  # scores class labels (else regression targets)
 
     def __init__(self, device: torch.device) -> None:
         self.total = torch.zeros((), device=device, dtype=torch.float64)
@@ -49,6 +54,7 @@ class TopK(Metric):
 
 class MAE(Metric):
     higher_is_better = False
+    for_classification = False
 
     def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
         self.total += (output - target.reshape(output.shape)).abs().sum()
@@ -57,6 +63,7 @@ class MAE(Metric):
 
 class RMSE(Metric):
     higher_is_better = False
+    for_classification = False
 
     def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
         self.total += ((output - target.reshape(output.shape)) ** 2).sum()
@@ -71,6 +78,8 @@ class R2(Metric):
     mean over the whole evaluation), then the plain mean over the outputs (multioutput=
     "uniform_average"); an output whose targets are all equal scores 1 when predicted exactly,
     else 0 (force_finite). Pooling the outputs instead would let the widest one decide."""
+
+    for_classification = False
 
     def __init__(self, device: torch.device, outputs: int = 1) -> None:
         super().__init__(device)
@@ -109,6 +118,29 @@ def check_metric_name(name: str) -> None:
                           "(e.g. top5)", hint=did_you_mean(name, METRICS))
 
 
+def metric_class(name: str) -> type[Metric]:
+    return TopK if TOPK.match(name) else METRICS[name]
+
+
+def check_metrics(config: Config, classifier: bool) -> None:
+    """The metric names exist and fit the loss's targets (class labels or not), and early stopping
+    follows a recorded one."""
+    for i, name in enumerate(config["metrics"]):
+        try:
+            check_metric_name(name)
+        except ConfigError as err:
+            raise config.error(err.message, "metrics", i, hint=err.hint) from None
+        if metric_class(name).for_classification != classifier:
+            kind = "class labels" if classifier else "regression targets"
+            raise config.error(f"metric '{name}' does not apply to {kind} ({loss_name(config)})", "metrics", i, hint="Classification: accuracy, top<k>. Regression: mae, rmse, r2.")
+    early = config["train"]["early_stop"]
+    if early:
+        known = recorded_metrics(config)
+        if early["metric"] not in known:
+            raise config.error(f"metric '{early['metric']}' is not recorded; expected one of: "
+                               f"{', '.join(known)}", "train", "early_stop", "metric")
+
+
 def create_metric(name: str, device: torch.device, outputs: int = 1) -> Metric:
     """The metric `name`, for a model with `outputs` numbers per sample (r2 scores each one)."""
     check_metric_name(name)
@@ -125,3 +157,18 @@ def higher_is_better(name: str) -> bool:
     if metric == "loss":
         return False
     return METRICS.get(metric, Accuracy).higher_is_better
+
+
+def recorded_metrics(config: Config) -> list[str]:
+    """The per-epoch values a run records (metrics.csv's columns a schedule can follow)."""
+    val = ["val_loss", *(f"val_{m}" for m in config["metrics"] or [])] if has_validation(config["data"]) else []
+    return ["train_loss", *val]
+
+
+def monitored_metric(config: Config, has_val: bool) -> str:
+    """What picks the best epoch (best.pt) and early stopping: early_stop's metric, else the
+    validation loss, else the training loss."""
+    early = config["train"]["early_stop"]
+    if early:
+        return early["metric"]
+    return "val_loss" if has_val else "train_loss"

@@ -10,16 +10,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from nncli.checkpoint import find_checkpoint, fitting_its_config, load_checkpoint
 from nncli.config import Config, config_from_mapping
-from nncli.data import Data, check_targets, check_token_ids, load_data, read_csv_rows, token_id_problem
-from nncli.devices import resolve_device
+from nncli.config.config import check_data_section
+from nncli.config.schema import is_pair
+from nncli.data.checks import check_targets, check_token_ids, token_id_problem
+from nncli.data.load import Data
+from nncli.data.samples import Samples, TensorPair, normalize
+from nncli.data.sources import read_csv_rows
 from nncli.errors import ConfigError, option_error
-from nncli.model import ModelPlan, plan_model
-from nncli.optim import CLASS_INDEX_LOSSES, create_loss, loss_name
-from nncli.registry import load_plugins
-from nncli.samples import Samples, TensorPair, normalize
-from nncli.train import eval_batch_size, evaluate, located_errors
+from nncli.model.plan import ModelPlan, input_dtype, plan_model
+from nncli.optim.losses import create_loss, takes_class_labels
+from nncli.plugins import load_plugins
+from nncli.run.checkpoint import find_checkpoint, fitting_its_config, load_checkpoint
+from nncli.run.devices import resolve_device
+from nncli.run.loop import eval_batch_size, evaluate
+from nncli.run.setup import load_data, located_errors, resolve
 
 
 @dataclass(frozen=True)
@@ -37,10 +42,11 @@ def config_of(ckpt: dict, file: Path, overrides: list[str] = (), named: Named = 
     original. Errors name the run's config.yaml beside the file (the same text), else the file."""
     imported = load_plugins(list(named.plugins), Path.cwd(), option_error("--plugin"))
     beside = file.parent / "config.yaml"
-    return config_from_mapping(ckpt["config"], overrides=overrides, path=beside if beside.is_file() else None,
-                               label=None if beside.is_file() else f"{file} (its stored config)",
-                               base_dir=Path(ckpt.get("config_dir", ".")), plugins_given=imported,
-                               trusted_data=[Path(p).expanduser().resolve() for p in named.trusted_data])
+    return resolve(config_from_mapping(
+        ckpt["config"], overrides=overrides, path=beside if beside.is_file() else None,
+        label=None if beside.is_file() else f"{file} (its stored config)", base_dir=Path(ckpt.get("config_dir", ".")),
+        plugins_given=imported, trusted_data=[Path(p).expanduser().resolve() for p in named.trusted_data]))
+
 
 
 def load_trained(path: Path, device: str | None = None, named: Named = Named()) -> tuple[dict, Config, ModelPlan]:
@@ -103,7 +109,7 @@ def _checked_targets(pair: Samples, model: nn.Module, output_shape: tuple, confi
 def _read_data_file(config: Config, path: Path) -> TensorPair:
     """A .csv or .npz file read with the run's data settings (target column, array names)."""
     section = dict(config["data"] or {})
-    if "train" in section:
+    if is_pair(section):
         section = dict(section["train"])
     kind = {".csv": "csv", ".npz": "npz"}.get(path.suffix.lower())
     if kind is None:
@@ -121,6 +127,7 @@ def _read_data_file(config: Config, path: Path) -> TensorPair:
     # the user's own file: the only path read
     with_file = replace(config, values={**config.values, "data": section}, trusted_data=[path.resolve()])
     try:
+        check_data_section(with_file)
         data = load_data(with_file, scan=False)
     except ConfigError as err:  # about the --data file, not about a line of the run's config
         raise ConfigError(err.message, file=str(path), hint=err.hint) from None
@@ -173,7 +180,7 @@ def parse_inputs(inputs: str, config: Config, input_shape: list[int]) -> torch.T
                           f"takes samples of shape {input_shape} ({per_sample} numbers each)",
                           key="--input")
     x = torch.from_numpy(np.ascontiguousarray(array)).reshape(-1, *input_shape)
-    dtype = getattr(torch, config["model"]["input_dtype"])  # read as float64, then as the model takes them
+    dtype = input_dtype(config)  # read as float64, then as the model takes them
     if not dtype.is_floating_point and not torch.equal(x, x.round()):
         raise ConfigError(f"the model takes whole numbers (model.input_dtype: {config['model']['input_dtype']}, "
                           "e.g. token ids), and the inputs hold fractions", key="--input")
@@ -184,7 +191,7 @@ def _read_input_csv(path: Path, config: Config) -> np.ndarray:
     """A CSV of inputs with a header row. For a run trained on a CSV, its feature columns are
     taken by name (so the training file itself, target column and all, can be given)."""
     section = dict(config["data"] or {})
-    section = dict(section["train"]) if "train" in section else section
+    section = dict(section["train"]) if is_pair(section) else section
     delimiter = section.get("delimiter", ",") if section.get("source") == "csv" else ","
     header, body = read_csv_rows(path, delimiter)
     if not body:
@@ -209,7 +216,7 @@ def predict_checkpoint(path: Path, inputs: str, device: str | None = None,
         raise ConfigError(problem, key="--input")
     with torch.no_grad():
         out = model(x.to(next(model.parameters()).device)).cpu()
-    classifier = loss_name(config) in CLASS_INDEX_LOSSES
+    classifier = takes_class_labels(config)
     rows = []
     for row in out:
         entry = {"output": row.reshape(-1).tolist()}  # float32 values, exactly

@@ -1,0 +1,83 @@
+"""Loggers: reporters that write a run's history into its run directory, an epoch at a time,
+so that saving costs the same at epoch 4,000 as at epoch 4. A checkpoint records how many of the
+history's rows are its own (`metrics_rows`); a resumed run opens its loggers with those rows,
+which cuts off any written after the checkpoint.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+
+from nncli.errors import RunError
+from nncli.files import write_text_atomic
+from nncli.report.reporters import Reporter
+
+
+def history_columns(history: list[dict]) -> list[str]:
+    """The columns of metrics.csv and of the table: the latest row's first, then any that only
+    earlier rows have (metrics added or dropped on resume leave empty cells)."""
+    return list(dict.fromkeys([*history[-1], *(key for row in history for key in row)]))
+
+
+def _csv_text(columns: list[str], rows: list[dict], header: bool) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, restval="", lineterminator="\n")
+    if header:
+        writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+class MetricsCsv(Reporter):
+    """`metrics.csv`: the run's history, a row per epoch. A row whose columns the file already has
+    is appended; one with new columns (a metric added on resume) rewrites the file once."""
+
+    FILE = "metrics.csv"
+
+    def __init__(self, run_dir: Path, history: list[dict]) -> None:
+        """A log that holds exactly `history` (a checkpoint's rows, or none for a new run): later
+        rows, which a run killed after its last checkpoint left behind, are cut off."""
+        self.path = run_dir / self.FILE
+        self.columns = history_columns(history) if history else []
+        if history:  # else the first row written replaces the whole file
+            write_text_atomic(_csv_text(self.columns, history, header=True), self.path)
+
+    def epoch_row(self, row: dict, history: list[dict]) -> None:
+        if not self.columns or set(row) - set(self.columns):
+            self.columns = history_columns(history)
+            write_text_atomic(_csv_text(self.columns, history, header=True), self.path)
+            return
+        try:
+            with open(self.path, "a", encoding="utf-8", newline="") as f:
+                f.write(_csv_text(self.columns, [row], header=False))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            raise RunError(f"cannot write {self.path}: {err.strerror or err}", file=str(self.path)) from None
+
+
+def read_history(path: Path, rows: int) -> list[dict] | None:
+    """Up to the first `rows` complete rows of a metrics.csv as numbers (epoch an integer, empty
+    cells left out); None when the file is missing or unreadable."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    found = list(csv.DictReader(io.StringIO(text)))
+    if found and not text.endswith("\n"):
+        found.pop()  # cut off in the middle of a row (a kill while it was appended)
+    try:
+        return [{key: int(cell) if key == "epoch" else float(cell)
+                 for key, cell in values.items() if cell not in ("", None)} for values in found[:rows]]
+    except (TypeError, ValueError):
+        return None
+
+
+LOGGERS = {"csv": MetricsCsv}  # the loggers a run directory gets
+
+
+def open_loggers(run_dir: Path, history: list[dict]) -> list[Reporter]:
+    """The run directory's loggers, holding `history` (see MetricsCsv)."""
+    return [logger(run_dir, history) for logger in LOGGERS.values()]
