@@ -64,10 +64,12 @@ def field(output: str, key: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cases", default=",".join(CASES))
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cpu.json", help="raw figures (JSON)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cpu.json",
+                        help="raw figures (JSON)")
     args = parser.parse_args()
     results = {}
     for case in args.cases.split(","):
@@ -84,7 +86,8 @@ def main() -> None:
             elapsed, _ = timed([sys.executable, str(REFERENCE), *ref_args])
             samples["ref_process"].append(elapsed)
             with tempfile.TemporaryDirectory() as out_dir:
-                elapsed, _ = timed([sys.executable, "-m", "nncli", "train", config, *sets, "--quiet", "--out", out_dir])
+                elapsed, _ = timed([sys.executable, "-m", "nncli", "train", config, *sets, "--quiet",
+                                    "--out", out_dir])
             samples["nncli_process"].append(elapsed)
         med = {k: statistics.median(v) for k, v in samples.items()}
         results[case] = {"median": med, "samples": samples,
@@ -94,10 +97,12 @@ def main() -> None:
               f"(x{results[case]['fit_ratio']:.3f}); process {med['nncli_process']:.2f}s vs "
               f"{med['ref_process']:.2f}s (x{results[case]['process_ratio']:.3f})", flush=True)
     device = {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-              "cpus": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+              "cpus": torch.get_num_threads(), "torch": torch.__version__,
+              "python": platform.python_version()}
     args.out.write_text(json.dumps({"device": device, "repeats": args.repeats, "results": results}, indent=2))
     print(f"\ndevice: {device}\n")
-    print("| case | reference fit_s | nncli fit_s | ratio | reference process s | nncli train process s | ratio | val acc (ref / nncli) |")
+    print("| case | reference fit_s | nncli fit_s | ratio | reference process s | nncli train process s "
+          "| ratio | val acc (ref / nncli) |")
     print("|---|---|---|---|---|---|---|---|")
     for case, r in results.items():
         m = r["median"]

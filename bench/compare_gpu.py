@@ -23,7 +23,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 # ../shared beside a developer's checkout; on the device tool, a copy inside it (shared/ travels)
-REFERENCES = [ROOT / "shared" / "bench" / "reference_loop.py", ROOT.parent / "shared" / "bench" / "reference_loop.py"]
+REFERENCES = [ROOT / "shared" / "bench" / "reference_loop.py",
+              ROOT.parent / "shared" / "bench" / "reference_loop.py"]
 
 
 def run(command: list[str]) -> dict[str, str]:
@@ -35,7 +36,8 @@ def run(command: list[str]) -> dict[str, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--device", default="cuda")
@@ -46,13 +48,15 @@ def main() -> None:
                         help="reference_loop.py (default: shared/bench/ in or beside the checkout)")
     args = parser.parse_args()
     if args.reference is None or not args.reference.exists():
-        sys.exit(f"no reference loop: give --reference PATH, or copy ../shared into the checkout ({REFERENCES[0]})")
+        sys.exit(f"no reference loop: give --reference PATH, or copy ../shared into the checkout "
+                 f"({REFERENCES[0]})")
     n_train = args.n_train
     ref = [sys.executable, str(args.reference), "--data", "images", "--model", "resnet9", "--batch", "512",
            "--epochs", str(args.epochs), "--device", args.device, "--amp", "bf16", "--channels-last",
            "--n-train", str(n_train)]
     ours = [sys.executable, "bench/nncli_fit.py", "bench/configs/resnet9.yaml", "--epochs", str(args.epochs),
-            "--set", f"device={args.device}", "--set", f"data.n={n_train + 10_000}", "--set", f"data.val_split={10_000 / (n_train + 10_000)}"]  # 10,000 to validate
+            "--set", f"device={args.device}", "--set", f"data.n={n_train + 10_000}",  # 10,000 to validate
+            "--set", f"data.val_split={10_000 / (n_train + 10_000)}"]
     variants = {
         "reference eager": ref, "reference compile": [*ref, "--compile"],
         "nncli eager": [*ours, "--set", "compile=false"], "nncli compile": ours,

@@ -8,7 +8,7 @@ timed the same way (epochs only, no per-epoch validation; nncli's checkpoint wri
 Prints the medians, the ratio nncli / reference and the ratios' spread.
 
   python bench/compare_inprocess.py [--repeats 21] [--cases mlp,cnn,mlp_fused,mlp_loader_vs_slice,cnn_loader_vs_slice]
-"""
+"""  # noqa: E501 -- the usage line is --help's text (description=__doc__), kept as it is
 import argparse
 import contextlib
 import io
@@ -24,24 +24,25 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# E402: run as `python bench/compare_inprocess.py`, sys.path[0] is bench/; the checkout's nncli
+# can only be imported once the line above has put the checkout's root first on sys.path.
 from nncli.report.console import ConsoleReporter as Reporter  # noqa: E402
 from nncli.run.loop import fit  # noqa: E402
-from nncli.run.setup import (
-    load_config,  # noqa: E402
-    prepare_run,  # noqa: E402
-)
+from nncli.run.setup import load_config, prepare_run  # noqa: E402
 
 REFERENCE = ROOT.parent / "shared" / "bench" / "reference_loop.py"
 CASES = {  # case: (reference_loop.py arguments, nncli config, nncli --set overrides)
-    "mlp": (["--model", "mlp", "--loader", "slice", "--epochs", "20"], "bench/configs/mlp_reference.yaml", []),
-    "cnn": (["--model", "cnn", "--loader", "slice", "--epochs", "20"], "bench/configs/cnn_reference.yaml", []),
-    "mlp_fused": (["--model", "mlp", "--loader", "slice", "--epochs", "20"], "bench/configs/mlp_reference.yaml",
-                  ["optimizer.fused=true"]),
+    "mlp": (["--model", "mlp", "--loader", "slice", "--epochs", "20"],
+            "bench/configs/mlp_reference.yaml", []),
+    "cnn": (["--model", "cnn", "--loader", "slice", "--epochs", "20"],
+            "bench/configs/cnn_reference.yaml", []),
+    "mlp_fused": (["--model", "mlp", "--loader", "slice", "--epochs", "20"],
+                  "bench/configs/mlp_reference.yaml", ["optimizer.fused=true"]),
     # nncli's `loader: dataloader` against the hand-written slicing loop: what the DataLoader costs
-    "mlp_loader_vs_slice": (["--model", "mlp", "--loader", "slice", "--epochs", "20"], "bench/configs/mlp_reference.yaml",
-                            ["data.loader=dataloader"]),
-    "cnn_loader_vs_slice": (["--model", "cnn", "--loader", "slice", "--epochs", "20"], "bench/configs/cnn_reference.yaml",
-                            ["data.loader=dataloader"]),
+    "mlp_loader_vs_slice": (["--model", "mlp", "--loader", "slice", "--epochs", "20"],
+                            "bench/configs/mlp_reference.yaml", ["data.loader=dataloader"]),
+    "cnn_loader_vs_slice": (["--model", "cnn", "--loader", "slice", "--epochs", "20"],
+                            "bench/configs/cnn_reference.yaml", ["data.loader=dataloader"]),
 }
 
 
@@ -67,12 +68,15 @@ def nncli_fit_s(config_path: str, overrides: list[str]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--cases", default="mlp,cnn")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats, alternating\n")
-    print("| case | reference fit_s (median) | nncli fit_s (median) | ratio of medians | ratio, 25th-75th percentile of pairs |")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats, "
+          "alternating\n")
+    print("| case | reference fit_s (median) | nncli fit_s (median) | ratio of medians "
+          "| ratio, 25th-75th percentile of pairs |")
     print("|---|---|---|---|---|")
     for case in args.cases.split(","):
         ref_args, config, overrides = CASES[case]

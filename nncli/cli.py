@@ -144,7 +144,8 @@ def validate(config: Path = CONFIG, overrides: list[str] = SET, debug: bool = DE
 def layers(
     name: Optional[str] = typer.Argument(None, help="A layer type: show its arguments.", metavar="NAME"),
     plugins: list[str] = typer.Option([], "--plugin", metavar="FILE_OR_MODULE",
-                                      help="Load a plugin first: a .py file or a module name, as in `plugins:`."),
+                                      help="Load a plugin first: a .py file or a module name, "
+                                           "as in `plugins:`."),
     debug: bool = DEBUG,
 ) -> None:
     """List the layer registry by category, or one layer's arguments."""
@@ -169,7 +170,8 @@ def train(
     config: Path = CONFIG,
     overrides: list[str] = SET,
     epochs: Optional[int] = EPOCHS,
-    out: Optional[Path] = typer.Option(None, "--out", help="Put the run directory under DIR (replaces checkpoint.dir)."),
+    out: Optional[Path] = typer.Option(None, "--out",
+                                       help="Put the run directory under DIR (replaces checkpoint.dir)."),
     device: Optional[str] = DEVICE,
     quiet: bool = QUIET,
     nproc: Optional[int] = NPROC,
@@ -213,14 +215,22 @@ def _print_result(run, reporter) -> None:
 
 @app.command()
 def resume(
-    path: Path = typer.Argument(..., help="A run directory or checkpoint; or a plain state_dict file with --config.",
+    path: Path = typer.Argument(..., help="A run directory or checkpoint; or a plain state_dict file "
+                                          "with --config.",
                                 metavar="PATH"),
-    config: Optional[Path] = typer.Option(None, "--config", help="A config: required to warm-start from a state_dict; for a run, its changes are checked."),
+    config: Optional[Path] = typer.Option(None, "--config",
+                                          help="A config: required to warm-start from a state_dict; for a "
+                                               "run, its changes are checked."),
     overrides: list[str] = SET,
     epochs: Optional[int] = EPOCHS,
-    warm: bool = typer.Option(False, "--warm-start", help="Start a new run of --config from the checkpoint's weights only (no optimizer, schedule or epoch count)."),
-    strict: bool = typer.Option(True, "--strict/--no-strict", help="Warm start: refuse weights that do not all fit."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Continue in a new run directory under DIR (a warm start's, or a copy of the run's), leaving the run as it is."),
+    warm: bool = typer.Option(False, "--warm-start",
+                              help="Start a new run of --config from the checkpoint's weights only (no "
+                                   "optimizer, schedule or epoch count)."),
+    strict: bool = typer.Option(True, "--strict/--no-strict",
+                                help="Warm start: refuse weights that do not all fit."),
+    out: Optional[Path] = typer.Option(None, "--out",
+                                       help="Continue in a new run directory under DIR (a warm start's, or a "
+                                            "copy of the run's), leaving the run as it is."),
     device: Optional[str] = DEVICE,
     quiet: bool = QUIET,
     nproc: Optional[int] = NPROC,
@@ -285,7 +295,9 @@ def _check_then_launch(nproc: int, check: Callable[[], None], debug: bool) -> No
 @app.command(name="eval")
 def evaluate(
     checkpoint: Path = CHECKPOINT,
-    data: Optional[Path] = typer.Option(None, "--data", help="A data file (.csv, .npz) to evaluate on, read with the run's data settings."),
+    data: Optional[Path] = typer.Option(None, "--data",
+                                        help="A data file (.csv, .npz) to evaluate on, read with the run's "
+                                             "data settings."),
     as_json: bool = JSON,
     device: Optional[str] = DEVICE,
     plugins: list[str] = PLUGIN,
@@ -310,7 +322,8 @@ def evaluate(
 @app.command()
 def predict(
     checkpoint: Path = CHECKPOINT,
-    inputs: str = typer.Option(..., "--input", help="Inputs: a JSON list of samples, or a .json, .csv, .npy or .npz file."),
+    inputs: str = typer.Option(..., "--input",
+                               help="Inputs: a JSON list of samples, or a .json, .csv, .npy or .npz file."),
     as_json: bool = JSON,
     device: Optional[str] = DEVICE,
     plugins: list[str] = PLUGIN,

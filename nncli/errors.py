@@ -107,7 +107,8 @@ def first_line(err: BaseException) -> str:
 
 # What asks a run to stop and save: Ctrl-C, a scheduler's or `kill`'s SIGTERM, a closed terminal
 # (SIGHUP, which Windows does not have).
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
+                     if hasattr(signal, name))
 
 
 @contextmanager
@@ -147,7 +148,8 @@ def is_out_of_memory(err: BaseException) -> bool:
     """A GPU's OutOfMemoryError, or the CPU allocator's RuntimeError (which has no class of its own).
     Neither can happen before torch is imported (and this module does not import it)."""
     torch = sys.modules.get("torch")
-    return torch is not None and (isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err))
+    return torch is not None and (isinstance(err, torch.OutOfMemoryError)
+                                  or "can't allocate memory" in str(err))
 
 
 def out_of_memory_text(err: BaseException) -> str:

@@ -60,7 +60,8 @@ def run_command(action: Callable[[], Optional[int]], debug: bool) -> None:
         elif "torch" in sys.modules and _is_peer_failure(err):
             say("error: stopped because another process of the job failed")  # gloo's words for it
         else:
-            say(f"error: {type(err).__name__}: {err}" + ("" if debug else " (run again with --debug for the traceback)"))
+            say(f"error: {type(err).__name__}: {err}"
+                + ("" if debug else " (run again with --debug for the traceback)"))
         raise typer.Exit(1) from None
     raise typer.Exit(code)
 
@@ -87,7 +88,8 @@ def _stop_signals_interrupt() -> contextlib.AbstractContextManager:
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    return stop_signals_handled_by(interrupt) if os.environ.get("WORLD_SIZE", "1") == "1" else contextlib.nullcontext()
+    return (stop_signals_handled_by(interrupt) if os.environ.get("WORLD_SIZE", "1") == "1"
+            else contextlib.nullcontext())
 
 
 _shown_warnings: set[str] = set()

@@ -139,7 +139,8 @@ class Background:
                 line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 self.kill()
-                raise AssertionError(f"no line starting {prefix!r} within {timeout}s:\n{''.join(self.stdout)}")
+                raise AssertionError(f"no line starting {prefix!r} within {timeout}s:\n"
+                                     f"{''.join(self.stdout)}")
             if line is None:
                 raise AssertionError(f"the process ended (exit {self.proc.wait()}) before printing "
                                      f"{prefix!r}:\n{''.join(self.stdout)}\n{self.stderr()}")

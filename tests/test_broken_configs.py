@@ -113,8 +113,9 @@ def test_deep_nesting_is_refused(cli, tmp_path):
     ("trian.epochs=3", ["--set", "Did you mean 'train'?"]),
     ("epochs=3", ["--set", "unknown key 'epochs' in 'epochs=3'", "Did you mean --set train.epochs=3?"]),
     ("train.lr=0.1", ["--set", "unknown key 'train.lr'", "Did you mean --set optimizer.lr=0.1?"]),
-    ("model.layers.0.out_channels=-2", ["seed_positional.yaml:7: 0 (Conv2d): argument 'out_channels' is a size "
-                                        "and must be positive, got -2. (--set changed model.layers.0.out_channels.)"]),
+    ("model.layers.0.out_channels=-2", ["seed_positional.yaml:7: 0 (Conv2d): argument 'out_channels' is a "
+                                        "size and must be positive, got -2. (--set changed "
+                                        "model.layers.0.out_channels.)"]),
     ("train.epochs", ["is not KEY=VALUE"]),
     ("train.epochs=0", ["must be greater than 0, got 0"]),
 ])
@@ -129,9 +130,11 @@ def test_set_with_bad_key_is_refused(cli, override, expect):
 
 def test_set_into_an_unknown_layer_name_is_refused(cli):
     """A misspelt layer name in --set must not quietly add a layer to a mapping of layers."""
-    result = cli("summary", CONFIGS / "digits_cnn.yaml", "--set", "model.layers.featurs.layers.0.out_channels=8")
+    result = cli("summary", CONFIGS / "digits_cnn.yaml", "--set",
+                 "model.layers.featurs.layers.0.out_channels=8")
     assert result.exit_code == 2
-    assert "model.layers has no key 'featurs' (it has: features, head). Did you mean 'features'?" in result.stderr
+    assert ("model.layers has no key 'featurs' (it has: features, head). Did you mean 'features'?"
+            in result.stderr)
 
 
 def test_optimizer_without_type_is_the_default_adam(cli):

@@ -168,7 +168,8 @@ def test_kill_9_during_checkpoint_writes(tmp_path):
     rows = metrics_rows(run)
     assert [r["epoch"] for r in rows] == ["1", "2", "3", "4", "5", "6"], result.stdout
     assert rows == metrics_rows(tmp_path / "reference" / "big")
-    final, expected = load(run / "last.pt")["model"], load(tmp_path / "reference" / "big" / "last.pt")["model"]
+    final, expected = (load(run / "last.pt")["model"],
+                       load(tmp_path / "reference" / "big" / "last.pt")["model"])
     assert all(torch.equal(final[k], expected[k]) for k in expected)
     assert sorted(p.name for p in run.glob("epoch_*.pt")) == ["epoch_5.pt", "epoch_6.pt"]
     print(f"{caught_writing} of 5 kills left a temporary file behind")
@@ -199,8 +200,8 @@ main()
 def test_kill_between_last_and_best_keeps_best_consistent(tmp_path):
     config = write_config(tmp_path, SMALL, "small.yaml")
     run = tmp_path / "runs" / "small"
-    killed = run_python("-c", KILL_AT_BEST, "train", config, "--out", tmp_path / "runs", "--epochs", "2", "-q",
-                        cwd=tmp_path)
+    killed = run_python("-c", KILL_AT_BEST, "train", config, "--out", tmp_path / "runs", "--epochs", "2",
+                        "-q", cwd=tmp_path)
     assert killed.returncode == 137, killed.stdout + killed.stderr
     ok(run_nncli("resume", run, cwd=tmp_path))
     last, best = load(run / "last.pt"), load(run / "best.pt")
@@ -238,7 +239,8 @@ def _make_bad(kind: str, good: bytes, path: Path, marker: Path) -> None:
     elif kind == "corrupted":  # 16 bytes flipped in the middle of the largest tensor's data
         with zipfile.ZipFile(io.BytesIO(good)) as archive:
             info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
-        name_length, extra_length = struct.unpack("<HH", good[info.header_offset + 26:info.header_offset + 30])
+        name_length, extra_length = struct.unpack("<HH",
+                                                  good[info.header_offset + 26:info.header_offset + 30])
         middle = info.header_offset + 30 + name_length + extra_length + info.file_size // 2
         data = bytearray(good)
         data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
@@ -280,11 +282,12 @@ EXPECTED_WORDS = {"missing": "not found", "empty": "empty", "truncated": "trunca
                   "weights_of_another_shape": "does not fit the run its own config describes (Error(s) in "
                                               "loading state_dict for Sequential: size mismatch for 0.weight",
                   "epoch_as_text": "the checkpoint holds str as 'epoch'", "no_optimizer": "lacks 'optimizer'",
-                  "input_shape_negative": "the checkpoint has 'input_shape': [-1]; expected one sample's shape",
+                  "input_shape_negative": "the checkpoint has 'input_shape': [-1]; expected one sample's "
+                                          "shape",
                   "best_value_as_text": "the checkpoint has a 'best' value of 'abc', not a number",
                   "epoch_negative": "the checkpoint has 'epoch': -5, below 0",
-                  "normalization_of_another_shape": "the checkpoint has a 'normalization' of shape [3] (mean) "
-                                                    "and [3] (std), but the model's input is [16]"}
+                  "normalization_of_another_shape": "the checkpoint has a 'normalization' of shape [3] "
+                                                    "(mean) and [3] (std), but the model's input is [16]"}
 
 
 @pytest.fixture(scope="module")
@@ -340,7 +343,8 @@ def test_run_directory_inside_a_file_is_a_clear_error(tmp_path):
     blocker.write_text("a regular file\n")
     result = run_nncli("train", config, "--out", blocker / "runs", "--epochs", "1", cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
-    assert result.stderr == (f"error: {blocker}: cannot create the run directory {blocker / 'runs' / 'small'}: "
+    assert result.stderr == (f"error: {blocker}: cannot create the run directory "
+                             f"{blocker / 'runs' / 'small'}: "
                              f"{blocker} is a file. Give --out (or checkpoint.dir) a folder.\n")
     assert blocker.read_text() == "a regular file\n"
 
@@ -349,8 +353,8 @@ def test_run_directory_where_nothing_can_be_created_is_exit_2(tmp_path):
     config = write_config(tmp_path, SMALL, "small.yaml")
     result = run_nncli("train", config, "--out", "/proc/nncli-test", "--epochs", "1", cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
-    assert result.stderr == ("error: /proc/nncli-test/small: cannot create the run directory: No such file or "
-                             "directory. Give --out (or checkpoint.dir) a folder you can write to.\n")
+    assert result.stderr == ("error: /proc/nncli-test/small: cannot create the run directory: No such file "
+                             "or directory. Give --out (or checkpoint.dir) a folder you can write to.\n")
 
 
 def test_a_file_named_like_the_run_directory_is_left_alone(tmp_path):
@@ -415,9 +419,9 @@ def test_an_archive_that_inflates_far_beyond_its_size_is_refused_at_once(tmp_pat
         result = run_nncli(command, bomb, cwd=tmp_path, timeout=120)
         assert time.monotonic() - started < 30  # the issue's bound: refused in seconds, whatever the machine
         assert result.returncode == 2, result.stdout + result.stderr
-        assert result.stderr == (f"error: {bomb}: refused to load: its entries would inflate to 838,860,802 bytes, "
-                                 f"and the file has {size:,}; torch.save stores them uncompressed, so it did not "
-                                 "write this archive\n")
+        assert result.stderr == (f"error: {bomb}: refused to load: its entries would inflate to 838,860,802 "
+                                 f"bytes, and the file has {size:,}; torch.save stores them uncompressed, "
+                                 "so it did not write this archive\n")
     assert snapshot(tmp_path) == {"model.pt": bomb.read_bytes()}
 
 
@@ -434,8 +438,8 @@ def test_a_read_only_run_directory_says_it_cannot_write(trained, tmp_path):
     result = subprocess.run([*mount, *nncli_argv("resume", run, "--epochs", "4")], cwd=tmp_path, env=ENV,
                             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=240)
     assert result.returncode == 2, result.stdout + result.stderr  # found when the run is locked, at once
-    assert result.stderr == (f"error: {run}: cannot write in the run directory: Read-only file system. Resume it "
-                             "from a copy in a folder you can write to.\n")
+    assert result.stderr == (f"error: {run}: cannot write in the run directory: Read-only file system. "
+                             "Resume it from a copy in a folder you can write to.\n")
     assert snapshot(run) == before
 
 

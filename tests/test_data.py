@@ -25,7 +25,8 @@ def load_dataset(path):
 def data_config(tmp_path, data_lines: str, *, loss: str = "CrossEntropyLoss", out: int = 2,
                 name: str = "config.yaml"):
     """`data:` on line 1, then `data_lines` (indented two spaces) from line 2, loss, model."""
-    text = "data:\n" + data_lines + f"loss: {loss}\nmodel:\n  layers:\n    - {{type: Linear, out_features: {out}}}\n"
+    text = ("data:\n" + data_lines + f"loss: {loss}\nmodel:\n  layers:\n"
+            f"    - {{type: Linear, out_features: {out}}}\n")
     return write_config(tmp_path, text, name)
 
 
@@ -33,7 +34,8 @@ def data_config(tmp_path, data_lines: str, *, loss: str = "CrossEntropyLoss", ou
 
 def test_csv_reads_features_and_target_by_header(tmp_path):
     (tmp_path / "scores.csv").write_text("a, b ,label\n1,2.5,0\n\n3,-4,1\n5,6e-1,1\n")
-    data = load_dataset(data_config(tmp_path, "  source: csv\n  path: scores.csv\n  target: label\n  val_split: 0\n"))
+    data = load_dataset(data_config(tmp_path, "  source: csv\n  path: scores.csv\n  target: label\n"
+                                              "  val_split: 0\n"))
     assert data.val is None and data.sample_shape == (2,)
     assert data.train.x.dtype == torch.float32
     assert torch.allclose(data.train.x, torch.tensor([[1, 2.5], [3, -4], [5, 0.6]]))
@@ -42,7 +44,8 @@ def test_csv_reads_features_and_target_by_header(tmp_path):
 
 def test_csv_features_subset_several_targets_and_delimiter(tmp_path):
     (tmp_path / "table.csv").write_text("a;b;c;t1;t2\n1;2;3;0.5;1.5\n4;5;6;2.5;3.5\n")
-    config = data_config(tmp_path, "  source: csv\n  path: table.csv\n  target: [t1, t2]\n  features: [c, a]\n"
+    config = data_config(tmp_path, "  source: csv\n  path: table.csv\n  target: [t1, t2]\n"
+                                   "  features: [c, a]\n"
                                    "  delimiter: ';'\n  val_split: 0\n", loss="MSELoss")
     data = load_dataset(config)
     assert data.train.x.tolist() == [[3, 1], [6, 4]]
@@ -87,7 +90,8 @@ def test_split_is_seeded_and_partitions_the_samples(tmp_path):
     x = [[float(i)] for i in range(10)]
     y = [[float(i)] for i in range(10)]
     def config(seed, name):
-        return write_config(tmp_path, f"seed: {seed}\ndata: {{source: tensors, x: {x}, y: {y}, val_split: 0.3}}\n"
+        return write_config(tmp_path, f"seed: {seed}\ndata: {{source: tensors, x: {x}, "
+                                      f"y: {y}, val_split: 0.3}}\n"
                                       f"loss: MSELoss\n{MODEL}", name)
     first, again, other = (load_dataset(config(0, "a.yaml")), load_dataset(config(0, "b.yaml")),
                            load_dataset(config(1, "c.yaml")))
@@ -248,8 +252,8 @@ BAD_DATA = {
     "memory map of a big-endian file": (
         "  source: npy\n  x: big_endian.npy\n  y: y4.npy\n  mmap: true\n  loader: dataloader\n",
         "{cfg}:3: data.x: big_endian.npy is stored big-endian; a memory map reads it as stored, and torch "
-        "takes this machine's byte order. Re-save it with np.save(path, x.astype(x.dtype.newbyteorder('='))), "
-        "or remove mmap."),
+        "takes this machine's byte order. Re-save it with "
+        "np.save(path, x.astype(x.dtype.newbyteorder('='))), or remove mmap."),
     "not an npz file": (
         "  source: npz\n  path: fake.npz\n",
         "{cfg}:3: data.path: fake.npz is not a readable .npz file"),
@@ -327,7 +331,8 @@ def test_eval_data_file_is_read_by_column_name(tmp_path):
     same = invoke("eval", run, "--data", tmp_path / "scores.csv", "--json")
     assert same.exit_code == 0, same.stderr
     # the same samples with the columns in another order (and an extra column) give the same loss
-    (tmp_path / "shuffled.csv").write_text("label,extra,b,a\n" + "".join(f"{t},9,{b},{a}\n" for a, b, t in rows))
+    (tmp_path / "shuffled.csv").write_text("label,extra,b,a\n"
+                                           + "".join(f"{t},9,{b},{a}\n" for a, b, t in rows))
     shuffled = invoke("eval", run, "--data", tmp_path / "shuffled.csv", "--json")
     assert shuffled.exit_code == 0, shuffled.stderr
     assert shuffled.stdout == same.stdout
@@ -335,8 +340,9 @@ def test_eval_data_file_is_read_by_column_name(tmp_path):
     (tmp_path / "other.csv").write_text("a,c,label\n1,2,0\n")
     result = invoke("eval", run, "--data", tmp_path / "other.csv")
     assert result.exit_code == 2
+    # the --data file, not a line of the run's config
     assert result.stderr.startswith(f"error: {tmp_path / 'other.csv'}: column 'b' is not in other.csv "
-                                    "(columns: a, c, label)")  # the --data file, not a line of the run's config
+                                    "(columns: a, c, label)")
     ckpt = load(run / "best.pt")
     x = torch.tensor([[float(a), float(b)] for a, b, _ in rows])
     y = torch.tensor([t for _, _, t in rows])
@@ -390,7 +396,8 @@ def test_the_run_records_which_csv_columns_its_model_takes(tmp_path):
     run = tmp_path / "runs" / "config"
     assert yaml.safe_load((run / "config.yaml").read_text())["data"]["features"] == ["a", "b"]
     assert load(run / "last.pt")["config"]["data"]["features"] == ["a", "b"]
-    resumed = invoke("resume", run, "--epochs", 2, "-q", "--trust-data", tmp_path)  # the stored list is the same columns
+    # the stored list is the same columns
+    resumed = invoke("resume", run, "--epochs", 2, "-q", "--trust-data", tmp_path)
     assert resumed.exit_code == 0, resumed.stderr
 
 
@@ -405,7 +412,8 @@ def test_more_workers_than_cpus_are_capped_with_a_warning(tmp_path):
     assert result.exit_code == 0 and result.stderr == warning, result.stderr
     trained = run_nncli("train", config, "--out", tmp_path / "runs", "--epochs", 1, "-q")
     assert trained.returncode == 0 and trained.stderr == warning, trained.stderr
-    assert yaml.safe_load((tmp_path / "runs" / "config" / "config.yaml").read_text())["data"]["workers"] == cpus
+    assert (yaml.safe_load((tmp_path / "runs" / "config" / "config.yaml").read_text())["data"]["workers"]
+            == cpus)
 
 
 # --- the validation split ------------------------------------------------------------------
@@ -448,9 +456,9 @@ def test_inline_tensors_train_on_every_point_unless_val_split_is_given(tmp_path)
     given = invoke("validate", config, "--set", "data.val_split=0.34")  # asked for: split, and warned
     assert given.exit_code == 0
     assert given.stderr == ("warning: --set data.val_split: a split of 0.34 keeps 1 of the 3 samples out of "
-                            "training for validation: fewer than 10, too few for a validation loss that means "
-                            "much, yet that loss picks best.pt (and early stopping). Use val_split: 0 to train "
-                            "on every sample, or give more data.\n")
+                            "training for validation: fewer than 10, too few for a validation loss that "
+                            "means much, yet that loss picks best.pt (and early stopping). Use val_split: 0 "
+                            "to train on every sample, or give more data.\n")
 
 
 @pytest.mark.parametrize("n, warned", [(40, True), (50, False)])
@@ -458,8 +466,8 @@ def test_a_split_that_leaves_fewer_than_10_validation_samples_warns_with_the_fig
     config = data_config(tmp_path, f"  source: synthetic\n  n: {n}\n  features: 2\n  val_split: 0.2\n")
     result = invoke("validate", config)
     assert result.exit_code == 0, result.stderr
-    expected = (f"warning: {config}:5: data.val_split: a split of 0.2 keeps 8 of the 40 samples out of training "
-                "for validation: fewer than 10") if warned else ""
+    expected = (f"warning: {config}:5: data.val_split: a split of 0.2 keeps 8 of the 40 samples out of "
+                "training for validation: fewer than 10") if warned else ""
     assert result.stderr.startswith(expected) and bool(result.stderr) == warned, result.stderr
 
 
@@ -493,7 +501,7 @@ class FakeData:
         g = torch.Generator().manual_seed(index)
         image = torch.rand(self.image_size, generator=g)
         return self.transform(image), torch.randint(0, self.num_classes, (1,), generator=g)[0]
-'''
+'''  # noqa: E501 -- a module's source, written out as it is: a wrapped line would change the text
 
 
 @pytest.fixture
@@ -524,8 +532,8 @@ def test_torchvision_built_for_another_torch_is_exit_2_saying_so(tmp_path, fake_
     assert result.stderr == (
         f"error: {config}:3: data.name: torchvision 0.99.0 does not work with the installed torch "
         f"{torch.__version__}: importing it fails with 'operator torchvision::nms does not exist', the sign "
-        f"of a torchvision built for another torch. Install the torchvision made for torch {version}, from the "
-        f"package index torch came from: pip install --upgrade 'torch=={version}' torchvision.\n")
+        f"of a torchvision built for another torch. Install the torchvision made for torch {version}, "
+        f"from the package index torch came from: pip install --upgrade 'torch=={version}' torchvision.\n")
 
 
 @pytest.mark.parametrize("download, hint", [
@@ -563,7 +571,8 @@ def test_every_extra_a_message_names_is_in_pyproject():
     extras_section = re.search(r"^\[project\.optional-dependencies\]\n(.*?)(?=^\[)", (REPO / "pyproject.toml")
                                .read_text(), re.M | re.S).group(1)
     defined = set(re.findall(r"^(\w+) = \[", extras_section, re.M))
-    texts = [p.read_text() for p in sorted((REPO / "nncli").glob("*.py"))] + [(REPO / "README.md").read_text()]
+    texts = ([p.read_text() for p in sorted((REPO / "nncli").glob("*.py"))]
+             + [(REPO / "README.md").read_text()])
     named = {extra for text in texts for extra in re.findall(r"nncli\[(\w+)\]", text)}
     assert "vision" in named
     assert named <= defined, named - defined

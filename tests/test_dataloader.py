@@ -150,9 +150,11 @@ def test_normalization_statistics_merged_over_chunks_match_torch(monkeypatch):
     from nncli.data.samples import HostSamples
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1001, 3, 4, dtype=torch.float64, generator=g) * torch.tensor([1.0, 1e3, 0.0]).view(3, 1) + 7
+    x = (torch.randn(1001, 3, 4, dtype=torch.float64, generator=g) * torch.tensor([1.0, 1e3, 0.0]).view(3, 1)
+         + 7)
     samples = HostSamples(x, torch.randperm(1001, generator=g), torch.zeros(1001), torch.float32)
-    monkeypatch.setattr(data, "CHUNK_BYTES", 40 * 12 * 8)  # 40 rows of 12 float64 values: 26 chunks, the last 1 row
+    # 40 rows of 12 float64 values: 26 chunks, the last 1 row
+    monkeypatch.setattr(data, "CHUNK_BYTES", 40 * 12 * 8)
     stats = normalization_of(samples)
     exact = x.float().double()  # what the model takes, in float64: torch's own float32 mean is further off
     assert torch.allclose(stats["mean"].double(), exact.mean(0), rtol=1e-7, atol=1e-6)

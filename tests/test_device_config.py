@@ -37,7 +37,8 @@ def _refused(result, expected: str) -> None:
     ("device: gpu:1", "device: must be auto, cpu, cuda, cuda:N or mps, got 'gpu:1'. Did you mean 'cuda:1'?"),
     ("device: 'cuda:x'", "device: must be auto, cpu, cuda, cuda:N or mps, got 'cuda:x'. N in cuda:N is a "
                          "GPU index (cuda:0, cuda:1, ...); cuda alone is the first GPU."),
-    ("device: cpu:5", "device: must be auto, cpu, cuda, cuda:N or mps, got 'cpu:5'. cpu takes no index: use cpu."),
+    ("device: cpu:5", "device: must be auto, cpu, cuda, cuda:N or mps, got 'cpu:5'. cpu takes no index: "
+                      "use cpu."),
     ("device: ''", "device: must be auto, cpu, cuda, cuda:N or mps, got ''. Use auto to pick CUDA, else MPS, "
                    "else the CPU."),
     ("device: 0", "device: expected a string, got integer 0. Did you mean 'cuda:0'?"),
@@ -67,7 +68,8 @@ def test_bad_device_keys_are_refused_at_load(tmp_path: Path, command: str, line:
 
 def test_a_bad_device_id_names_the_line_of_its_item(tmp_path: Path) -> None:
     path = write_config(tmp_path, BASE + "parallel: dp\ndevice_ids:\n  - 0\n  - 1\n  - 0\n")
-    _refused(invoke("validate", path), f"error: {path}:10: device_ids.2: GPU 0 is listed twice; list each GPU once")
+    _refused(invoke("validate", path),
+             f"error: {path}:10: device_ids.2: GPU 0 is listed twice; list each GPU once")
 
 
 @pytest.mark.parametrize("device", ["auto", "cpu", "mps", "cuda", "cuda:0", "cuda:12"])
@@ -104,7 +106,8 @@ def test_a_gpu_index_beyond_torchs_is_refused_naming_the_option(tmp_path: Path) 
 def test_malformed_device_option_names_the_option(tmp_path: Path, device: str, hint: str) -> None:
     path = write_config(tmp_path, BASE)
     result = invoke("train", path, "--device", device, "--out", tmp_path / "runs")
-    _refused(result, f"error: --device: '{device}' is not a device; expected auto, cpu, cuda, cuda:N or mps. {hint}")
+    _refused(result, f"error: --device: '{device}' is not a device; expected auto, cpu, cuda, cuda:N or mps. "
+                     f"{hint}")
     assert not (tmp_path / "runs").exists()
 
 
@@ -205,7 +208,8 @@ def test_dp_with_unusable_device_ids_is_an_error(two_gpus, monkeypatch: pytest.M
     assert (err.key, str(err)) == ("device_ids", message)
 
 
-def test_dp_on_the_cpu_of_a_gpu_machine_trains_without_the_wrapper(two_gpus, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dp_on_the_cpu_of_a_gpu_machine_trains_without_the_wrapper(two_gpus,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     given, notices = [], []
     monkeypatch.setattr(torch.nn, "DataParallel", lambda model, device_ids: given.append(device_ids) or model)
     wrap_model(torch.nn.Linear(2, 2), parallel="dp", device=torch.device("cpu"), device_ids=[0, 1],

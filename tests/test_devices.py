@@ -36,7 +36,8 @@ def test_ddp_with_nproc_trains_writes_once_and_resumes(tmp_path: Path, config: P
     assert "DDP: weights identical on all 2 processes" in done.stdout
     assert done.stdout.count("epoch 1/2 ") == 1  # only rank 0 prints
     run = tmp_path / "runs" / "ddp"
-    assert sorted(p.name for p in run.iterdir()) == [".lock", "best.pt", "config.yaml", "last.pt", "metrics.csv"]
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "best.pt", "config.yaml", "last.pt",
+                                                     "metrics.csv"]
     assert not (tmp_path / "runs" / "ddp-2").exists()  # one set of checkpoints, not one per rank
     ckpt = load(run / "last.pt")
     assert ckpt["epoch"] == 2 and ckpt["config"]["parallel"] == "ddp"
@@ -52,9 +53,11 @@ def test_ddp_with_nproc_trains_writes_once_and_resumes(tmp_path: Path, config: P
     assert [r["epoch"] for r in metrics_rows(run)] == ["1", "2", "3"]
 
 
-def test_torchrun_directly_and_a_ddp_checkpoint_loads_in_a_single_process(tmp_path: Path, config: Path) -> None:
-    done = run_python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nncli", "train",
-                      config, "--out", "runs", "--epochs", "1", cwd=tmp_path)  # the file says parallel: none
+def test_torchrun_directly_and_a_ddp_checkpoint_loads_in_a_single_process(tmp_path: Path,
+                                                                          config: Path) -> None:
+    done = run_python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nncli",
+                      "train", config,  # the file says parallel: none
+                      "--out", "runs", "--epochs", "1", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "DDP: weights identical on all 2 processes" in done.stdout
     run = tmp_path / "runs" / "ddp"
@@ -96,8 +99,8 @@ def test_ddp_with_accumulation_takes_the_steps_of_one_process_with_the_whole_bat
         model: {layers: [{type: Linear, out_features: 16}, ReLU, {type: Linear, out_features: 3}]}
         """, "acc.yaml")
     ok(run_nncli("train", config, "--out", "one", "-q", cwd=tmp_path))
-    ok(run_nncli("train", config, "--nproc", "2", "--set", "train.batch_size=8", "--set", "train.accumulate=2",
-                 "--out", "two", "-q", cwd=tmp_path))
+    ok(run_nncli("train", config, "--nproc", "2", "--set", "train.batch_size=8", "--set",
+                 "train.accumulate=2", "--out", "two", "-q", cwd=tmp_path))
     one, two = load(tmp_path / "one" / "acc" / "last.pt"), load(tmp_path / "two" / "acc" / "last.pt")
     assert one["step"] == two["step"] == 2 * 20  # 640 samples / 32 per step
     for key, weights in one["model"].items():
@@ -106,7 +109,8 @@ def test_ddp_with_accumulation_takes_the_steps_of_one_process_with_the_whole_bat
 
 # Long epochs for two processes (375 batches each), so that Ctrl-C after epoch 1's line lands
 # inside epoch 2.
-MANY_STEPS = CONFIG.replace("n: 1200", "n: 4000").replace("epochs: 2, batch_size: 32", "epochs: 3, batch_size: 4")
+MANY_STEPS = CONFIG.replace("n: 1200", "n: 4000").replace("epochs: 2, batch_size: 32",
+                                                          "epochs: 3, batch_size: 4")
 
 
 def _processes_running(text: str) -> list[str]:
@@ -143,7 +147,8 @@ def test_ctrl_c_stops_every_ddp_process_and_resume_continues_exactly(tmp_path: P
         refused = run_nncli("resume", run, cwd=tmp_path)
         assert refused.returncode == 2
         assert f"stopped inside epoch {ckpt['epoch'] + 1} with 2 processes" in refused.stderr
-        assert "Resume it with --nproc 2; from the end of an epoch it can go on with any number." in refused.stderr
+        assert ("Resume it with --nproc 2; from the end of an epoch it can go on with any number."
+                in refused.stderr)
     ok(run_nncli("resume", run, "--nproc", "2", "-q", cwd=tmp_path))
     assert metrics_rows(run) == metrics_rows(reference)  # train_loss too: the whole job's, not rank 0's
     trained, expected = load(run / "last.pt")["model"], load(reference / "last.pt")["model"]
@@ -152,9 +157,11 @@ def test_ctrl_c_stops_every_ddp_process_and_resume_continues_exactly(tmp_path: P
 
 def test_nproc_says_bad_input_once_and_a_failing_process_ends_the_job(tmp_path: Path, config: Path) -> None:
     for args, message in [
-        (["--nproc", "2", "--set", "train.batch_size=abc"], "error: --set train.batch_size: expected an integer"),
+        (["--nproc", "2", "--set", "train.batch_size=abc"],
+         "error: --set train.batch_size: expected an integer"),
         (["--nproc", "1"], "error: --nproc: 1 process is a plain run: leave out --nproc, or give 2 or more"),
-        (["--nproc", "2", "--set", "parallel=dp"], "error: --set parallel: dp is one process driving several GPUs"),
+        (["--nproc", "2", "--set", "parallel=dp"],
+         "error: --set parallel: dp is one process driving several GPUs"),
     ]:
         done = run_nncli("train", config, "--out", "runs", *args, cwd=tmp_path)
         assert done.returncode == 2
@@ -177,8 +184,8 @@ def test_nproc_says_bad_input_once_and_a_failing_process_ends_the_job(tmp_path: 
         "[process 1] error: stopped because process 0 of the job failed",
         f"error: {run / 'metrics.csv'}: cannot write {run / 'metrics.csv'}: Is a directory; the previous "
         "file, if any, is unchanged",
-        f"warning: {run / 'metrics.csv'} holds 0 of the 1 epochs of metrics that last.pt has trained; the run "
-        "goes on exactly, but its metrics.csv lacks the rest"]
+        f"warning: {run / 'metrics.csv'} holds 0 of the 1 epochs of metrics that last.pt has trained; the "
+        "run goes on exactly, but its metrics.csv lacks the rest"]
 
 
 def test_ddp_without_several_processes_is_a_clear_error(tmp_path: Path, config: Path) -> None:
@@ -190,7 +197,8 @@ def test_ddp_without_several_processes_is_a_clear_error(tmp_path: Path, config: 
 def test_dp_without_gpus_trains_without_the_wrapper_and_says_so(tmp_path: Path, config: Path) -> None:
     done = run_nncli("train", config, "--set", "parallel=dp", "--out", "runs", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "parallel: dp needs two or more GPUs, and no GPU is visible: training without the DataParallel wrapper" in done.stdout
+    assert ("parallel: dp needs two or more GPUs, and no GPU is visible: training without the DataParallel "
+            "wrapper" in done.stdout)
     assert not any(key.startswith("module.") for key in load(tmp_path / "runs" / "ddp" / "last.pt")["model"])
 
 
@@ -200,7 +208,8 @@ def test_dp_without_gpus_trains_without_the_wrapper_and_says_so(tmp_path: Path, 
     (["--set", "device=cuda:1"], "error: --set device: 'cuda:1' asked for, but this machine has no CUDA GPU"),
     (["--device", "tpu"], "error: --device: 'tpu' is not a device"),
 ])
-def test_unavailable_devices_are_clear_errors(tmp_path: Path, config: Path, args: list[str], where: str) -> None:
+def test_unavailable_devices_are_clear_errors(tmp_path: Path, config: Path, args: list[str],
+                                              where: str) -> None:
     done = run_nncli("train", config, "--out", "runs", *args, cwd=tmp_path)
     assert done.returncode == 2
     assert where in done.stderr and "Traceback" not in done.stderr
@@ -230,17 +239,19 @@ def test_amp_bf16_runs_on_cpu(tmp_path: Path, config: Path) -> None:
 
 
 def test_amp_fp16_saves_its_grad_scaler(tmp_path: Path, config: Path) -> None:
-    done = run_nncli("train", config, "--set", "amp=fp16", "--epochs", "1", "--out", "runs", "--quiet", cwd=tmp_path)
+    done = run_nncli("train", config, "--set", "amp=fp16", "--epochs", "1", "--out", "runs", "--quiet",
+                     cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     scaler = load(tmp_path / "runs" / "ddp" / "last.pt")["scaler"]
     assert scaler is not None and scaler["scale"] > 0
 
 
 def test_settings_that_change_nothing_say_so(tmp_path: Path, config: Path) -> None:
-    mlp = run_nncli("train", config, "--set", "channels_last=true", "--set", "device_ids=[0]", "--epochs", "1",
-                    "--out", "runs", cwd=tmp_path)
+    mlp = run_nncli("train", config, "--set", "channels_last=true", "--set", "device_ids=[0]",
+                    "--epochs", "1", "--out", "runs", cwd=tmp_path)
     assert mlp.returncode == 0, mlp.stderr
-    assert "channels_last: true changes nothing here: the model has no 4-D (convolution) weights" in mlp.stdout
+    assert ("channels_last: true changes nothing here: the model has no 4-D (convolution) weights"
+            in mlp.stdout)
     assert "device_ids is for parallel: dp, and parallel is none: it is not used" in mlp.stdout
     cnn = run_nncli("train", CONFIGS / "digits_cnn.yaml", "--set", "channels_last=true", "--epochs", "1",
                     "--out", "runs", cwd=tmp_path)
@@ -264,7 +275,8 @@ class FailsOnProcess1(nn.Module):
 
 def test_when_another_process_fails_each_says_what_it_knows_and_warnings_come_once(tmp_path: Path) -> None:
     (tmp_path / "fails.py").write_text(FAILS_ON_PROCESS_1)
-    config = write_config(tmp_path, CONFIG.replace("model:\n  layers:\n", "plugins: [fails.py]\nmodel:\n  layers:\n    - FailsOnProcess1\n"),
+    config = write_config(tmp_path, CONFIG.replace("model:\n  layers:\n", "plugins: [fails.py]\nmodel:\n"
+                                                   "  layers:\n    - FailsOnProcess1\n"),
                           "fails.yaml")
     done = run_nncli("train", config, "--nproc", "2", "--out", "runs", "-q", cwd=tmp_path, timeout=120)
     assert done.returncode == 1
@@ -280,6 +292,6 @@ def test_when_another_process_fails_each_says_what_it_knows_and_warnings_come_on
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stderr.splitlines() if line]
     assert len(lines) == 2, lines  # torch's warning and nncli's, once each for the two processes
-    assert lines[0] == ("warning: Implicit dimension choice for softmax has been deprecated. Change the call to "
-                        "include dim=X as an argument.")
+    assert lines[0] == ("warning: Implicit dimension choice for softmax has been deprecated. Change the call "
+                        "to include dim=X as an argument.")
     assert lines[1].startswith(f"warning: {softmax}:") and "the model ends with Softmax" in lines[1]

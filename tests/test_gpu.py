@@ -17,7 +17,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_digits_cnn_trains_on_the_gpu(tmp_path: Path, settings: list[str]) -> None:
     sets = [arg for s in settings for arg in ("--set", s)]
     done = run_nncli("train", CONFIGS / "digits_cnn.yaml", "--device", "cuda", "--epochs", "3",
-                     "--out", tmp_path, "--quiet", *sets, cwd=tmp_path, timeout=600)  # torch.compile may take minutes
+                     "--out", tmp_path, "--quiet", *sets, cwd=tmp_path,
+                     timeout=600)  # torch.compile may take minutes
     assert done.returncode == 0, done.stderr
     ckpt = load(tmp_path / "digits_cnn" / "last.pt")
     assert ckpt["metrics"][-1]["val_accuracy"] > 0.9
@@ -29,13 +30,15 @@ def test_digits_cnn_trains_on_the_gpu(tmp_path: Path, settings: list[str]) -> No
 def test_resume_on_the_gpu_continues_the_run_with_its_dropout(tmp_path: Path) -> None:
     """2 epochs, then resumed to 4, against 4 in one go: the GPU's random generator (dropout)
     is restored, and the checkpoints hold CPU tensors only, so plain torch.load reads them anywhere."""
-    text = (CONFIGS / "digits_mlp.yaml").read_text().replace("    - ReLU\n", "    - ReLU\n    - {type: Dropout, p: 0.3}\n")
+    text = (CONFIGS / "digits_mlp.yaml").read_text().replace("    - ReLU\n",
+                                                             "    - ReLU\n    - {type: Dropout, p: 0.3}\n")
     config = write_config(tmp_path, text + "deterministic: true\n", "dropout.yaml")
     for name, epochs in (("whole", "4"), ("resumed", "2")):
-        done = run_nncli("train", config, "--device", "cuda", "--epochs", epochs, "--out", tmp_path / name, "-q",
-                         cwd=tmp_path)
+        done = run_nncli("train", config, "--device", "cuda", "--epochs", epochs, "--out", tmp_path / name,
+                         "-q", cwd=tmp_path)
         assert done.returncode == 0, done.stderr
-    done = run_nncli("resume", tmp_path / "resumed" / "dropout", "--epochs", "4", "--device", "cuda", "-q", cwd=tmp_path)
+    done = run_nncli("resume", tmp_path / "resumed" / "dropout", "--epochs", "4", "--device", "cuda", "-q",
+                     cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert [r["epoch"] for r in metrics_rows(tmp_path / "resumed" / "dropout")] == ["1", "2", "3", "4"]
     whole, resumed = (torch.load(tmp_path / name / "dropout" / "last.pt", weights_only=True)
@@ -76,7 +79,8 @@ def test_dataloader_pins_batches_and_trains_like_memory_on_the_gpu(tmp_path: Pat
     train.close()
 
     runs = []
-    for name, sets in (("memory", []), ("loaded", ["--set", "data.loader=dataloader", "--set", "data.workers=2"])):
+    for name, sets in (("memory", []),
+                       ("loaded", ["--set", "data.loader=dataloader", "--set", "data.workers=2"])):
         done = run_nncli("train", CONFIGS / "digits_mlp.yaml", "--device", "cuda", "--epochs", "3",
                          "--out", tmp_path / name, "-q", *sets, cwd=tmp_path)
         assert done.returncode == 0, done.stderr

@@ -254,9 +254,10 @@ def test_a_plugin_that_exits_is_a_config_error_naming_it(cli, tmp_path, status):
     for command in ("validate", "train"):
         result = cli(command, path, "--out", tmp_path / "runs") if command == "train" else cli(command, path)
         assert result.exit_code == 2, (command, result.stdout, result.stderr)
-        assert result.stderr == (f"error: {path}:4: plugins.0: plugin 'script.py' called sys.exit({status}) while "
-                                 "being imported; a plugin defines and registers layers and losses. Remove the "
-                                 "call, or put the script part of the file under if __name__ == '__main__':.\n")
+        assert result.stderr == (f"error: {path}:4: plugins.0: plugin 'script.py' called sys.exit({status}) "
+                                 "while being imported; a plugin defines and registers layers and losses. "
+                                 "Remove the call, or put the script part of the file under "
+                                 "if __name__ == '__main__':.\n")
     assert not (tmp_path / "runs").exists()
 
 
@@ -528,7 +529,8 @@ def test_load_config_error_is_config_error(tmp_path):
     # numbers: exponents without a dot, explicit signs, underscores
     ("1e-4", 1e-4), ("3e5", 3e5), ("1.0E-3", 1e-3), ("-2.5e+2", -250.0), (".5", 0.5), ("1_000", 1000),
     # only true and false are booleans: off, on, yes and no stay strings
-    ("off", "off"), ("on", "on"), ("yes", "yes"), ("no", "no"), ("true", True), ("False", False), ("null", None),
+    ("off", "off"), ("on", "on"), ("yes", "yes"), ("no", "no"), ("true", True), ("False", False),
+    ("null", None),
 ])
 def test_yaml_scalars(text, value):
     loaded = parse_yaml(f"x: {text}")["x"]

@@ -108,7 +108,8 @@ def test_group_lrs_reach_metrics_csv_and_the_table_comes_before_epoch_1(tmp_path
 
 
 def test_unnamed_groups_keep_their_index_as_column(tmp_path):
-    config = write_config(tmp_path, GROUPS.replace("    - name: biases\n      params", "    - params"), "groups.yaml")
+    config = write_config(tmp_path, GROUPS.replace("    - name: biases\n      params", "    - params"),
+                          "groups.yaml")
     result = invoke("train", config, "--out", tmp_path / "runs", "--quiet", "--epochs", 1)
     assert result.exit_code == 0, result.stderr
     header, rows = read_metrics(tmp_path / "runs" / "groups")
@@ -152,8 +153,8 @@ def test_a_groups_settings_are_type_checked(tmp_path):
     config = write_config(tmp_path, GROUPS.replace("lr: 0.05", "lr: fast"), "groups.yaml")
     result = invoke("validate", config)
     assert result.exit_code == 2
-    assert result.stderr == (f"error: {config}:14: optimizer.groups.1.lr: SGD's lr expects a number or a tensor "
-                             "(a list of numbers), got 'fast'\n")
+    assert result.stderr == (f"error: {config}:14: optimizer.groups.1.lr: SGD's lr expects a number or a "
+                             "tensor (a list of numbers), got 'fast'\n")
 
 
 def test_a_zero_warmup_is_no_warmup(tmp_path):
@@ -166,10 +167,12 @@ def test_a_zero_warmup_is_no_warmup(tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     (('params: "*.bias"', 'weight_decay: 0.5'), "optimizer.groups.0: each group needs 'params:'"),
-    (('params: "*.bias"', "params: []"), "optimizer.groups.0.params: params must be a glob string or a list of them"),
+    (('params: "*.bias"', "params: []"),
+     "optimizer.groups.0.params: params must be a glob string or a list of them"),
     (("lr: 0.05", "lrr: 0.05"), "optimizer.groups.1.lrr: SGD has no setting 'lrr'; a group may set: lr, "
                                 "momentum, dampening, weight_decay, nesterov"),
-    (("lr: 0.1", "lr: -1"), "optimizer: SGD cannot be built with lr=-1, momentum=0.5: Invalid learning rate: -1"),
+    (("lr: 0.1", "lr: -1"),
+     "optimizer: SGD cannot be built with lr=-1, momentum=0.5: Invalid learning rate: -1"),
     (("type: SGD", "type: SDG"), "optimizer.type: unknown optimizer 'SDG'. Did you mean 'SGD'?"),
     (("momentum: 0.5", "momentun: 0.5"), "optimizer.momentun: SGD has no argument 'momentun'"),
 ])
@@ -185,8 +188,8 @@ def test_an_optimizer_refused_for_a_set_value_says_so(tmp_path):
     """The optimizer as a whole cannot be built: the file's line is named, and the --set value."""
     result = invoke("validate", CONFIGS / "digits_mlp.yaml", "--set", "optimizer.lr=-1")
     assert result.exit_code == 2
-    assert result.stderr == (f"error: {CONFIGS / 'digits_mlp.yaml'}:10: optimizer: Adam cannot be built with lr=-1: "
-                             "Invalid learning rate: -1. (--set changed optimizer.lr.)\n")
+    assert result.stderr == (f"error: {CONFIGS / 'digits_mlp.yaml'}:10: optimizer: Adam cannot be built with "
+                             "lr=-1: Invalid learning rate: -1. (--set changed optimizer.lr.)\n")
 
 
 # --- losses --------------------------------------------------------------------------------
@@ -195,7 +198,8 @@ def test_loss_with_arguments_and_loss_errors(tmp_path):
     from nncli.optim.losses import create_loss
     from nncli.run.setup import load_config
 
-    config = write_config(tmp_path, TINY_REGRESSION.replace("loss: MSELoss", "loss: {type: HuberLoss, delta: 0.25}"),
+    config = write_config(tmp_path, TINY_REGRESSION.replace("loss: MSELoss",
+                                                            "loss: {type: HuberLoss, delta: 0.25}"),
                           "tiny.yaml")
     loss = create_loss(load_config(config))
     assert isinstance(loss, torch.nn.HuberLoss) and loss.delta == 0.25
@@ -207,11 +211,13 @@ def test_loss_with_arguments_and_loss_errors(tmp_path):
     assert result.stderr.startswith(f"error: {typo}:3: loss: unknown loss 'MSELos'")
     assert "Did you mean 'MSELoss'?" in result.stderr
 
-    bad_arg = write_config(tmp_path, TINY_REGRESSION.replace("loss: MSELoss", "loss: {type: HuberLoss, delt: 1}"),
+    bad_arg = write_config(tmp_path, TINY_REGRESSION.replace("loss: MSELoss",
+                                                             "loss: {type: HuberLoss, delt: 1}"),
                            "arg.yaml")
     result = invoke("train", bad_arg, "--out", tmp_path / "runs")
     assert result.exit_code == 2
-    assert "loss.delt: HuberLoss has no argument 'delt'" in result.stderr and "Did you mean 'delta'?" in result.stderr
+    assert ("loss.delt: HuberLoss has no argument 'delt'" in result.stderr
+            and "Did you mean 'delta'?" in result.stderr)
 
 
 CLASSES = """
@@ -233,13 +239,16 @@ def test_class_weights_are_given_as_a_list(tmp_path):
     with torch.no_grad():  # one batch of everything: the initial model's loss
         out = run.model(run.data.train.x)
     expected = torch.nn.functional.cross_entropy(out, run.data.train.y, weight=torch.tensor([1.0, 1.0, 3.0]))
-    assert read_metrics(tmp_path / "runs" / "w")[1][0]["train_loss"] == pytest.approx(float(expected), rel=1e-6)
+    assert (read_metrics(tmp_path / "runs" / "w")[1][0]["train_loss"]
+            == pytest.approx(float(expected), rel=1e-6))
     # a float64 model gets float64 weights
-    f64 = write_config(tmp_path, config.read_text().replace("model:\n", "model:\n  input_dtype: float64\n"), "w64.yaml")
+    f64 = write_config(tmp_path, config.read_text().replace("model:\n", "model:\n  input_dtype: float64\n"),
+                       "w64.yaml")
     assert invoke("train", f64, "--out", tmp_path / "runs", "-q").exit_code == 0
 
 
-COMPUTED = ":7: loss: CrossEntropyLoss fails when computed (on zeros shaped as the model's output, [3], and two targets): "
+COMPUTED = (":7: loss: CrossEntropyLoss fails when computed (on zeros shaped as the model's output, [3], "
+            "and two targets): ")
 
 
 @pytest.mark.parametrize("loss, message", [
@@ -269,7 +278,8 @@ def test_sum_reduction_is_passed_to_the_loss(tmp_path):
     with torch.no_grad():  # the initial model on the three points, before the first step
         out = run.model(run.data.train.x)
     expected = float(((out - run.data.train.y) ** 2).sum())
-    assert read_metrics(tmp_path / "linear_regression")[1][0]["train_loss"] == pytest.approx(expected, rel=1e-6)
+    assert (read_metrics(tmp_path / "linear_regression")[1][0]["train_loss"]
+            == pytest.approx(expected, rel=1e-6))
 
 
 # --- schedules -----------------------------------------------------------------------------
@@ -321,7 +331,8 @@ def test_warmup_in_steps_needs_a_step_interval(tmp_path):
 
 
 def test_cosine_gets_t_max_from_the_run_length(tmp_path):
-    config = schedule_config(tmp_path, "{type: CosineAnnealingLR}", train="train: {epochs: 5, batch_size: 48}")
+    config = schedule_config(tmp_path, "{type: CosineAnnealingLR}",
+                             train="train: {epochs: 5, batch_size: 48}")
     run = prepare(config, run_dir=tmp_path / "r")
     assert run.schedule.scheduler.T_max == 5
     assert prepare(config, run_dir=tmp_path / "r", epochs=8).schedule.scheduler.T_max == 8
@@ -380,7 +391,8 @@ def test_reduce_on_plateau_on_val_loss_by_default(tmp_path):
      ":10: schedule: monitor 'val_loss' is not recorded; expected one of: train_loss."),
     ("{type: ReduceLROnPlateau, warmup: {epochs: 1}}", "val_split: 0.25",
      ":10: schedule.warmup: warmup does not combine with ReduceLROnPlateau"),
-    ("{type: StepLR}", "val_split: 0.25", ":10: schedule: StepLR needs step_size. e.g. {type: StepLR, step_size: ...}"),
+    ("{type: StepLR}", "val_split: 0.25",
+     ":10: schedule: StepLR needs step_size. e.g. {type: StepLR, step_size: ...}"),
     ("{type: StepLR, step_size: 1, interval: batch}", "val_split: 0.25",
      ":10: schedule.interval: interval must be one of epoch, step"),
     ("{type: CosineAnealingLR}", "val_split: 0.25",
@@ -429,7 +441,8 @@ def test_gradient_accumulation_equals_a_larger_batch(tmp_path):
 def test_accumulating_a_short_step_equals_one_batch_of_it(tmp_path, samples, loss):
     """An optimizer step of fewer batches than `accumulate`, or with a short last batch, gives the
     gradient of one batch of the samples it holds: their mean, or their sum."""
-    base = TINY_REGRESSION.replace("n: 64, features: 2, val_split: 0.25", f"n: {samples}, features: 2, val_split: 0")
+    base = TINY_REGRESSION.replace("n: 64, features: 2, val_split: 0.25",
+                                   f"n: {samples}, features: 2, val_split: 0")
     base = base.replace("loss: MSELoss", f"loss: {loss}").replace("lr: 0.1", "lr: 0.002")
     a, b = _one_batch_and_accumulated(tmp_path, base, "train: {epochs: 3, batch_size: 64, shuffle: false}",
                                       "train: {epochs: 3, batch_size: 16, accumulate: 4, shuffle: false}")
@@ -438,7 +451,8 @@ def test_accumulating_a_short_step_equals_one_batch_of_it(tmp_path, samples, los
 
 def test_grad_clip_bounds_each_step(tmp_path):
     config = write_config(tmp_path, TINY_REGRESSION.replace("lr: 0.1", "lr: 1.0").replace(
-        "train: {epochs: 3, batch_size: 16}", "train: {epochs: 2, batch_size: 16, grad_clip: 0.001}"), "clip.yaml")
+        "train: {epochs: 3, batch_size: 16}", "train: {epochs: 2, batch_size: 16, grad_clip: 0.001}"),
+        "clip.yaml")
     start = prepare(config, run_dir=tmp_path / "r").model.state_dict()
     assert invoke("train", config, "--out", tmp_path / "runs", "-q").exit_code == 0
     end = load(tmp_path / "runs" / "clip" / "last.pt")

@@ -153,7 +153,8 @@ def test_sigint_mid_epoch_saves_and_resume_is_exact(long, tmp_path):
 
 
 def test_kill_9_after_mid_epoch_checkpoint_then_resume_is_exact(long, tmp_path):
-    run, code, out, err = _signal_mid_epoch(tmp_path, 300, signal.SIGKILL)  # right after a mid-epoch checkpoint
+    # right after a mid-epoch checkpoint
+    run, code, out, err = _signal_mid_epoch(tmp_path, 300, signal.SIGKILL)
     assert code == -signal.SIGKILL, f"the run ended before the kill: exit {code}\n{out}\n{err}"
     ckpt = load(run / "last.pt")
     assert ckpt["epoch"] == 1 and ckpt["position"] > 0 and ckpt["step"] % 300 == 0
@@ -202,8 +203,8 @@ def test_sighup_under_nohup_does_not_stop_a_run(tmp_path):
     """`nohup nncli train ...`: a closed terminal's SIGHUP is ignored (here while the config loads)."""
     (tmp_path / "slow.py").write_text("import time\nprint('plugin loading', flush=True)\ntime.sleep(2)\n")
     config = write_config(tmp_path, "plugins: [slow.py]\n" + TINY_REGRESSION, "slow.yaml")
-    proc = subprocess.Popen(["nohup", *nncli_argv("train", config, "--out", tmp_path / "out")], cwd=tmp_path, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(["nohup", *nncli_argv("train", config, "--out", tmp_path / "out")], cwd=tmp_path,
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline() == "plugin loading\n"
     proc.send_signal(signal.SIGHUP)
     out, err = proc.communicate(timeout=60)
@@ -328,14 +329,16 @@ def test_warm_start_with_weights_of_another_model_is_refused_even_without_strict
         result = run_nncli("resume", tmp_path / "other.pth", "--config", short["config"], *strict,
                            "--out", tmp_path / "out", cwd=tmp_path)
         assert result.returncode == 2, result.stdout + result.stderr
-        assert result.stderr.startswith(f"error: {tmp_path / 'other.pth'}: none of the weights fit the config's "
-                                        "model: missing: 0.weight, 0.bias, 3.weight, 3.bias; unexpected: encoder.weight.")
+        assert result.stderr.startswith(f"error: {tmp_path / 'other.pth'}: none of the weights fit the "
+                                        "config's model: missing: 0.weight, 0.bias, 3.weight, 3.bias; "
+                                        "unexpected: encoder.weight.")
     assert not (tmp_path / "out").exists()
 
 
 def test_resume_refusal_names_train_keys_and_unset_values(short, tmp_path):
     run = copy_run(short["run"], tmp_path / "run")
-    result = run_nncli("resume", run, "--set", "train.batch_size=8", "--set", "train.grad_clip=1.0", cwd=tmp_path)
+    result = run_nncli("resume", run, "--set", "train.batch_size=8", "--set", "train.grad_clip=1.0",
+                       cwd=tmp_path)
     assert result.returncode == 2
     assert "cannot resume with a different train.batch_size: train.batch_size: 64 -> 8" in result.stderr
     changed = ok(run_nncli("resume", run, "--epochs", "5", "--set", "train.grad_clip=1.0", cwd=tmp_path))
@@ -347,8 +350,8 @@ def test_warm_start_dataparallel_prefix_no_strict_loads_what_fits(short, tmp_pat
     loads the tensors that fit, says which did not, and leaves those as the seed built them."""
     weights, keys = _mismatched(short, tmp_path, prefix="module.")
     state = keys["state"]
-    result = ok(run_nncli("resume", weights, "--config", short["config"], "--epochs", "1", "--no-strict", "-q",
-                          "--set", "optimizer.lr=0", "--out", tmp_path / "out", cwd=tmp_path))
+    result = ok(run_nncli("resume", weights, "--config", short["config"], "--epochs", "1", "--no-strict",
+                          "-q", "--set", "optimizer.lr=0", "--out", tmp_path / "out", cwd=tmp_path))
     assert f"loaded {len(state) - 2} of {len(state)} tensors" not in result.stdout  # --quiet
     warning = [line for line in result.stderr.splitlines() if "not loaded" in line]  # shown all the same
     assert len(warning) == 1 and warning[0].startswith(f"warning: warm start from {weights}: not loaded: ")
@@ -388,7 +391,8 @@ def test_warm_start_from_an_nncli_run_with_another_optimizer(short, tmp_path):
     for nproc in ([], ["--nproc", "2"]):  # said once, before any process starts
         no_config = run_nncli("resume", short["run"], "--warm-start", *nproc, cwd=tmp_path)
         assert no_config.returncode == 2
-        assert no_config.stderr == "error: --warm-start: starts a new run: give its config with --config CONFIG\n"
+        assert no_config.stderr == ("error: --warm-start: starts a new run: give its config with --config "
+                                    "CONFIG\n")
 
 
 # --- what may change on resume -----------------------------------------------------------------
@@ -438,11 +442,13 @@ def test_resume_changes_a_groups_learning_rate_but_not_its_parameters(tmp_path):
     """The tutorial's `param_group['lr'] *= 0.1` on a saved run: a group's own lr may change on
     resume (and the schedule goes on from it); which parameters the group holds may not."""
     config, run = train_config(tmp_path, SHORT.replace("momentum: 0.9,", "momentum: 0.9, groups: "
-                                                       "[{name: biases, params: '*.bias', lr: 0.02}],"), "groups")
+                                                       "[{name: biases, params: '*.bias', lr: 0.02}],"),
+                               "groups")
     run_two = copy_run(run, tmp_path / "two")
     ok(run_nncli("resume", run_two, "--epochs", "5", "--set", "optimizer.groups.0.lr=0.002", cwd=tmp_path))
     rows = metrics_rows(run_two)
-    assert [r["lr_biases"] for r in rows[:4]] == [r["lr_biases"] for r in metrics_rows(run)]  # the group's name
+    # the group's name
+    assert [r["lr_biases"] for r in rows[:4]] == [r["lr_biases"] for r in metrics_rows(run)]
     # StepLR (step 2, gamma 0.5) after a 1-epoch warmup: epochs 4 and 5 at half the base rates
     assert float(rows[4]["lr_biases"]) == pytest.approx(0.002 * 0.5)
     assert float(rows[4]["lr_1"]) == pytest.approx(0.1 * 0.5)  # the default group: no name, its index
@@ -499,8 +505,8 @@ def test_resume_refuses_to_pick_the_best_epoch_by_another_metric(short, tmp_path
     assert "best epoch (best.pt, early stopping) is chosen by val_loss; it cannot change to val_accuracy" \
         in result.stderr
     assert snapshot(run) == before
-    same = ok(run_nncli("resume", run, "--epochs", "5", "--set", "train.early_stop={metric: val_loss, patience: 3}",
-                        cwd=tmp_path))
+    same = ok(run_nncli("resume", run, "--epochs", "5", "--set",
+                        "train.early_stop={metric: val_loss, patience: 3}", cwd=tmp_path))
     assert "train.early_stop" in same.stdout  # early stopping by the same metric may be added
 
 
@@ -539,7 +545,8 @@ def test_resume_finished_run_says_so(short, tmp_path):
     run = copy_run(short["run"], tmp_path / "run")
     before = snapshot(run)
     result = ok(run_nncli("resume", run, cwd=tmp_path))
-    assert result.stdout == f"the run finished at epoch 4 of 4; nothing to do. Extend it with: nncli resume {run} --epochs N\n"
+    assert result.stdout == ("the run finished at epoch 4 of 4; nothing to do. Extend it with: nncli resume "
+                             f"{run} --epochs N\n")
     assert snapshot(run) == before
 
 

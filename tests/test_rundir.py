@@ -44,7 +44,8 @@ def test_resume_from_an_older_checkpoint_leaves_the_run_as_it_was(tmp_path):
     assert snapshot(run) == before
     assert [r["epoch"] for r in metrics_rows(fork)] == ["1", "2", "3"]
     assert metrics_rows(fork) == metrics_rows(run)[:3]  # epoch 3 trained again, the same way
-    assert torch.equal(load(fork / "last.pt")["model"]["0.weight"], load(run / "epoch_3.pt")["model"]["0.weight"])
+    assert torch.equal(load(fork / "last.pt")["model"]["0.weight"],
+                       load(run / "epoch_3.pt")["model"]["0.weight"])
     assert load(fork / "last.pt")["config"]["train"]["epochs"] == 3
 
     # --out: a copy of the run goes on elsewhere, from its last.pt; the run stays as it was

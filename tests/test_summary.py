@@ -96,9 +96,9 @@ def test_macs_count_multiply_adds_only_as_the_footer_says(cli, tmp_path):
     result = cli("summary", path)
     assert result.exit_code == 0
     footer = result.stdout.strip().splitlines()[-1]
-    assert footer == (f"MACs (one sample): {human_count(conv + linear)} ({conv + linear:,}): multiply-adds of "
-                      "convolutions, linear layers and matrix products (attention's too); biases, normalization, "
-                      "activations and pooling are not counted")
+    assert footer == (f"MACs (one sample): {human_count(conv + linear)} ({conv + linear:,}): multiply-adds "
+                      "of convolutions, linear layers and matrix products (attention's too); biases, "
+                      "normalization, activations and pooling are not counted")
 
 
 def test_macs_of_recurrent_model_by_hand(cli, tmp_path):
@@ -265,7 +265,8 @@ def test_validate_every_shipped_config(cli, path):
     verdict = "ok" if yaml.safe_load(path.read_text()).get("data") else MODEL_ONLY  # the seed_* models
     assert result.stdout.startswith(f"{verdict}: {path}: ")
     plugins = yaml.safe_load(path.read_text()).get("plugins", [])
-    assert result.stderr == "".join(f"plugins: imported {(path.parent / p).resolve().relative_to(Path.cwd())} "
+    assert result.stderr == "".join("plugins: imported "
+                                    f"{(path.parent / p).resolve().relative_to(Path.cwd())} "
                                     "(Python code that the config names)\n" for p in plugins)
 
 
@@ -287,7 +288,8 @@ model:
     ("schedule: {type: StepLR, step_size: 0}", "5: schedule: the schedule fails when stepped"),
     ("loss: {type: MSELos}", "5: loss.type: unknown loss 'MSELos'. Did you mean 'MSELoss'?"),
     ("loss: {type: MSELoss, reductio: sum}", "5: loss.reductio: MSELoss has no argument 'reductio'"),
-    ("loss: MSELoss\nmetrics: [accuracy]", "6: metrics.0: metric 'accuracy' does not apply to regression targets"),
+    ("loss: MSELoss\nmetrics: [accuracy]",
+     "6: metrics.0: metric 'accuracy' does not apply to regression targets"),
 ])
 def test_validate_without_data_checks_every_section_it_has(cli, tmp_path, section, message):
     """A model without data is checked for all the config has: loss, metrics, optimizer and its

@@ -39,7 +39,8 @@ SHIPPED_HEADERS = {
     "digits_cnn.yaml": "epoch,train_loss,val_loss,val_accuracy,lr_0,time_s",
     "digits_mlp.yaml": "epoch,train_loss,val_loss,val_accuracy,val_top3,lr_0,time_s",
     "linear_regression.yaml": "epoch,train_loss,lr_0,time_s",  # val_split: 0
-    "perceptron_lr_groups.yaml": "epoch,train_loss,val_loss,val_mae,lr_bias,lr_weight,time_s",  # 2 named groups
+    # 2 named groups
+    "perceptron_lr_groups.yaml": "epoch,train_loss,val_loss,val_mae,lr_bias,lr_weight,time_s",
     "perceptron_synthetic.yaml": "epoch,train_loss,val_loss,val_mae,val_r2,lr_0,time_s",
 }
 
@@ -51,7 +52,8 @@ def tiny(tmp_path: Path, extra: str = "", name: str = "tiny.yaml") -> Path:
 
 
 def test_every_shipped_config_with_data_is_covered():
-    with_data = sorted(p.name for p in CONFIGS.glob("*.yaml") if (yaml.safe_load(p.read_text()) or {}).get("data"))
+    with_data = sorted(p.name for p in CONFIGS.glob("*.yaml")
+                       if (yaml.safe_load(p.read_text()) or {}).get("data"))
     assert with_data == sorted(SHIPPED_HEADERS)
 
 
@@ -69,7 +71,8 @@ def test_shipped_config_trains(name, tmp_path):
     original = yaml.safe_load((CONFIGS / name).read_text())
     assert "grad_clip" in resolved["train"] and resolved["train"]["grad_clip"] is None
     assert resolved["train"]["epochs"] == epochs  # --epochs is part of the resolved config
-    assert resolved["checkpoint"] == {"dir": "checkpoints", "every": original.get("checkpoint", {}).get("every", 1),
+    assert resolved["checkpoint"] == {"dir": "checkpoints",
+                                      "every": original.get("checkpoint", {}).get("every", 1),
                                       "every_steps": None, "keep_last": 0}
     assert resolved["name"] == Path(name).stem and resolved["seed"] == original.get("seed", 0)
     for key in ("amp", "device", "compile", "schedule", "metrics", "loss", "optimizer"):
@@ -96,7 +99,8 @@ def test_shipped_config_trains(name, tmp_path):
 def test_float64_and_token_id_models_train_and_predict(tmp_path):
     """model.input_dtype: float64 builds a float64 model (its outputs given in full by predict);
     int64 feeds token ids to an Embedding, and predict takes whole numbers only."""
-    f64 = write_config(tmp_path, TINY_REGRESSION.replace("model:\n", "model:\n  input_dtype: float64\n"), "f64.yaml")
+    f64 = write_config(tmp_path, TINY_REGRESSION.replace("model:\n", "model:\n  input_dtype: float64\n"),
+                       "f64.yaml")
     assert invoke("train", f64, "--out", tmp_path, "-q").exit_code == 0
     weights = load(tmp_path / "f64" / "best.pt")["model"]  # what predict takes from a run directory
     assert {v.dtype for v in weights.values()} == {torch.float64}
@@ -128,12 +132,14 @@ def test_float64_and_token_id_models_train_and_predict(tmp_path):
     assert fraction.exit_code == 2 and "the model takes whole numbers" in fraction.stderr
     unknown = invoke("predict", tmp_path / "tokens", "--input", "[[1, 2, 10]]")
     assert unknown.exit_code == 2
-    assert unknown.stderr == "error: --input: token id 10 is outside the Embedding's num_embeddings: 10 (ids 0 to 9)\n"
+    assert unknown.stderr == ("error: --input: token id 10 is outside the Embedding's num_embeddings: 10 "
+                              "(ids 0 to 9)\n")
 
 
 def test_linear_regression_100_epochs_equals_the_tutorials_code(tmp_path):
     """The tutorial's own run (100 epochs) gives bit for bit the weights of its code, seed 0."""
-    result = invoke("train", CONFIGS / "linear_regression.yaml", "--epochs", 100, "--out", tmp_path, "--quiet")
+    result = invoke("train", CONFIGS / "linear_regression.yaml", "--epochs", 100, "--out", tmp_path,
+                    "--quiet")
     assert result.exit_code == 0, result.stderr
     torch.manual_seed(0)
     model = torch.nn.Linear(1, 1)
@@ -320,7 +326,8 @@ def test_a_model_too_big_for_the_cpu_is_exit_1_with_a_hint(tmp_path):
         "@nncli.register_layer(infer={'in_features': -1})\nclass Huge(nn.Linear):\n"
         "    def __init__(self, in_features: int, out_features: int):\n"
         "        if torch.empty(0).device.type != 'meta':\n"
-        "            raise RuntimeError('[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can\\'t '\n"
+        "            raise RuntimeError('[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: "
+        "can\\'t '\n"
         "                               'allocate memory: you tried to allocate 40000000000 bytes.\\nmore')\n"
         "        super().__init__(in_features, out_features)\n")
     config = write_config(tmp_path, """
@@ -332,10 +339,10 @@ def test_a_model_too_big_for_the_cpu_is_exit_1_with_a_hint(tmp_path):
     done = run_nncli("train", config, "--out", tmp_path / "runs", cwd=tmp_path)
     assert done.returncode == 1
     assert done.stderr == ("plugins: imported huge.py (Python code that the config names)\n"
-                           "error: out of memory building the model on the CPU: [enforce fail at alloc_cpu.cpp:127] "
-                           "data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 40000000000 "
-                           "bytes. `nncli summary` shows its size without building it; use a smaller model, or a "
-                           "machine with more memory.\n")
+                           "error: out of memory building the model on the CPU: [enforce fail at "
+                           "alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory: you tried "
+                           "to allocate 40000000000 bytes. `nncli summary` shows its size without building "
+                           "it; use a smaller model, or a machine with more memory.\n")
     assert not (tmp_path / "runs").exists()
 
 
@@ -346,9 +353,10 @@ def test_data_too_big_for_the_cpu_in_validate_is_exit_1_in_one_line(tmp_path):
         """)
     done = run_nncli("validate", config, cwd=tmp_path)
     assert done.returncode == 1
-    assert done.stderr == ("error: out of memory: DefaultCPUAllocator: can't allocate memory: you tried to allocate "
-                           "12000000000000 bytes. Error code 12 (Cannot allocate memory). The config's sizes (data, "
-                           "layers, batch) ask for more than this machine has; `nncli summary` shows the model's size\n")
+    assert done.stderr == ("error: out of memory: DefaultCPUAllocator: can't allocate memory: you tried to "
+                           "allocate 12000000000000 bytes. Error code 12 (Cannot allocate memory). The "
+                           "config's sizes (data, layers, batch) ask for more than this machine has; "
+                           "`nncli summary` shows the model's size\n")
 
 
 def test_validation_batches_are_eval_batch_size(tmp_path):
@@ -514,7 +522,8 @@ def test_eval_and_predict_of_a_missing_run_exit_2(tmp_path):
 
 def test_eval_on_a_missing_data_file_or_a_folder_exits_2(mlp_run, tmp_path):
     (tmp_path / "folder.csv").mkdir()
-    for name, message in (("nope.csv", "file not found; check the path"), ("folder.csv", "is a folder, not a data file")):
+    for name, message in (("nope.csv", "file not found; check the path"),
+                          ("folder.csv", "is a folder, not a data file")):
         result = invoke("eval", mlp_run, "--data", tmp_path / name)
         assert result.exit_code == 2
         assert result.stderr == f"error: {tmp_path / name}: {message}\n"
@@ -852,8 +861,9 @@ def test_r2_of_a_two_target_csv_regression_through_eval_and_predict(tmp_path):
     ok(invoke("train", config, "--out", tmp_path / "runs", "--quiet"))
     run = tmp_path / "runs" / "config"
     evaluated = json.loads(ok(invoke("eval", run, "--json", "--trust-data", tmp_path)).stdout)
-    predicted = np.array([row["output"] for row in json.loads(ok(invoke("predict", run, "--input", tmp_path / "val.csv",
-                                                                        "--json")).stdout)])
+    predicted = np.array([row["output"]
+                          for row in json.loads(ok(invoke("predict", run, "--input", tmp_path / "val.csv",
+                                                          "--json")).stdout)])
     val = np.loadtxt(tmp_path / "val.csv", delimiter=",", skiprows=1)[:, 3:]
     per_target = 1 - ((predicted - val) ** 2).sum(0) / ((val - val.mean(0)) ** 2).sum(0)
     assert evaluated["r2"] == pytest.approx(per_target.mean(), abs=1e-5)
@@ -889,7 +899,8 @@ def test_a_transformer_sample_does_not_depend_on_the_other_samples_of_its_batch(
     np.save(tmp_path / "alone.npy", x[:1])
     batch = [row["output"] for row in json.loads(ok(invoke("predict", run, "--input", tmp_path / "batch.npy",
                                                            "--json")).stdout)]
-    alone = json.loads(ok(invoke("predict", run, "--input", tmp_path / "alone.npy", "--json")).stdout)[0]["output"]
+    alone = json.loads(ok(invoke("predict", run, "--input", tmp_path / "alone.npy",
+                                 "--json")).stdout)[0]["output"]
     assert alone == pytest.approx(batch[0], abs=1e-5)
 
     by_hand = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), nn.Flatten(),
@@ -909,10 +920,11 @@ def test_softmax_before_cross_entropy_warns_once_saying_why_and_what_to_do(tmp_p
     assert result.stderr == (
         f"warning: {config}:20: 4 (Softmax): the model ends with Softmax, and CrossEntropyLoss applies "
         "log-softmax to the model's output itself, so it takes these probabilities for scores: the gradients "
-        "shrink and the model trains worse. Drop the Softmax: the model then outputs scores (logits), with the "
-        "same predicted class; or end with LogSoftmax and use loss: NLLLoss.\n")
+        "shrink and the model trains worse. Drop the Softmax: the model then outputs scores (logits), with "
+        "the same predicted class; or end with LogSoftmax and use loss: NLLLoss.\n")
     checked = invoke("validate", config)
-    assert checked.exit_code == 0 and checked.stderr.count("warning: ") == 1 and "ends with Softmax" in checked.stderr
+    assert (checked.exit_code == 0 and checked.stderr.count("warning: ") == 1
+            and "ends with Softmax" in checked.stderr)
 
     log_softmax = write_config(tmp_path, text.replace("Softmax, dim", "LogSoftmax, dim"), "log_softmax.yaml")
     checked = invoke("validate", log_softmax)

@@ -33,7 +33,8 @@ def plugin_run(tmp_path_factory) -> dict:
     marker = root / "layers-imported"
     (root / "plugins").mkdir()
     (root / "plugins" / "layers.py").write_text(PLUGIN.format(marker=str(marker)))
-    text = "plugins: [plugins/layers.py]\n" + TINY_REGRESSION.replace("{type: Linear,", "{type: PluginLinear,")
+    text = ("plugins: [plugins/layers.py]\n"
+            + TINY_REGRESSION.replace("{type: Linear,", "{type: PluginLinear,"))
     config, run = train_config(root, text, "plugged")
     marker.unlink()
     return {"root": root, "config": config, "run": run, "marker": marker}
@@ -67,7 +68,8 @@ def test_a_checkpoints_plugins_never_run(plugin_run, tmp_path, command):
     assert result.returncode == 2, result.stdout + result.stderr
     err = result.stderr
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert "helper.py, " in err and "evil_module" in err and "nncli imports no code that a checkpoint names" in err
+    assert ("helper.py, " in err and "evil_module" in err
+            and "nncli imports no code that a checkpoint names" in err)
     assert "--plugin" in err and "plugins" in err
     assert not evil_marker.exists(), "a plugin named by the checkpoint ran"
     assert not plugin_run["marker"].exists()
@@ -93,8 +95,8 @@ def test_a_config_says_which_plugins_it_imports(plugin_run, cli):
     for command in ("validate", "summary"):
         result = cli(command, plugin_run["config"])
         assert result.exit_code == 0, result.stdout + result.stderr
-        assert result.stderr == f"plugins: imported {plugin_run['root'] / 'plugins' / 'layers.py'} (Python code " \
-                                "that the config names)\n"
+        assert result.stderr == f"plugins: imported {plugin_run['root'] / 'plugins' / 'layers.py'} " \
+                                "(Python code that the config names)\n"
 
 
 def test_a_checkpoints_data_paths_are_not_read(tmp_path):
@@ -145,7 +147,8 @@ def test_the_users_own_run_reads_its_data_once_named(csv_run):
     data's folder, with the option to add; then as before."""
     root, run = csv_run["root"], csv_run["run"]
     refused = run_nncli("eval", run, cwd=root)
-    assert refused.returncode == 2 and "If it is your data, add --trust-data data." in refused.stderr, refused.stderr
+    assert (refused.returncode == 2
+            and "If it is your data, add --trust-data data." in refused.stderr), refused.stderr
     ok(run_nncli("eval", run, "--trust-data", "data", cwd=root))
     ok(run_nncli("eval", run, "--trust-data", root / "data" / "scores.csv", cwd=root))  # the file itself
     finished = ok(run_nncli("resume", run, "--trust-data", "data", cwd=root))
@@ -169,5 +172,6 @@ def test_predict_reads_no_path_of_the_checkpoint(csv_run, tmp_path):
         (root / "data" / "moved.csv").rename(root / "data" / "scores.csv")
     ckpt = load(run / "best.pt")
     weight, bias = ckpt["model"]["0.weight"][0], ckpt["model"]["0.bias"][0]
-    by_hand = [float(torch.tensor([1.0, 2.0]) @ weight + bias), float(torch.tensor([3.0, 4.0]) @ weight + bias)]
+    by_hand = [float(torch.tensor([1.0, 2.0]) @ weight + bias),
+               float(torch.tensor([3.0, 4.0]) @ weight + bias)]
     assert [row["output"][0] for row in json.loads(first)] == pytest.approx(by_hand, rel=1e-6)

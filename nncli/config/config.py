@@ -155,7 +155,8 @@ def _is_a(value: Any, types: tuple) -> bool:
 
 def config_from_mapping(raw: Any, *, path: Path | None = None, label: str | None = None,
                         overrides: list[str] = (), base_dir: Path | None = None,
-                        plugins_given: list[str] | None = None, trusted_data: list[Path] | None = None) -> Config:
+                        plugins_given: list[str] | None = None,
+                        trusted_data: list[Path] | None = None) -> Config:
     """Check a parsed config and fill in its defaults (the work of `read_config`). Errors name
     `path`, or `label` for a config that is no file of its own.
 
@@ -219,7 +220,8 @@ def check_data_section(config: Config) -> None:
     else:
         if "val" in section:
             raise config.error("val: needs train: beside it (or use val_split:)", "data", "val")
-        options = check_section({k: v for k, v in section.items() if k in DATA_KEYS}, DATA_KEYS, config.error, "data")
+        options = check_section({k: v for k, v in section.items() if k in DATA_KEYS}, DATA_KEYS,
+                                config.error, "data")
         own = check_source(section, config, ("data",), DATA_KEYS)
         options.update({k: v for k, v in own.items() if k not in DATA_KEYS})
         if "val_split" not in section:
@@ -232,7 +234,8 @@ def check_data_section(config: Config) -> None:
     config.values["data"] = options
 
 
-def check_source(options: Any, config: Config, where: tuple, section_keys: dict[str, Key] | None = None) -> dict:
+def check_source(options: Any, config: Config, where: tuple,
+                 section_keys: dict[str, Key] | None = None) -> dict:
     """One source mapping (`source:` and that source's keys, and `section_keys` where the source
     shares its mapping with the data section's own keys), checked, its defaults filled in."""
     if not isinstance(options, dict) or not options.get("source"):
@@ -241,13 +244,15 @@ def check_source(options: Any, config: Config, where: tuple, section_keys: dict[
     if not isinstance(name, str):
         raise config.error(f"expected a data source name, got {value_kind(name)}", *where, "source")
     if name not in SOURCES:
-        raise config.error(f"unknown data source '{name}'", *where, "source", hint=did_you_mean(name, SOURCES))
+        raise config.error(f"unknown data source '{name}'", *where, "source",
+                           hint=did_you_mean(name, SOURCES))
     keys = SOURCES[name].keys
     if where != ("data",):  # a source under train: or val:, where the loader keys do not go
         for key in LOADER_KEYS:
             if key in options:
                 raise config.error("belongs to the data section itself, beside train: and val: (it applies "
-                                   "to both)", *where, key, hint=f"Move it up: data: {{{key}: ..., train: {{...}}}}.")
+                                   "to both)", *where, key,
+                                   hint=f"Move it up: data: {{{key}: ..., train: {{...}}}}.")
     for key in options:  # a key of another source (mmap on a csv): say whose it is
         owners = [other for other, schema in SOURCES.items() if key in schema.keys and key not in keys]
         if owners and key != "source" and key not in (section_keys or {}):
@@ -255,7 +260,8 @@ def check_source(options: Any, config: Config, where: tuple, section_keys: dict[
             raise config.error(f"source {name} has no key '{key}' ({own}); {key} belongs to "
                                f"the {', '.join(owners)} source{'s' if len(owners) > 1 else ''}", *where, key)
     # every key the mapping takes, so that a misspelt one is told the closest of them all
-    return check_section(options, {"source": Key((str,)), **keys, **(section_keys or {})}, config.error, *where)
+    return check_section(options, {"source": Key((str,)), **keys, **(section_keys or {})}, config.error,
+                         *where)
 
 
 def data_paths(config: Config) -> list[Path]:
@@ -273,7 +279,8 @@ def check_plugins_given(config: Config, needed: list[str], given: list[str]) -> 
     missing = [plugin for plugin in needed
                if (Path(plugin).name not in given_files if plugin.endswith(".py") else plugin not in given)]
     if missing:
-        options = " ".join(f"--plugin {shown_path(config.locate(p)) if p.endswith('.py') else p}" for p in missing)
+        options = " ".join(f"--plugin {shown_path(config.locate(p)) if p.endswith('.py') else p}"
+                           for p in missing)
         raise config.error(f"the run's model needs the plugin{'s' if len(missing) > 1 else ''} "
                            f"{', '.join(missing)}, and nncli imports no code that a checkpoint names",
                            "plugins", hint=f"Give each plugin you trust on the command line: {options} "

@@ -46,7 +46,8 @@ def apply_overrides(raw: YamlMap, overrides: list[str], source: str) -> None:
             if schema is not None and part not in schema:
                 home = home_of(part, tuple(path[:depth]))
                 hint = did_you_mean(part, schema) if home is None else \
-                    f"Did you mean --set {'.'.join(filter(None, (home, *path[depth:])))}={text.split('=', 1)[1]}?"
+                    f"Did you mean --set {'.'.join(filter(None, (home, *path[depth:])))}=" \
+                    f"{text.split('=', 1)[1]}?"
                 raise ConfigError(f"unknown key '{'.'.join(path[:depth + 1])}' in '{text}'; expected "
                                   f"one of: {', '.join(schema)}", file="--set", hint=hint)
             if path[:2] == ["model", "layers"] and depth >= 2 and part not in node:

@@ -27,7 +27,8 @@ class Key:
     hint: Callable[[Any], str | None] | None = None  # a hint for a wrong value (else 'did you mean')
 
     def describe(self) -> str:
-        return " or ".join(dict.fromkeys(TYPE_NOUNS[t][0] if t in TYPE_NOUNS else t.__name__ for t in self.types))
+        return " or ".join(dict.fromkeys(TYPE_NOUNS[t][0] if t in TYPE_NOUNS else t.__name__
+                                         for t in self.types))
 
 
 def positive(value: Any) -> str | None:
@@ -148,7 +149,8 @@ CHECKPOINT = {
 }
 TOP = {
     "name": Key((str, type(None)), None),
-    "seed": Key((int,), 0, lambda v: None if 0 <= v < 2**32 else "must be from 0 to 2**32 - 1 (NumPy takes no other seed)"),
+    "seed": Key((int,), 0, lambda v: None if 0 <= v < 2**32
+                else "must be from 0 to 2**32 - 1 (NumPy takes no other seed)"),
     "plugins": Key((list,), []),
     "model": Key((dict,), REQUIRED),
     "data": Key((dict, type(None)), None),
@@ -228,7 +230,8 @@ SOURCES = {
         "n": Key((int,), 1000, positive), "features": Key((int,), 16, positive),
         "classes": Key((int,), 2, positive), "noise": Key(NUMBER, 0.5), "shape": Key((list,), [3, 32, 32])}),
     "torchvision": SourceSchema({"name": Key((str,), REQUIRED), "root": Key((str,), "data"),
-                                 "download": Key((bool,), False), "train": Key((bool,), True)}, paths=("root",)),
+                                 "download": Key((bool,), False), "train": Key((bool,), True)},
+                                paths=("root",)),
 }
 
 

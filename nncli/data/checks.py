@@ -21,7 +21,8 @@ def token_id_problem(x: torch.Tensor, model: nn.Module) -> str | None:
     low, high, size = int(x.min()), int(x.max()), embedding.num_embeddings
     if low >= 0 and high < size:
         return None
-    return f"token id {low if low < 0 else high} is outside the Embedding's num_embeddings: {size} (ids 0 to {size - 1})"
+    return (f"token id {low if low < 0 else high} is outside the Embedding's num_embeddings: {size} "
+            f"(ids 0 to {size - 1})")
 
 
 def check_token_ids(data: Data, model: nn.Module, config: Config) -> None:
@@ -42,7 +43,8 @@ def check_targets(data: Data, output_shape: tuple, config: Config) -> None:
             expected = pair.y.dim()  # the output per sample: classes, then the labels' own dims (for maps)
             if len(output_shape) != expected:
                 raise config.error(f"the model's output has shape {list(output_shape)} per sample, but "
-                                   f"class labels need {'[classes]' if expected == 1 else f'{expected} dimensions'}",
+                                   "class labels need "
+                                   f"{'[classes]' if expected == 1 else f'{expected} dimensions'}",
                                    "model", "layers", hint="Flatten before the last Linear layer?")
             classes = output_shape[0] if output_shape else 1
             low, high = int(pair.y.min()), int(pair.y.max())
@@ -57,5 +59,6 @@ def check_targets(data: Data, output_shape: tuple, config: Config) -> None:
                 labels = pair.y.dim() == 1 and len(output_shape) == 1 and torch.equal(pair.y, pair.y.round())
                 raise config.error(f"{name} targets have shape {list(pair.y.shape[1:])} per sample, but "
                                    f"the model's output has shape {list(output_shape)}", "data",
-                                   hint="For class labels, use a classification loss (loss: CrossEntropyLoss)."
+                                   hint="For class labels, use a classification loss "
+                                        "(loss: CrossEntropyLoss)."
                                    if labels else "Make the last layer's out_features match the targets.")

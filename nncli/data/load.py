@@ -81,7 +81,8 @@ def read_source(options: dict, config: Config, where: tuple) -> Samples:
         x = x.unsqueeze(1)
     for name, values in (("x", None if ctx.mapped_file else x), ("y", y)):  # a mapped file is not read here
         if values is not None and (bad := _first_non_finite(values)) is not None:
-            position = f", position {bad[1:]}" if len(bad) > 2 else f", column {bad[1]}" if len(bad) == 2 else ""
+            position = (f", position {bad[1:]}" if len(bad) > 2 else f", column {bad[1]}" if len(bad) == 2
+                        else "")
             raise ctx.error(f"{name} holds {values[tuple(bad)].item()} at sample {bad[0]} (counting from 0)"
                             f"{position}; a NaN or infinite value makes the loss NaN",
                             hint="Remove or fill in those samples.")
@@ -156,8 +157,9 @@ def _workers(config: Config) -> int:
     use (100,000 asked for would start 100,000); the config then records how many ran."""
     section = config["data"]
     if section["workers"] > (cpus := usable_cpus()):
-        warnings.warn(str(config.error(f"{section['workers']} worker processes asked for, but this process may "
-                                       f"use {cpus} CPUs: {cpus} workers read the batches", "data", "workers")))
+        warnings.warn(str(config.error(f"{section['workers']} worker processes asked for, but this "
+                                       f"process may use {cpus} CPUs: {cpus} workers read the batches",
+                                       "data", "workers")))
         section["workers"] = cpus
     return section["workers"]
 
@@ -181,9 +183,9 @@ def split_data(data: Samples, val_split: float, config: Config) -> tuple[Samples
                            hint="Use val_split: 0 to train without validation.")
     if n_val < MIN_VALIDATION:
         warnings.warn(str(config.error(
-            f"a split of {val_split} keeps {n_val} of the {len(data)} samples out of training for validation: "
-            f"fewer than {MIN_VALIDATION}, too few for a validation loss that means much, yet that loss picks "
-            "best.pt (and early stopping)", "data", "val_split",
+            f"a split of {val_split} keeps {n_val} of the {len(data)} samples out of training for "
+            f"validation: fewer than {MIN_VALIDATION}, too few for a validation loss that means much, yet "
+            "that loss picks best.pt (and early stopping)", "data", "val_split",
             hint="Use val_split: 0 to train on every sample, or give more data.")))
     perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(config["seed"]))
     return data.subset(perm[n_val:]), data.subset(perm[:n_val])

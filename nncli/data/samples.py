@@ -140,7 +140,8 @@ class HostSamples:
             if self.workers:
                 _OPEN_LOADERS.add(self)
         self._passes.batches = index.split(batch_size)
-        pinned = self._loader.pin_memory  # a non-blocking copy from unpinned memory is not safe on every device
+        # a non-blocking copy from unpinned memory is not safe on every device
+        pinned = self._loader.pin_memory
         for xb, yb in self._loader:
             yield xb.to(self.device, non_blocking=pinned), yb.to(self.device, non_blocking=pinned)
 

@@ -77,7 +77,8 @@ def load_tensors(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch
         try:
             tensors.append(torch.tensor(options[key], dtype=torch.float32))
         except (TypeError, ValueError) as err:
-            raise ctx.error(f"expected a (nested) list of numbers with equal-length rows: {err}", key) from None
+            raise ctx.error(f"expected a (nested) list of numbers with equal-length rows: {err}",
+                            key) from None
     return tensors[0], tensors[1]
 
 
@@ -107,8 +108,8 @@ def load_csv(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.Ten
         for name in options[key] if isinstance(options[key], list) else []:
             if not isinstance(name, str):
                 raise ctx.error(f"expected column names, got {value_kind(name)} {to_plain(name)!r}", key,
-                                hint=f"Quote a column named by a number: '{name}'." if isinstance(name, (int, float))
-                                else None)
+                                hint=f"Quote a column named by a number: '{name}'."
+                                if isinstance(name, (int, float)) else None)
     targets = options["target"] if isinstance(options["target"], list) else [options["target"]]
     target_set = set(targets)
     features = options["features"] or [h for h in header if h not in target_set]
@@ -137,7 +138,8 @@ def load_csv(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.Ten
         try:
             values = np.array(cells, dtype=np.float64)  # float() of each cell, spaces allowed
         except ValueError:
-            r, c = next((r, c) for r, row in enumerate(cells) for c, cell in enumerate(row) if not _is_number(cell))
+            r, c = next((r, c) for r, row in enumerate(cells) for c, cell in enumerate(row)
+                        if not _is_number(cell))
             raise ctx.error(f"{path.name} row {r + 2}, column '{names[c]}': '{cells[r][c].strip()}' is not a "
                             "number", "path") from None
         if not (finite := np.isfinite(values)).all():
@@ -249,14 +251,16 @@ def _array_problem(err: Exception) -> str:
     """Why NumPy cannot read an array, in words: an object array is refused unread (reading it
     would unpickle it, which can run code)."""
     if _holds_objects(err):
-        return "it holds Python objects (dtype object), which only pickle can read, and nncli never unpickles data"
+        return ("it holds Python objects (dtype object), which only pickle can read, and nncli never "
+                "unpickles data")
     return str(err) or type(err).__name__
 
 
 def _numeric_tensor(array: np.ndarray, ctx: SourceContext, key: str) -> torch.Tensor:
     """A tensor of the array's real numbers or booleans, in this machine's byte order."""
     if np.issubdtype(array.dtype, np.complexfloating):  # torch would drop the imaginary parts with a warning
-        raise ctx.error(f"array '{key}' holds complex numbers ({array.dtype}); a model trains on real numbers",
+        raise ctx.error(f"array '{key}' holds complex numbers ({array.dtype}); a model trains on "
+                        "real numbers",
                         key, hint="Give the real and imaginary parts as two features: "
                                   "np.stack([x.real, x.imag], axis=-1).")
     if not np.issubdtype(array.dtype, np.number) and array.dtype != bool:
@@ -275,7 +279,8 @@ def load_synthetic(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, tor
     g = torch.Generator().manual_seed(ctx.seed)
     n, features, noise = options["n"], options["features"], options["noise"]
     if options["kind"] == "images":
-        return torch.randn(n, *options["shape"], generator=g), torch.randint(0, options["classes"], (n,), generator=g)
+        return (torch.randn(n, *options["shape"], generator=g),
+                torch.randint(0, options["classes"], (n,), generator=g))
     x = torch.randn(n, features, generator=g)
     if options["kind"] == "regression":
         w = torch.randn(features, generator=g)
@@ -333,9 +338,11 @@ def _import_torchvision(ctx: SourceContext) -> tuple[Any, Callable]:
         torch_version = torch.__version__.split("+")[0]
         raise ctx.error(f"torchvision {_version('torchvision')} does not work with the installed torch "
                         f"{torch.__version__}: importing it fails with '{why}'"
-                        + (", the sign of a torchvision built for another torch" if other_torch else ""), "name",
-                        hint=f"Install the torchvision made for torch {torch_version}, from the package index "
-                             f"torch came from: pip install --upgrade 'torch=={torch_version}' torchvision.") from None
+                        + (", the sign of a torchvision built for another torch" if other_torch else ""),
+                        "name",
+                        hint=f"Install the torchvision made for torch {torch_version}, from the package "
+                             f"index torch came from: pip install --upgrade 'torch=={torch_version}' "
+                             "torchvision.") from None
     return torchvision.datasets, ToTensor()
 
 

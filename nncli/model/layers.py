@@ -158,7 +158,8 @@ def _load_builtin_layers(registry: Registry) -> None:
     registry.add("SequenceOutput", LayerEntry("SequenceOutput", blocks.SequenceOutput, "reshape", "nncli",
                                               takes_state=True))
     registry.add("LastStep", LayerEntry("LastStep", blocks.LastStep, "reshape", "nncli",
-                                        {"batch_first": Inference("batch_first", _batch_first)}, takes_state=True))
+                                        {"batch_first": Inference("batch_first", _batch_first)},
+                                        takes_state=True))
 
 
 LAYERS = Registry("layer", _load_builtin_layers, "Run `nncli layers` to list them.")

@@ -148,7 +148,8 @@ class _Planner:
             for i, spec in enumerate(layers):
                 named = isinstance(spec, dict) and "name" in spec
                 if named and not isinstance(spec["name"], (str, int)):
-                    raise self.fail(f"name must be a text, got {spec['name']!r}", line_of(spec, "name"), where)
+                    raise self.fail(f"name must be a text, got {spec['name']!r}", line_of(spec, "name"),
+                                    where)
                 raw.append((str(spec["name"]) if named else None, spec, line_of(layers, i), named))
         else:
             raise self.fail("expected a list of layers or a mapping from name to layer",
@@ -300,7 +301,8 @@ class _Planner:
                             f"{source}", plan.line, where, hint="Set model.input_dtype: int64.")
         if not takes_indices and not x.is_floating_point():
             raise self.fail(f"takes numbers, but gets {str(x.dtype)[6:]} token ids from {source}", plan.line,
-                            where, hint="Integer inputs (model.input_dtype: int64) go into an Embedding first.")
+                            where,
+                            hint="Integer inputs (model.input_dtype: int64) go into an Embedding first.")
 
     def bind_arguments(self, plan: LayerPlan, options: dict, sample_shape: tuple,
                        prev_module: nn.Module | None, source: str, where: str) -> inspect.BoundArguments:
@@ -357,8 +359,8 @@ class _Planner:
             if has_nan(value):
                 raise self.fail(f"argument '{arg}' cannot be NaN, got {_plain(value)!r}", line, where)
             if hint is not None and not all(fits_annotation(item, hint) for item in items):
-                raise self.fail(f"argument '{arg}' expects {describe_annotation(hint)}, got {_plain(value)!r}",
-                                line, where)
+                raise self.fail(f"argument '{arg}' expects {describe_annotation(hint)}, "
+                                f"got {_plain(value)!r}", line, where)
             if arg in SIZE_ARGUMENTS and not _all_positive(value):
                 raise self.fail(f"argument '{arg}' is a size and must be positive, got {_plain(value)!r}",
                                 line, where)

@@ -71,7 +71,8 @@ TENSOR_ARGUMENTS = {"weight", "pos_weight"}
 def create_loss(config: Config) -> nn.Module:
     spec = config["loss"]
     if isinstance(spec, dict):
-        spec = {key: _as_tensor(value, config, key) if key in TENSOR_ARGUMENTS and value is not None else value
+        spec = {key: _as_tensor(value, config, key)
+                if key in TENSOR_ARGUMENTS and value is not None else value
                 for key, value in spec.items()}
     loss = create(LOSSES, spec, config.error, "loss")
     if getattr(loss, "reduction", None) == "none":
@@ -90,7 +91,8 @@ def _as_tensor(value: Any, config: Config, key: str) -> torch.Tensor:
         raise config.error(f"expected a number or a list of numbers, got {value!r}", "loss", key) from None
 
 
-def check_loss_computes(loss_fn: nn.Module, config: Config, output_shape: tuple, targets: torch.Tensor) -> None:
+def check_loss_computes(loss_fn: nn.Module, config: Config, output_shape: tuple,
+                        targets: torch.Tensor) -> None:
     """Compute the loss once, on zeros shaped as the model's output and two of the targets, on the
     CPU: settings that fail only then (reduction: avg, label_smoothing: 2) are config errors
     before training, not a crash in its first step."""

@@ -102,7 +102,8 @@ class R2(Metric):
             return float("nan")
         sst = self.sum_sq - self.sum ** 2 / self.count
         constant = sst <= 1e-12 * self.sum_sq  # all equal, up to rounding
-        per_output = torch.where(constant, (self.sse == 0).double(), 1 - self.sse / torch.where(constant, 1, sst))
+        per_output = torch.where(constant, (self.sse == 0).double(),
+                                 1 - self.sse / torch.where(constant, 1, sst))
         return float(per_output.mean())
 
 
@@ -132,7 +133,9 @@ def check_metrics(config: Config, classifier: bool) -> None:
             raise config.error(err.message, "metrics", i, hint=err.hint) from None
         if metric_class(name).for_classification != classifier:
             kind = "class labels" if classifier else "regression targets"
-            raise config.error(f"metric '{name}' does not apply to {kind} ({loss_name(config)})", "metrics", i, hint="Classification: accuracy, top<k>. Regression: mae, rmse, r2.")
+            raise config.error(f"metric '{name}' does not apply to {kind} ({loss_name(config)})",
+                               "metrics", i,
+                               hint="Classification: accuracy, top<k>. Regression: mae, rmse, r2.")
     early = config["train"]["early_stop"]
     if early:
         known = recorded_metrics(config)
@@ -161,7 +164,8 @@ def higher_is_better(name: str) -> bool:
 
 def recorded_metrics(config: Config) -> list[str]:
     """The per-epoch values a run records (metrics.csv's columns a schedule can follow)."""
-    val = ["val_loss", *(f"val_{m}" for m in config["metrics"] or [])] if has_validation(config["data"]) else []
+    val = (["val_loss", *(f"val_{m}" for m in config["metrics"] or [])] if has_validation(config["data"])
+           else [])
     return ["train_loss", *val]
 
 

@@ -35,7 +35,8 @@ UNSUPPORTED_OPTIMIZERS = {
 def _load_optimizers(registry: Registry) -> None:
     for name in dir(torch.optim):
         obj = getattr(torch.optim, name)
-        if isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer) and obj is not torch.optim.Optimizer:
+        if (isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer)
+                and obj is not torch.optim.Optimizer):
             registry.add(name, OptimizerEntry(obj, UNSUPPORTED_OPTIMIZERS.get(name)))
 
 
@@ -50,7 +51,8 @@ class ParamGroup:
     patterns: list[str]
     param_names: list[str]
     settings: dict
-    lr_column: str  # its learning rate's column in metrics.csv: lr_<name> when the config names it, else lr_<i>
+    # its learning rate's column in metrics.csv: lr_<name> when the config names it, else lr_<i>
+    lr_column: str
 
 
 def split_param_groups(model: nn.Module, config: Config) -> list[ParamGroup]:
@@ -89,14 +91,16 @@ def split_param_groups(model: nn.Module, config: Config) -> list[ParamGroup]:
             raise config.error(f"a group's name must be a text, got {name!r}", *where, "name")
         name = str(i if name is None else name)
         groups.append(ParamGroup(name, patterns, members,
-                                 {k: v for k, v in group.items() if k not in ("params", "name")}, f"lr_{name}"))
+                                 {k: v for k, v in group.items() if k not in ("params", "name")},
+                                 f"lr_{name}"))
     rest = [n for n, _ in named if n not in taken]
     if rest or not groups:
         groups.append(ParamGroup("default", ["(rest)"] if groups else ["*"], rest, {}, f"lr_{len(groups)}"))
     columns = [g.lr_column for g in groups]
     for i, column in enumerate(columns):
         if column in columns[:i]:  # a name took another group's column: blame the named one
-            named_one = i if i < len(groups_spec) and groups_spec[i].get("name") is not None else columns.index(column)
+            named_one = (i if i < len(groups_spec) and groups_spec[i].get("name") is not None
+                         else columns.index(column))
             raise config.error(f"two groups' learning rates would share the column {column} of metrics.csv; "
                                "give each group a name of its own", "optimizer", "groups", named_one, "name")
     return groups
@@ -116,7 +120,8 @@ def create_optimizer(model: nn.Module, config: Config) -> tuple[torch.optim.Opti
     # torch keeps any key of a group without a word: a misspelt `lrr:` would silently train
     # that group at the top-level lr, so check the groups' settings against the optimizer's
     # (and against its annotations: torch checks a group's lr only when it steps)
-    accepted, hints, name = accepted_arguments(type(optimizer)), type_hints(type(optimizer)), type(optimizer).__name__
+    accepted, hints, name = (accepted_arguments(type(optimizer)), type_hints(type(optimizer)),
+                             type(optimizer).__name__)
     allowed = [a for a in accepted or () if a not in ("self", "params")]
     for i, group in enumerate(groups):
         for key, value in group.settings.items():
@@ -135,7 +140,8 @@ def create_optimizer(model: nn.Module, config: Config) -> tuple[torch.optim.Opti
     return optimizer, groups
 
 
-def optimizer_state_problem(optimizer: torch.optim.Optimizer, saved: dict, names: dict[int, str]) -> str | None:
+def optimizer_state_problem(optimizer: torch.optim.Optimizer, saved: dict,
+                            names: dict[int, str]) -> str | None:
     """What in `saved` (a checkpoint's `optimizer.state_dict()`) does not fit `optimizer`: a state
     tensor missing, or of another shape than one step of this optimizer makes, which
     `load_state_dict` takes without a word and the next step fails on. The step runs on
@@ -144,7 +150,8 @@ def optimizer_state_problem(optimizer: torch.optim.Optimizer, saved: dict, names
     None when the state fits, or when this optimizer cannot step on the meta device (Adafactor,
     ASGD) or the groups do not match (load_state_dict says so itself)."""
     groups, state = saved.get("param_groups"), saved.get("state")
-    if not isinstance(groups, list) or not isinstance(state, dict) or len(groups) != len(optimizer.param_groups):
+    if (not isinstance(groups, list) or not isinstance(state, dict)
+            or len(groups) != len(optimizer.param_groups)):
         return None
     if not all(isinstance(g, dict) and len(g.get("params", ())) == len(live["params"])
                for g, live in zip(groups, optimizer.param_groups)):
@@ -178,7 +185,8 @@ def optimizer_state_problem(optimizer: torch.optim.Optimizer, saved: dict, names
         for key, made in expected.get(position, {}).items():
             if key not in own:
                 return f"the optimizer state of {name} lacks '{key}'"
-            if isinstance(made, torch.Tensor) and (not isinstance(own[key], torch.Tensor) or own[key].shape != made.shape):
+            if isinstance(made, torch.Tensor) and (not isinstance(own[key], torch.Tensor)
+                                                   or own[key].shape != made.shape):
                 got = list(own[key].shape) if isinstance(own[key], torch.Tensor) else type(own[key]).__name__
                 return (f"the optimizer's '{key}' of {name} is {got}, but {name} {list(param.shape)} "
                         f"needs {list(made.shape)}")

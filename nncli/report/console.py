@@ -115,7 +115,8 @@ class ConsoleReporter(Reporter):
         for key in columns:
             table.add_column(key, justify="right")
         for row in history:
-            if len(history) > 30 and row["epoch"] % log_every and row["epoch"] not in (1, best_epoch, history[-1]["epoch"]):
+            if (len(history) > 30 and row["epoch"] % log_every
+                    and row["epoch"] not in (1, best_epoch, history[-1]["epoch"])):
                 continue  # long runs: every log_every-th epoch, the first, the best and the last
             mark = " *" if row["epoch"] == best_epoch else ""
             table.add_row(*(format_value(k, row[k]) + (mark if k == "epoch" else "") if k in row else ""
@@ -151,7 +152,8 @@ class ProgressReporter(ConsoleReporter):
             self.progress.start()
         else:
             self.progress.remove_task(self.task)
-        self.task = self.progress.add_task("train", total=self.steps, completed=done, epoch=f"{epoch}/{self.epochs}",
+        self.task = self.progress.add_task("train", total=self.steps, completed=done,
+                                           epoch=f"{epoch}/{self.epochs}",
                                            loss="-", lr=f"{lr:.3g}", speed="-")
         self._done_at_start = done
 

@@ -28,7 +28,8 @@ def print_layer(name: str, console: Console) -> None:
     doc = inspect.cleandoc(entry.factory.__doc__ or "")  # its own, not nn.Module's (getdoc inherits)
     console.print(f"{entry.name} ({entry.category}, from {entry.source})")
     # the first paragraph that is prose (torch's RNN docstrings open with an `__init__(...)` line)
-    intro = next((part for part in doc.split("\n\n") if part.strip() and not part.startswith("__init__(")), "")
+    intro = next((part for part in doc.split("\n\n")
+                  if part.strip() and not part.startswith("__init__(")), "")
     if intro:
         console.print(intro)
     if entry.is_block:

@@ -81,7 +81,8 @@ def print_summary(summary: dict, console: Console, title: str = "") -> None:
         table.add_column("Group")
     for row in summary["layers"]:
         shape = row["output_shape"]
-        shape_text = describe_shape(tuple(map(tuple, shape))) if shape and isinstance(shape[0], list) else str(shape)
+        shape_text = (describe_shape(tuple(map(tuple, shape))) if shape and isinstance(shape[0], list)
+                      else str(shape))
         cells = ["  " * row["depth"] + row["name"].rsplit(".", 1)[-1], row["type"], shape_text,
                  f"{row['params']:,}", f"{row['trainable_params']:,}", human_count(row["macs"])]
         table.add_row(*cells, *([row.get("group", "")] if has_groups else []))

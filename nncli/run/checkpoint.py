@@ -87,7 +87,8 @@ def load_file(path: Path) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        reason = f"it refers to {found.group(1)}" if found else "it uses pickle instructions beyond plain data"
+        reason = (f"it refers to {found.group(1)}" if found
+                  else "it uses pickle instructions beyond plain data")
         raise ConfigError(f"refused to load: the file holds objects other than tensors and plain "
                           f"containers ({reason}). nncli never loads code from a checkpoint",
                           file=str(path)) from None
@@ -203,7 +204,8 @@ def _value_problem(ckpt: dict) -> str | None:
     best = ckpt["best"]
     if best.get("value") is not None and not _is_number(best["value"]):
         return f"has a 'best' value of {best['value']!r}, not a number"
-    if best.get("epoch") is not None and not (isinstance(best["epoch"], int) and not isinstance(best["epoch"], bool)
+    if best.get("epoch") is not None and not (isinstance(best["epoch"], int)
+                                              and not isinstance(best["epoch"], bool)
                                               and 1 <= best["epoch"] <= ckpt["epoch"]):
         return f"has a 'best' epoch of {best['epoch']!r}; expected one of the {ckpt['epoch']} epochs run"
     for key in ("epoch_losses", "epoch_lrs"):

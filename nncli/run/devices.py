@@ -106,7 +106,8 @@ def start_process(parallel: str, device: torch.device) -> Process:
     if not is_distributed():
         if parallel == "ddp":
             raise ConfigError("ddp needs several processes: start with "
-                              "`nncli train CONFIG --nproc N` or `torchrun --nproc_per_node N -m nncli train CONFIG`",
+                              "`nncli train CONFIG --nproc N` or "
+                              "`torchrun --nproc_per_node N -m nncli train CONFIG`",
                               key="parallel")
         return Process()
     check_parallel(parallel, launched_processes())
@@ -219,7 +220,8 @@ def failed_process() -> int | None:
     """The rank of the process whose own error ended the job (see end_process), when it said so."""
     store = _job_store()
     try:
-        return int(store.get(FAILED_PROCESS_KEY)) if store is not None and store.check([FAILED_PROCESS_KEY]) else None
+        return (int(store.get(FAILED_PROCESS_KEY)) if store is not None and store.check([FAILED_PROCESS_KEY])
+                else None)
     except Exception:
         return None
 
@@ -256,7 +258,8 @@ def wrap_model(model: torch.nn.Module, *, parallel: str, device: torch.device, d
                 raise ConfigError(f"the model is on {device}, but DataParallel needs it on the first of "
                                   f"device_ids, GPU {device_ids[0]}", key="device_ids",
                                   hint=f"List GPU {first} first, or use device: cuda:{device_ids[0]}.")
-            ids = list(device_ids or sorted(range(visible), key=lambda i: i != first))  # the model's GPU first
+            # the model's GPU first
+            ids = list(device_ids or sorted(range(visible), key=lambda i: i != first))
             if len(ids) < 2:
                 notice("parallel: dp needs two or more GPUs, and device_ids lists one: training "
                        "without the DataParallel wrapper")
@@ -267,7 +270,8 @@ def wrap_model(model: torch.nn.Module, *, parallel: str, device: torch.device, d
     elif process.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        step_model = DistributedDataParallel(model,
+                                             device_ids=[device.index] if device.type == "cuda" else None)
     if compile_mode:
         if isinstance(step_model, torch.nn.DataParallel):  # pytorch/pytorch#94636
             notice("compile with parallel: dp compiles the wrapper, but DataParallel's replicas run "

@@ -44,12 +44,14 @@ def config_of(ckpt: dict, file: Path, overrides: list[str] = (), named: Named = 
     beside = file.parent / "config.yaml"
     return resolve(config_from_mapping(
         ckpt["config"], overrides=overrides, path=beside if beside.is_file() else None,
-        label=None if beside.is_file() else f"{file} (its stored config)", base_dir=Path(ckpt.get("config_dir", ".")),
+        label=None if beside.is_file() else f"{file} (its stored config)",
+        base_dir=Path(ckpt.get("config_dir", ".")),
         plugins_given=imported, trusted_data=[Path(p).expanduser().resolve() for p in named.trusted_data]))
 
 
 
-def load_trained(path: Path, device: str | None = None, named: Named = Named()) -> tuple[dict, Config, ModelPlan]:
+def load_trained(path: Path, device: str | None = None,
+                 named: Named = Named()) -> tuple[dict, Config, ModelPlan]:
     """The checkpoint (best.pt first in a run directory), its config, and the plan whose model
     holds the checkpoint's weights, in eval mode."""
     file = find_checkpoint(path, prefer=("best.pt", "last.pt"))
@@ -93,7 +95,8 @@ def evaluate_checkpoint(path: Path, data_file: Path | None = None, device: str |
     return results, source
 
 
-def _checked_targets(pair: Samples, model: nn.Module, output_shape: tuple, config: Config, where: str) -> Samples:
+def _checked_targets(pair: Samples, model: nn.Module, output_shape: tuple, config: Config,
+                     where: str) -> Samples:
     """Targets shaped as in training ((N,) -> (N, 1) for a one-output regression, else the loss
     broadcasts and reports a wrong number), labels within the model's classes, token ids within
     its Embedding."""
@@ -117,7 +120,8 @@ def _read_data_file(config: Config, path: Path) -> TensorPair:
             if path.suffix.lower() == ".npy" else None
         raise ConfigError("--data takes a .csv or .npz file", file=str(path), hint=hint)
     if not path.is_file():  # else the data section's message, about paths in a config file
-        raise ConfigError("is a folder, not a data file" if path.is_dir() else "file not found; check the path",
+        raise ConfigError("is a folder, not a data file" if path.is_dir()
+                          else "file not found; check the path",
                           file=str(path))
     if section.get("source") != kind:
         section = {"source": kind, "target": "target"} if kind == "csv" else {"source": kind}
@@ -182,7 +186,8 @@ def parse_inputs(inputs: str, config: Config, input_shape: list[int]) -> torch.T
     x = torch.from_numpy(np.ascontiguousarray(array)).reshape(-1, *input_shape)
     dtype = input_dtype(config)  # read as float64, then as the model takes them
     if not dtype.is_floating_point and not torch.equal(x, x.round()):
-        raise ConfigError(f"the model takes whole numbers (model.input_dtype: {config['model']['input_dtype']}, "
+        raise ConfigError("the model takes whole numbers "
+                          f"(model.input_dtype: {config['model']['input_dtype']}, "
                           "e.g. token ids), and the inputs hold fractions", key="--input")
     return x.to(dtype)
 

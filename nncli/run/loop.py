@@ -187,7 +187,8 @@ def end_epoch(run: Run, epoch: int, losses: list[torch.Tensor], batch_sizes: tor
     row = {"epoch": epoch, "train_loss": float((epoch_losses * batch_sizes).sum() / batch_sizes.sum())}
     if run.val is not None:
         share_buffers(run.model, run.process)
-        results = evaluate(run.model, run.val, run.loss_fn, config["metrics"], eval_batch_size(config), config["amp"])
+        results = evaluate(run.model, run.val, run.loss_fn, config["metrics"], eval_batch_size(config),
+                           config["amp"])
         row.update({f"val_{k}": v for k, v in results.items()})
     row.update({group.lr_column: lr for group, lr in zip(run.groups, state.epoch_lrs)})
     row["time_s"] = seconds

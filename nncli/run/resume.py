@@ -50,7 +50,8 @@ FIXED = ("model", "plugins", "data", "seed", "loss", "optimizer.type", "optimize
 # Parts of a FIXED section that may change all the same. How the data is read, not which batches
 # training sees: the loader keys, and a source's `mmap` in either layout. A parameter group's
 # settings and name (`optimizer.groups.1.lr`, the tutorial's decay by hand); not its `params`.
-HOW_DATA_IS_READ = {f"data.{key}" for key in LOADER_KEYS} | {f"data.{part}mmap" for part in ("", "train.", "val.")}
+HOW_DATA_IS_READ = ({f"data.{key}" for key in LOADER_KEYS}
+                    | {f"data.{part}mmap" for part in ("", "train.", "val.")})
 GROUP_SETTING = re.compile(r"optimizer\.groups\.\d+\.(?!params(?:\.|$))[^.]+(?:\.\d+)*")
 
 
@@ -173,13 +174,15 @@ def check_resume(path: Path, *, overrides: list[str] = (), epochs: int | None = 
     if monitor != stored_monitor:
         raise ConfigError(f"the run's best epoch (best.pt, early stopping) is chosen by {stored_monitor}; "
                           f"it cannot change to {monitor} on resume", file=str(config_path or file),
-                          hint=f"Keep train.early_stop.metric: {stored_monitor}, or start a new run from this "
-                               f"checkpoint's weights: nncli resume {file} --config CONFIG --warm-start.")
+                          hint=f"Keep train.early_stop.metric: {stored_monitor}, or start a new run from "
+                               f"this checkpoint's weights: nncli resume {file} --config CONFIG "
+                               "--warm-start.")
     if config["train"]["epochs"] < ckpt["epoch"]:
         raise ConfigError(f"the run has already trained {ckpt['epoch']} epochs; --epochs "
                           f"{config['train']['epochs']} cannot take them back", file=str(file),
-                          hint=f"To go on from an earlier epoch, resume its epoch_<N>.pt or {file.parent / 'best.pt'}: "
-                               "that run continues in a new run directory, and this one is left as it is.")
+                          hint="To go on from an earlier epoch, resume its epoch_<N>.pt or "
+                               f"{file.parent / 'best.pt'}: that run continues in a new run directory, and "
+                               "this one is left as it is.")
     return ResumePlan(file, ckpt, stored, config, differences, trained_by, processes)
 
 
@@ -333,8 +336,10 @@ def fit_weights(state: dict, own: dict, weights: Path, strict: bool) -> WeightsF
                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)) if keys]
     fitting = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
     if not fitting:
-        raise ConfigError(f"none of the weights fit the config's model: {'; '.join(problems)}", file=str(weights),
-                          hint="Are these the weights of another model? `nncli summary --params` lists this one's.")
+        raise ConfigError(f"none of the weights fit the config's model: {'; '.join(problems)}",
+                          file=str(weights),
+                          hint="Are these the weights of another model? `nncli summary --params` lists "
+                               "this one's.")
     if problems and strict:
         raise ConfigError(f"the weights do not fit the config's model: {'; '.join(problems)}",
                           file=str(weights), hint="Pass --no-strict to load the tensors that fit.")

@@ -127,10 +127,11 @@ def claim_run_dir(base: Path, name: str) -> tuple[Path, RunLock]:
         except NotADirectoryError:
             raise _not_a_folder(candidate) from None
         except OSError as err:  # a place the user cannot write to is bad input; a full disk is not
-            error = ConfigError if err.errno in (errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS) else RunError
+            error = (ConfigError if err.errno in (errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS)
+                     else RunError)
             raise error(f"cannot create the run directory: {err.strerror or err}", file=str(candidate),
-                        hint="Give --out (or checkpoint.dir) a folder you can write to." if error is ConfigError
-                        else None) from None
+                        hint="Give --out (or checkpoint.dir) a folder you can write to."
+                        if error is ConfigError else None) from None
         try:
             fd = os.open(candidate / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:

@@ -173,7 +173,8 @@ def warn_of_softmax_before_cross_entropy(config: Config, plan: ModelPlan) -> Non
     if loss_name(config) != "CrossEntropyLoss" or not plan.layers:
         return
     last = plan.layers[-1]
-    while last.type == "Sequential" and last.children:  # a block's last layer is the model's (not a Residual's)
+    # a block's last layer is the model's (not a Residual's)
+    while last.type == "Sequential" and last.children:
         last = last.children[-1]
     if last.type == "Softmax":
         why = ("CrossEntropyLoss applies log-softmax to the model's output itself, so it takes these "
