@@ -1,7 +1,7 @@
 """`loader: dataloader`: the inputs stay on the host (memory-mapped with `mmap: true`) and a torch
 DataLoader reads each batch, in worker processes. It must draw the same batches as the default
 `loader: memory`, so a run trains the same model bit for bit, alone and under DDP.
-(Ctrl-C with workers and resuming with the other loader: tests/test_resume.py.)"""
+(Ctrl-C with workers and resuming with the other loader: tests/test_run_resume.py.)"""
 from __future__ import annotations
 
 import pickle
