@@ -39,7 +39,8 @@ def pad_by_hand(img: torch.Tensor, left: int, top: int, right: int, bottom: int,
 
 
 @pytest.mark.parametrize("mode", ["constant", "edge", "reflect", "symmetric"])
-@pytest.mark.parametrize("padding, size", [(4, (10, 12)), ((1, 2), (8, 8)), ((1, 2, 3, 4), (13, 14)), (None, (7, 5))])
+@pytest.mark.parametrize("padding, size",
+                         [(4, (10, 12)), ((1, 2), (8, 8)), ((1, 2, 3, 4), (13, 14)), (None, (7, 5))])
 def test_random_crop_is_the_drawn_window_of_the_padded_sample(mode, padding, size) -> None:
     x = images()
     crop = RandomCrop(size, padding=padding, fill=0.25, padding_mode=mode)
@@ -94,11 +95,11 @@ def test_random_erasing_fills_each_samples_rectangle(value) -> None:
     for k in range(64):
         expected = x[k].clone()
         i, j, hh, ww = int(top[k]), int(left[k]), int(h[k]), int(w[k])
-        if erased[k]:
-            if noise is not None:
-                expected[:, i:i + hh, j:j + ww] = noise[k, :, i:i + hh, j:j + ww]
-            else:
-                expected[:, i:i + hh, j:j + ww] = torch.tensor(value).view(-1, 1, 1) if isinstance(value, tuple) else value
+        if erased[k] and noise is not None:
+            expected[:, i:i + hh, j:j + ww] = noise[k, :, i:i + hh, j:j + ww]
+        elif erased[k]:
+            expected[:, i:i + hh, j:j + ww] = torch.tensor(value).view(-1, 1, 1) if isinstance(value, tuple) \
+                else value
         assert torch.equal(out[k], expected), k
 
 
@@ -309,7 +310,8 @@ def test_mixup_applies_to_any_data_with_classes() -> None:
     (lambda: RandomErasing(value="noise"), "value"), (lambda: RandomResizedCrop(8, ratio=(0, 1)), "ratio"),
     (lambda: RandomResizedCrop(8, interpolation="bicubic"), "interpolation"), (lambda: RandomCrop(0), "size"),
     (lambda: RandomCrop(8, padding=-1), "padding"), (lambda: RandomCrop(8, padding=(1, 2, 3)), "padding"),
-    (lambda: RandomCrop(8, padding_mode="wrap"), "padding_mode"), (lambda: ColorJitter(brightness=-1), "brightness"),
+    (lambda: RandomCrop(8, padding_mode="wrap"), "padding_mode"),
+    (lambda: ColorJitter(brightness=-1), "brightness"),
     (lambda: ColorJitter(hue=0.1), "hue"), (lambda: Normalize(0.5, 0), "std"), (lambda: MixUp(alpha=0), "alpha"),
 ])
 def test_bad_arguments_are_refused_when_built(make, key) -> None:
@@ -364,7 +366,8 @@ def test_cutmix_weights_the_labels_by_the_area_pasted() -> None:
         for k in range(6):
             fraction = pasted[k].float().mean().item()
             assert fraction == pytest.approx((y2 - y1) * (x2 - x1) / (12 * 16))
-            assert soft[k, y[k]] == pytest.approx(1 - fraction) and soft[k, y[k - 1]] == pytest.approx(fraction, abs=1e-6)
+            assert soft[k, y[k]] == pytest.approx(1 - fraction)
+            assert soft[k, y[k - 1]] == pytest.approx(fraction, abs=1e-6)
             assert torch.equal(out[k, :, y1:y2, x1:x2], x[k - 1, :, y1:y2, x1:x2])
 
 
@@ -389,10 +392,12 @@ def test_beta_draws_from_the_generator_with_the_right_mean_and_spread() -> None:
 TORCHVISION_DEFAULTS = {  # torchvision.transforms.v2's constructor defaults, written down
     "RandomCrop": {"padding": None, "pad_if_needed": False, "fill": 0, "padding_mode": "constant"},
     "RandomHorizontalFlip": {"p": 0.5}, "RandomVerticalFlip": {"p": 0.5},
-    "RandomResizedCrop": {"scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3), "interpolation": "bilinear", "antialias": True},
+    "RandomResizedCrop": {"scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3), "interpolation": "bilinear",
+                          "antialias": True},
     "RandomErasing": {"p": 0.5, "scale": (0.02, 0.33), "ratio": (0.3, 3.3), "value": 0.0, "inplace": False},
     "ColorJitter": {"brightness": None, "contrast": None, "saturation": None, "hue": None},
-    "Normalize": {"inplace": False}, "MixUp": {"alpha": 1.0, "num_classes": None}, "CutMix": {"alpha": 1.0, "num_classes": None},
+    "Normalize": {"inplace": False},
+    "MixUp": {"alpha": 1.0, "num_classes": None}, "CutMix": {"alpha": 1.0, "num_classes": None},
 }
 
 
