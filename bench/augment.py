@@ -184,7 +184,7 @@ def each_transform(repeats: int, device: torch.device) -> list[str]:
     for name, (mine, theirs) in pairs.items():
         f = (lambda t=mine: t(x, y, g)) if mine.batch_level else (lambda t=mine: t(x, g))
         k = with_generator(theirs(), g) if theirs and K is not None else None
-        kornia_sps = f"{samples_per_s(lambda: k(x)):,.0f}" if k else "-"
+        kornia_sps = f"{samples_per_s(lambda k=k: k(x)):,.0f}" if k else "-"
         lines.append(f"| {name} | {samples_per_s(f):,.0f} | {kornia_sps} |")
     return lines
 
