@@ -195,9 +195,19 @@ def _gather_rows_cols(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     return x.gather(3, cols[:, None, None, :].expand(n, c, rows.shape[1], cols.shape[1]))
 
 
+def _on(t: Tensor, x: Tensor) -> Tensor:
+    """A small tensor made on the CPU (drawn parameters), on x's device, in x's dtype if floating.
+    To a GPU through pinned memory, without blocking: a plain .to() from pageable memory makes
+    the CPU wait for the GPU's queued work, every transform of every batch."""
+    dtype = x.dtype if t.is_floating_point() else t.dtype
+    if x.device.type == "cuda":
+        return t.to(dtype).pin_memory().to(x.device, non_blocking=True)
+    return t.to(x.device, dtype)
+
+
 def _per_sample(mask: Tensor, x: Tensor) -> Tensor:
-    """A per-sample (N,) mask shaped to broadcast against x (N, ...), on x's device."""
-    return mask.to(x.device).view(-1, *([1] * (x.dim() - 1)))
+    """A per-sample (N,) tensor shaped to broadcast against x (N, ...), on x's device."""
+    return _on(mask, x).view(-1, *([1] * (x.dim() - 1)))
 
 
 # --- geometric transforms -------------------------------------------------------------------
@@ -266,7 +276,7 @@ class RandomCrop(Transform):
             x = F.pad(x, (left, right, top, bottom), value=self.fill)
         else:  # the padded image's rows and columns as the original's, by index arithmetic
             rows, cols = _fold(rows - top, height, self.padding_mode), _fold(cols - left, width, self.padding_mode)
-        return _gather_rows_cols(x, rows.to(x.device), cols.to(x.device))
+        return _gather_rows_cols(x, _on(rows, x), _on(cols, x))
 
 
 class RandomHorizontalFlip(Transform):
@@ -354,7 +364,7 @@ class RandomResizedCrop(Transform):
 
     def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
         n, _, height, width = x.shape
-        top, left, h, w = (t.to(x.device) for t in self.boxes(n, height, width, generator))
+        top, left, h, w = (_on(t, x) for t in self.boxes(n, height, width, generator))
         dtype = torch.promote_types(x.dtype, torch.float32)  # weights in float32 at least (half on a GPU)
         rows = self._weights(top, h, self.size[0], height, dtype)   # (N, out_h, H)
         cols = self._weights(left, w, self.size[1], width, dtype)   # (N, out_w, W)
@@ -435,17 +445,17 @@ class RandomErasing(Transform):
 
     def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
         n, _, height, width = x.shape
-        top, left, h, w, erase = (t.to(x.device) for t in self.rectangles(n, height, width, generator))
+        top, left, h, w, erase = (_on(t, x) for t in self.rectangles(n, height, width, generator))
         rows = torch.arange(height, device=x.device) - top[:, None]        # (N, H), from the top edge
         cols = torch.arange(width, device=x.device) - left[:, None]
         inside = ((rows >= 0) & (rows < h[:, None]))[:, :, None] & ((cols >= 0) & (cols < w[:, None]))[:, None, :]
         mask = (inside & erase[:, None, None])[:, None]                    # (N, 1, H, W)
         if self.value == "random":  # drawn for every pixel, on the CPU, so that devices agree
-            value = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+            value = _on(torch.randn(x.shape, generator=generator), x)
         elif isinstance(self.value, tuple):
-            value = torch.tensor(self.value, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+            value = _on(torch.tensor(self.value), x).view(-1, 1, 1)
         else:
-            value = torch.tensor(float(self.value), dtype=x.dtype, device=x.device)
+            value = _on(torch.tensor(float(self.value)), x)
         return torch.where(mask, value, x)
 
 
@@ -514,7 +524,7 @@ class ColorJitter(Transform):
         names = [name for name, _ in self._ops]
         # the factor of the operation each sample applies at each step (N, steps)
         step_factors = torch.stack([factors[name] for name in names], 1).gather(1, order)
-        order, step_factors = order.to(x.device), step_factors.to(x.device, x.dtype)
+        order, step_factors = _on(order, x), _on(step_factors, x)
         for step in range(len(names)):
             op, f = _per_sample(order[:, step], x), _per_sample(step_factors[:, step], x)
             # one blend per step, with each sample's own reference: no pass per operation
@@ -560,8 +570,7 @@ class Normalize(Transform):
         return shape
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        mean, std = _on(torch.tensor(self.mean), x).view(-1, 1, 1), _on(torch.tensor(self.std), x).view(-1, 1, 1)
         return (x - mean) / std
 
 
