@@ -1,4 +1,4 @@
-"""nncli.augment against kornia.augmentation doing the same, on two cases, alternating in one
+"""nncli.data.augment against kornia.augmentation doing the same, on two cases, alternating in one
 process, medians of `--repeats`:
 
   digits     the digits CNN's shape: the 1,437 training samples of digits.npz (val_split 0.2) in
@@ -41,7 +41,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from nncli import augment as A
+from nncli.data import augment as A  # noqa: E402 (after the checkout is put first on sys.path)
 
 try:
     import kornia
@@ -67,7 +67,8 @@ def case_data(case: str) -> tuple[torch.Tensor, torch.Tensor, int]:
     if case == "digits":
         d = np.load(ROOT / "nncli" / "datasets" / "digits.npz")
         x, y = torch.from_numpy(d["images"]), torch.from_numpy(d["labels"])
-        keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[: len(x) - int(0.2 * len(x))]
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+        keep = order[: len(x) - int(0.2 * len(x))]
         return x[keep], y[keep], 64
     g = torch.Generator().manual_seed(0)
     return torch.rand(2048, 3, 32, 32, generator=g), torch.randint(0, 10, (2048,), generator=g), 512
@@ -117,7 +118,8 @@ def batches(x: torch.Tensor, y: torch.Tensor, size: int, generator: torch.Genera
         yield x[index], y[index]
 
 
-def time_augmentation(aug: Callable, x: torch.Tensor, y: torch.Tensor, size: int, device: torch.device) -> float:
+def time_augmentation(aug: Callable, x: torch.Tensor, y: torch.Tensor, size: int,
+                      device: torch.device) -> float:
     g = torch.Generator().manual_seed(1)
     data = list(batches(x, y, size, g))
     sync(device)
@@ -159,7 +161,8 @@ def each_transform(repeats: int, device: torch.device) -> list[str]:
         "RandomHorizontalFlip()": (A.RandomHorizontalFlip(), lambda: K.RandomHorizontalFlip()),
         "RandomResizedCrop(32)": (A.RandomResizedCrop(32), lambda: K.RandomResizedCrop((32, 32))),
         "RandomErasing()": (A.RandomErasing(), lambda: K.RandomErasing()),
-        "ColorJitter(0.4, 0.4, 0.4)": (A.ColorJitter(0.4, 0.4, 0.4), lambda: K.ColorJitter(0.4, 0.4, 0.4, p=1.0)),
+        "ColorJitter(0.4, 0.4, 0.4)": (A.ColorJitter(0.4, 0.4, 0.4),
+                                       lambda: K.ColorJitter(0.4, 0.4, 0.4, p=1.0)),
         "Normalize(0.5, 0.25)": (A.Normalize(0.5, 0.25),
                                  lambda: K.Normalize(torch.tensor([0.5] * 3), torch.tensor([0.25] * 3))),
         "MixUp()": (A.MixUp(num_classes=10), None),
@@ -233,7 +236,8 @@ def machine() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--out", default=None, help="write the table here too (markdown)")
     parser.add_argument("--device", default="cpu")
@@ -261,7 +265,8 @@ def main() -> None:
         for name in variants:  # warm-up
             time_epoch(models[name], opts[name], variants[name], x, y, size, device)
         for r in range(args.repeats):
-            names = list(variants)[r % len(variants):] + list(variants)[:r % len(variants)]  # rotate the order
+            # rotate the order
+            names = list(variants)[r % len(variants):] + list(variants)[:r % len(variants)]
             for name in names:
                 timings = [time_epoch(models[name], opts[name], variants[name], x, y, size, device)
                            for _ in range(epochs_per_timing)]
@@ -285,9 +290,11 @@ def main() -> None:
               "epoch time added (25th-75th pct.) | share of the epoch spent augmenting |"),
              "|---|---|---|---|---|---|---|"]
     for case, name, aug_sps, sps, epoch_s, added, share in rows:
-        added_text = f"{100 * added[0]:+.1f}% ({100 * added[1]:+.1f} to {100 * added[2]:+.1f})" if added else "-"
-        lines.append(f"| {case} | {name} | {f'{aug_sps:,.0f}' if aug_sps else '-'} | {sps:,.0f} | {epoch_s:.4f} | "
-                     f"{added_text} | {f'{100 * share:.1f}%' if share is not None else '-'} |")
+        added_text = (f"{100 * added[0]:+.1f}% ({100 * added[1]:+.1f} to {100 * added[2]:+.1f})"
+                      if added else "-")
+        aug_text = f"{aug_sps:,.0f}" if aug_sps else "-"
+        share_text = f"{100 * share:.1f}%" if share is not None else "-"
+        lines.append(f"| {case} | {name} | {aug_text} | {sps:,.0f} | {epoch_s:.4f} | {added_text} | {share_text} |")
     lines += ["", *each_transform(args.repeats, device)]
     if K is not None:
         lines += ["", *[f"- {n}" for n in check_kornia_generator_handling()]]

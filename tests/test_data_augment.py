@@ -1,4 +1,4 @@
-"""nncli.augment: each batched transform against the same thing written by hand, per sample, in
+"""nncli.data.augment: each batched transform against the same thing written by hand, per sample, in
 plain PyTorch; per-sample randomness, determinism and the generator's state; the checks made
 before training; MixUp and CutMix's soft targets. No torchvision or kornia needed."""
 from __future__ import annotations
@@ -12,9 +12,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nncli.augment import (TRANSFORMS, AugmentationError, ColorJitter, CutMix, MixUp, Normalize, Pipeline,
-                           RandomCrop, RandomErasing, RandomHorizontalFlip, RandomResizedCrop,
-                           RandomVerticalFlip, _beta)
+from nncli.data.augment import (
+    TRANSFORMS,
+    AugmentationError,
+    ColorJitter,
+    CutMix,
+    MixUp,
+    Normalize,
+    Pipeline,
+    RandomCrop,
+    RandomErasing,
+    RandomHorizontalFlip,
+    RandomResizedCrop,
+    RandomVerticalFlip,
+    _beta,
+)
 
 
 def generator(seed: int = 0) -> torch.Generator:
@@ -63,7 +75,8 @@ def test_random_crop_pads_an_image_smaller_than_the_size_when_asked() -> None:
     crop = RandomCrop(10, pad_if_needed=True)
     assert crop.check((3, 6, 9)) == (3, 10, 10)
     out = crop(x, generator())
-    g = generator()  # 4 rows are missing, padded on both sides: 14 rows, 5 positions; 1 column: 11, 2 positions
+    # 4 rows are missing, padded on both sides: 14 rows, 5 positions; 1 column: 11, 2 positions
+    g = generator()
     tops, lefts = torch.randint(0, 5, (16,), generator=g), torch.randint(0, 2, (16,), generator=g)
     for k in range(16):
         padded = F.pad(x[k], (1, 1, 4, 4))
@@ -226,8 +239,8 @@ def test_samples_get_their_own_parameters(transform) -> None:
 
 
 def pipeline() -> Pipeline:
-    return Pipeline([RandomResizedCrop(10, scale=(0.5, 1.0)), RandomCrop(10, padding=2, padding_mode="reflect"),
-                     RandomHorizontalFlip(), RandomVerticalFlip(0.2), ColorJitter(0.3, 0.3, 0.3),
+    return Pipeline([RandomResizedCrop(10, scale=(0.5, 1.0)),
+                     RandomCrop(10, padding=2, padding_mode="reflect"), RandomHorizontalFlip(), RandomVerticalFlip(0.2), ColorJitter(0.3, 0.3, 0.3),
                      Normalize(0.5, 0.25), RandomErasing(p=0.5, value="random"), MixUp(0.4), CutMix(1.0)],
                     num_classes=5)
 
@@ -282,7 +295,8 @@ def error(transform, shape, num_classes=None) -> AugmentationError:
 
 
 def test_a_crop_larger_than_the_padded_image_is_refused() -> None:
-    assert "larger than the image, 10x10 (8x8 with padding)" in str(error(RandomCrop(12, padding=1), (1, 8, 8)))
+    message = str(error(RandomCrop(12, padding=1), (1, 8, 8)))
+    assert "larger than the image, 10x10 (8x8 with padding)" in message
     assert error(RandomCrop(9), (1, 8, 8)).key == "size"
     assert RandomCrop(10, padding=1).check((1, 8, 8)) == (1, 10, 10)  # the padding makes it fit
     assert RandomCrop(12, pad_if_needed=True).check((1, 8, 8)) == (1, 12, 12)
@@ -312,7 +326,8 @@ def test_mixup_applies_to_any_data_with_classes() -> None:
     (lambda: RandomCrop(8, padding=-1), "padding"), (lambda: RandomCrop(8, padding=(1, 2, 3)), "padding"),
     (lambda: RandomCrop(8, padding_mode="wrap"), "padding_mode"),
     (lambda: ColorJitter(brightness=-1), "brightness"),
-    (lambda: ColorJitter(hue=0.1), "hue"), (lambda: Normalize(0.5, 0), "std"), (lambda: MixUp(alpha=0), "alpha"),
+    (lambda: ColorJitter(hue=0.1), "hue"), (lambda: Normalize(0.5, 0), "std"),
+    (lambda: MixUp(alpha=0), "alpha"),
 ])
 def test_bad_arguments_are_refused_when_built(make, key) -> None:
     with pytest.raises(AugmentationError) as info:

@@ -132,7 +132,8 @@ def _pair(value: int | Sequence[int], name: str, owner: str) -> tuple[int, int]:
     if len(pair) == 1:
         pair = (pair[0], pair[0])
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
-        raise AugmentationError(f"{owner}'s {name} must be a positive integer or a list of 2, got {value!r}", name)
+        raise AugmentationError(f"{owner}'s {name} must be a positive integer or a list of 2, got {value!r}",
+                                name)
     return pair
 
 
@@ -249,7 +250,8 @@ class RandomCrop(Transform):
         h, w = self.size
         if self.pad_if_needed:  # as torchvision: the missing rows (columns) added on both sides
             missing_h, missing_w = max(0, h - (height + top + bottom)), max(0, w - (width + left + right))
-            top, bottom, left, right = top + missing_h, bottom + missing_h, left + missing_w, right + missing_w
+            top, bottom = top + missing_h, bottom + missing_h
+            left, right = left + missing_w, right + missing_w
         return left, top, right, bottom
 
     def check(self, shape: Shape, num_classes: int | None = None) -> Shape:
@@ -275,7 +277,8 @@ class RandomCrop(Transform):
         if self.padding_mode == "constant":
             x = F.pad(x, (left, right, top, bottom), value=self.fill)
         else:  # the padded image's rows and columns as the original's, by index arithmetic
-            rows, cols = _fold(rows - top, height, self.padding_mode), _fold(cols - left, width, self.padding_mode)
+            rows = _fold(rows - top, height, self.padding_mode)
+            cols = _fold(cols - left, width, self.padding_mode)
         return _gather_rows_cols(x, _on(rows, x), _on(cols, x))
 
 
@@ -448,7 +451,8 @@ class RandomErasing(Transform):
         top, left, h, w, erase = (_on(t, x) for t in self.rectangles(n, height, width, generator))
         rows = torch.arange(height, device=x.device) - top[:, None]        # (N, H), from the top edge
         cols = torch.arange(width, device=x.device) - left[:, None]
-        inside = ((rows >= 0) & (rows < h[:, None]))[:, :, None] & ((cols >= 0) & (cols < w[:, None]))[:, None, :]
+        inside = (((rows >= 0) & (rows < h[:, None]))[:, :, None]
+                  & ((cols >= 0) & (cols < w[:, None]))[:, None, :])
         mask = (inside & erase[:, None, None])[:, None]                    # (N, 1, H, W)
         if self.value == "random":  # drawn for every pixel, on the CPU, so that devices agree
             value = _on(torch.randn(x.shape, generator=generator), x)
@@ -570,7 +574,8 @@ class Normalize(Transform):
         return shape
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        mean, std = _on(torch.tensor(self.mean), x).view(-1, 1, 1), _on(torch.tensor(self.std), x).view(-1, 1, 1)
+        mean = _on(torch.tensor(self.mean), x).view(-1, 1, 1)
+        std = _on(torch.tensor(self.std), x).view(-1, 1, 1)
         return (x - mean) / std
 
 
