@@ -294,7 +294,8 @@ def main() -> None:
                       if added else "-")
         aug_text = f"{aug_sps:,.0f}" if aug_sps else "-"
         share_text = f"{100 * share:.1f}%" if share is not None else "-"
-        lines.append(f"| {case} | {name} | {aug_text} | {sps:,.0f} | {epoch_s:.4f} | {added_text} | {share_text} |")
+        lines.append(f"| {case} | {name} | {aug_text} | {sps:,.0f} | {epoch_s:.4f} | {added_text} "
+                     f"| {share_text} |")
     lines += ["", *each_transform(args.repeats, device)]
     if K is not None:
         lines += ["", *[f"- {n}" for n in check_kornia_generator_handling()]]

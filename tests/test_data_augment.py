@@ -240,7 +240,8 @@ def test_samples_get_their_own_parameters(transform) -> None:
 
 def pipeline() -> Pipeline:
     return Pipeline([RandomResizedCrop(10, scale=(0.5, 1.0)),
-                     RandomCrop(10, padding=2, padding_mode="reflect"), RandomHorizontalFlip(), RandomVerticalFlip(0.2), ColorJitter(0.3, 0.3, 0.3),
+                     RandomCrop(10, padding=2, padding_mode="reflect"), RandomHorizontalFlip(),
+                     RandomVerticalFlip(0.2), ColorJitter(0.3, 0.3, 0.3),
                      Normalize(0.5, 0.25), RandomErasing(p=0.5, value="random"), MixUp(0.4), CutMix(1.0)],
                     num_classes=5)
 
