@@ -18,7 +18,7 @@ from nncli.exits import run_command
 
 app = typer.Typer(help="Train PyTorch networks described in YAML.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False,
-                  rich_markup_mode="rich", context_settings={"help_option_names": ["-h", "--help"]})
+                  rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]})
 
 # --- options that several commands take ----------------------------------------------------------
 

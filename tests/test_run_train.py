@@ -20,11 +20,13 @@ from helpers import (
     TINY_REGRESSION,
     invoke,
     load,
+    metrics_rows,
     nncli_argv,
     ok,
     only_run_dir,
     read_metrics,
     run_nncli,
+    run_python,
     write_config,
 )
 from torch import nn
@@ -930,3 +932,95 @@ def test_softmax_before_cross_entropy_warns_once_saying_why_and_what_to_do(tmp_p
     checked = invoke("validate", log_softmax)
     assert checked.exit_code == 0 and "Use loss: NLLLoss" in checked.stderr
     assert invoke("validate", log_softmax, "--set", "loss=NLLLoss").stderr == ""  # the pair that fits
+
+
+# --- torch._dynamo, which nothing compiled needs -------------------------------------------------
+
+DYNAMO_FREE_CONFIGS = {
+    "adamw_groups_onecycle": """
+        seed: 3
+        data: {source: synthetic, n: 256, features: 8, classes: 3, val_split: 0.25}
+        optimizer:
+          type: AdamW
+          lr: 0.01
+          groups: [{params: "*.bias", weight_decay: 0}]
+        schedule: {type: OneCycleLR, interval: step}
+        train: {epochs: 3, batch_size: 32, grad_clip: 1.0}
+        model:
+          layers: [{type: Linear, out_features: 16}, ReLU, {type: Dropout, p: 0.1}, {type: Linear, out_features: 3}]
+        """,
+    "sgd_nesterov_steplr": """
+        seed: 4
+        data: {source: synthetic, kind: regression, n: 256, features: 8, val_split: 0.25}
+        loss: MSELoss
+        optimizer: {type: SGD, lr: 0.05, momentum: 0.9, nesterov: true}
+        schedule: {type: StepLR, step_size: 1, gamma: 0.5}
+        train: {epochs: 3, batch_size: 32}
+        model: {layers: [{type: Linear, out_features: 16}, Tanh, {type: Linear, out_features: 1}]}
+        """,
+}
+# `nncli train` in a fresh process; prints whether torch._dynamo was imported. With "torch's
+# path", nncli's skip_dynamo is switched off: every optimizer wrapper does what torch does.
+TRAIN_AND_SAY_DYNAMO = """
+import sys
+import nncli.run.setup
+if sys.argv[1] == "torch's path":
+    nncli.run.setup.skip_dynamo = lambda: 0
+from nncli.cli import app
+try:
+    app(["train", *sys.argv[2:]])
+except SystemExit as done:
+    assert done.code == 0, done.code
+print("dynamo imported:", "torch._dynamo" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("name", sorted(DYNAMO_FREE_CONFIGS))
+def test_a_run_without_torch_dynamo_learns_bit_for_bit_what_torchs_path_learns(tmp_path, name):
+    """torch.optim's wrappers import torch._dynamo (a second of start-up) for nothing when nothing
+    is compiled; without them the weights, the optimizer's state and the metrics are identical."""
+    config = write_config(tmp_path, DYNAMO_FREE_CONFIGS[name], f"{name}.yaml")
+    for path, imported in (("skipped", "False"), ("torch's path", "True")):
+        done = run_python("-c", TRAIN_AND_SAY_DYNAMO, path, config, "--out", tmp_path / path, "-q",
+                          cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip().endswith(f"dynamo imported: {imported}"), done.stdout
+    fast, torchs = (load(tmp_path / path / name / "last.pt") for path in ("skipped", "torch's path"))
+    for part in ("model", "optimizer"):
+        assert _same(fast[part], torchs[part]), part
+    assert metrics_rows(tmp_path / "skipped" / name) == metrics_rows(tmp_path / "torch's path" / name)
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal, tensors bit for bit, through dicts and lists."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+COMPILE_AFTER_A_PLAIN_RUN = """
+import sys
+from nncli.cli import app
+for extra in ([], ["--set", "compile=true"]):
+    try:
+        app(["train", sys.argv[1], "--out", sys.argv[2], "-q", *extra])
+    except SystemExit as done:
+        assert done.code == 0, done.code
+print("compiled run ok")
+"""
+
+
+@pytest.mark.slow
+def test_compile_still_works_in_a_process_that_skipped_dynamo(tmp_path):
+    """A plain run (torch.optim's dynamo wrappers skipped), then a `compile: true` run in the same
+    process: torch.compile wraps the model as before, and the run trains."""
+    config = write_config(tmp_path, TINY_REGRESSION.replace("epochs: 3", "epochs: 2"), "tiny.yaml")
+    done = run_python("-c", COMPILE_AFTER_A_PLAIN_RUN, config, tmp_path / "runs", cwd=tmp_path, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("compiled run ok"), done.stdout + done.stderr
+    compiled = load(tmp_path / "runs" / "tiny-2" / "last.pt")
+    assert compiled["config"]["compile"] is True and compiled["epoch"] == 2
+    assert all(math.isfinite(row["train_loss"]) for row in read_metrics(tmp_path / "runs" / "tiny-2")[1])

@@ -47,6 +47,7 @@ from nncli.run.devices import (
     start_process,
     wrap_model,
 )
+from nncli.run.dynamo_free import skip_dynamo
 from nncli.run.state import Run
 
 # --- 1. resolve --------------------------------------------------------------------------------
@@ -200,6 +201,7 @@ def check_config(config: Config, processes: int = 1) -> tuple[ModelPlan, list[Pa
         check_parallel(config["parallel"], processes)
     parts = build(config)
     cross_check(config, parts)
+    skip_dynamo()  # nothing is compiled here
     optimizer, groups = create_optimizer(parts.plan.model, config)
     steps = None
     if parts.data is not None:
@@ -265,6 +267,8 @@ def prepare_run(config: Config, *, device: str | None = None, run_dir: Path | No
         step_model = wrap_model(model, parallel=config["parallel"], device=target_device,
                                 device_ids=config["device_ids"], compile_mode=config["compile"],
                                 channels_last=config["channels_last"], process=process, notice=notice)
+    if not config["compile"]:
+        skip_dynamo()  # torch.optim's wrappers would import torch._dynamo for nothing: a second
     optimizer, groups = create_optimizer(model, config)
     batches = make_batches(config, train_data, process)
     epochs = epochs or config["train"]["epochs"]
