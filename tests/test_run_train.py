@@ -947,7 +947,11 @@ DYNAMO_FREE_CONFIGS = {
         schedule: {type: OneCycleLR, interval: step}
         train: {epochs: 3, batch_size: 32, grad_clip: 1.0}
         model:
-          layers: [{type: Linear, out_features: 16}, ReLU, {type: Dropout, p: 0.1}, {type: Linear, out_features: 3}]
+          layers:
+            - {type: Linear, out_features: 16}
+            - ReLU
+            - {type: Dropout, p: 0.1}
+            - {type: Linear, out_features: 3}
         """,
     "sgd_nesterov_steplr": """
         seed: 4
