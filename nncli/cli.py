@@ -97,15 +97,13 @@ def summary(
     def action() -> None:
         import json
 
-        from nncli.model.plan import plan_model
         from nncli.optim.optimizers import group_of_each_parameter
         from nncli.report.console import make_console
         from nncli.report.summary import print_parameters, print_summary, summarize
         from nncli.run.setup import check_config
 
         cfg = _load(config, overrides)
-        checked, groups = check_config(cfg)
-        plan = plan_model(cfg, checked.input_shape, batch_size, count_macs=True)
+        plan, groups = check_config(cfg, batch_size=batch_size, count_macs=True)
         has_groups = isinstance(cfg["optimizer"], dict) and cfg["optimizer"].get("groups")
         result = summarize(plan, depth, group_of_each_parameter(groups) if has_groups else None)
         if as_json:

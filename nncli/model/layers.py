@@ -76,6 +76,7 @@ class LayerEntry:
     adds_input: bool = False  # a block whose input is added to its output: shapes must match
     takes_token_ids: bool = False  # its input is integer indices (Embedding), numbers otherwise
     takes_state: bool = False  # takes a recurrent layer's (output, state) tuple
+    fused_on_cpu: bool = False  # one CPU kernel that torch's flop counter does not see: MACs counted on meta
 
 
 # Arguments that are sizes, in every layer that has them: every number in them must be positive.
@@ -105,6 +106,7 @@ NOT_LAYERS = {"Module", "Container", "ModuleList", "ModuleDict", "ParameterList"
 # Layers whose torch.nn source file does not say what they are.
 CATEGORY_BY_NAME = {"MultiheadAttention": "transformer"}
 TOKEN_ID_LAYERS = {"Embedding", "EmbeddingBag"}  # they take integer indices (model.input_dtype: int64)
+FUSED_ON_CPU = {"RNN", "LSTM", "GRU"}
 
 
 def _recurrent_factory(cls: type) -> Callable[..., Any]:
@@ -149,7 +151,8 @@ def _load_builtin_layers(registry: Registry) -> None:
         defaults = {"batch_first": True} if "batch_first" in arguments else {}
         category = CATEGORY_BY_NAME.get(name) or CATEGORY_BY_TORCH_MODULE.get(submodule, "other")
         registry.add(name, LayerEntry(name, obj, category, "torch.nn", infer, defaults,
-                                      takes_token_ids=name in TOKEN_ID_LAYERS))
+                                      takes_token_ids=name in TOKEN_ID_LAYERS,
+                                      fused_on_cpu=name in FUSED_ON_CPU))
     registry.add("Sequential", LayerEntry("Sequential", nn.Sequential, "blocks", "torch.nn", is_block=True))
     registry.add("Residual", LayerEntry("Residual", blocks.Residual, "blocks", "nncli", is_block=True,
                                         adds_input=True))

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from collections import OrderedDict
 from collections.abc import Iterator
+from copy import deepcopy
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.overrides import TorchFunctionMode
 
 from nncli.arguments import (
     accepted_arguments,
@@ -35,6 +37,7 @@ from nncli.arguments import (
 )
 from nncli.config import Config
 from nncli.config.yamlio import line_of, to_plain
+from nncli.dynamo_free import skip_disable_wrappers
 from nncli.errors import ConfigError, did_you_mean, first_line, is_out_of_memory
 from nncli.model.layers import LAYERS, SIZE_ARGUMENTS, LayerEntry
 
@@ -276,7 +279,7 @@ class _Planner:
                             f"{first_line(err)}", plan.line, where) from None
         self.check_input_dtype(plan, module, x, source, where)
         module.eval()  # shape pass only: BatchNorm in training mode refuses a batch of one
-        counter = FlopCounterMode(display=False) if self.count_macs else None
+        counter = _mac_counter() if self.count_macs else None
         try:
             with torch.no_grad(), counter or contextlib.nullcontext():
                 out = module(x)
@@ -284,7 +287,10 @@ class _Planner:
             raise self.fail(f"does not fit its input {describe_shape(_shape_of(x))} from {source}: "
                             f"{first_line(err)}", plan.line, where) from None
         module.train()
-        plan.macs = counter.get_total_flops() // 2 if counter else 0
+        if counter and entry.fused_on_cpu and x.device.type == "cpu":
+            plan.macs = _macs_on_meta(module, x)
+        else:
+            plan.macs = counter.get_total_flops() // 2 if counter else 0
         plan.activation_bytes = _nbytes(out)
         return module, out
 
@@ -413,6 +419,84 @@ def float_dtype(config: Config) -> torch.dtype:
     """The model's floating-point dtype: its input's, float32 for token ids."""
     dtype = input_dtype(config)
     return dtype if dtype.is_floating_point else torch.float32
+
+
+def _mac_counter() -> Any:
+    """torch's FlopCounterMode (imported when MACs are asked for: it takes a while to import), its
+    dispatch run without torch._dynamo (see nncli.dynamo_free): counting compiles nothing."""
+    import torch.utils.flop_counter as flop_counter
+
+    skip_disable_wrappers([flop_counter])
+    return flop_counter.FlopCounterMode(display=False)
+
+
+def _macs_on_meta(module: nn.Module, x: torch.Tensor) -> int:
+    """A layer's MACs counted on a meta copy of it, where torch decomposes what one CPU kernel does."""
+    counter = _mac_counter()
+    with torch.no_grad(), counter:
+        deepcopy(module).to("meta").eval()(x.to("meta"))
+    return counter.get_total_flops() // 2
+
+
+# A model whose shape pass creates fewer elements than this (its parameters and buffers, and the
+# outputs of one batch's forward pass: 256 MB of float32) is planned on the CPU to be checked.
+CPU_PLAN_ELEMENTS = 1 << 26
+
+
+class _OverBudget(BaseException):
+    """The shape pass on the CPU would create more than CPU_PLAN_ELEMENTS (a BaseException, so
+    that the planner's own `except Exception` does not take it for the layer's error)."""
+
+
+class _ElementBudget(TorchFunctionMode):
+    """Counts the elements of every tensor that torch functions create (the inputs, parameters,
+    buffers and outputs of the shape pass), and stops the pass past `budget`."""
+
+    def __init__(self, budget: int) -> None:
+        super().__init__()
+        self.left = budget
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", None) in _FACTORIES and _requested(args, kwargs) > self.left:
+            raise _OverBudget  # before torch allocates it: a 2-trillion-parameter layer is refused here
+        out = func(*args, **kwargs)
+        if isinstance(out, torch.Tensor) and not (args and out is args[0]):  # in-place: nothing new
+            self.left -= out.numel()
+            if self.left < 0:
+                raise _OverBudget
+        return out
+
+
+# torch's functions that allocate a tensor of a size they are given
+_FACTORIES = {"empty", "zeros", "ones", "full", "rand", "randn", "randint", "empty_strided"}
+
+
+def _requested(args: tuple, kwargs: dict) -> int:
+    """The elements a factory call asks for: its `size`, the first list of integers among its
+    arguments, or its leading integers (torch.empty(3, 4))."""
+    size = kwargs.get("size")
+    if size is None:
+        size = next((a for a in args if isinstance(a, (tuple, list, torch.Size))), None)
+    if size is None:
+        size = [a for a in args[:next((i for i, a in enumerate(args) if not isinstance(a, int)), len(args))]]
+    try:
+        return math.prod(int(d) for d in size)
+    except (TypeError, ValueError):
+        return 0
+
+
+def plan_to_check(config: Config, input_shape: tuple | list | None = None, batch_size: int = 1,
+                  count_macs: bool = False) -> ModelPlan:
+    """The shape pass of `validate`, `summary` and every check before training: on the CPU when the
+    model is small (under CPU_PLAN_ELEMENTS; about a second faster than the meta device, whose
+    kernels torch loads on first use), else on the meta device, which allocates nothing. The
+    plan's model has weights only on the CPU, and none of them are trained."""
+    try:
+        with _ElementBudget(CPU_PLAN_ELEMENTS):
+            return plan_model(config, input_shape, batch_size, count_macs, device="cpu")
+    except _OverBudget:
+        return plan_model(config, input_shape, batch_size, count_macs, device="meta")
 
 
 def plan_model(config: Config, input_shape: tuple | list | None = None, batch_size: int = 1,

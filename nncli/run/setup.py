@@ -32,8 +32,9 @@ from nncli.config.yamlio import to_plain
 from nncli.data.checks import check_targets, check_token_ids
 from nncli.data.load import Data, read_data
 from nncli.data.samples import Batches, Samples
+from nncli.dynamo_free import skip_dynamo
 from nncli.errors import ConfigError, out_of_memory_as_error
-from nncli.model.plan import ModelPlan, plan_model
+from nncli.model.plan import ModelPlan, plan_model, plan_to_check
 from nncli.optim.losses import check_loss_computes, create_loss, loss_name, takes_class_labels
 from nncli.optim.metrics import TOPK, check_metrics
 from nncli.optim.optimizers import ParamGroup, create_optimizer
@@ -47,7 +48,6 @@ from nncli.run.devices import (
     start_process,
     wrap_model,
 )
-from nncli.run.dynamo_free import skip_dynamo
 from nncli.run.state import Run
 
 # --- 1. resolve --------------------------------------------------------------------------------
@@ -93,22 +93,26 @@ def load_data(config: Config, normalization: dict | None = None, *, scan: bool =
                      labels_for=loss_name(config) if takes_class_labels(config) else None)
 
 
-def build(config: Config, *, device: str = "meta", normalization: dict | None = None) -> Parts:
-    """The loss, the data and the model's plan. On the meta device the data is read but not
-    scanned (no fingerprint, no statistics; a mapped file is not read) and the model has no
-    weights; on the CPU its weights are initialised from the seed alone, as a hand-written script's
-    would be, whatever device it trains on. `normalization`: a resumed checkpoint's statistics."""
+def build(config: Config, *, to_train: bool = False, normalization: dict | None = None,
+          batch_size: int = 1, count_macs: bool = False) -> Parts:
+    """The loss, the data and the model's plan. `to_train`: the data is scanned (fingerprint,
+    statistics) and the model built on the CPU, its weights initialised from the seed alone, as a
+    hand-written script's would be, whatever device it trains on. Else the config is only checked:
+    the data is read but not scanned (a mapped file is not read), and the model planned as
+    `plan_to_check` does, for a batch of `batch_size` (MACs counted with `count_macs`).
+    `normalization`: a resumed checkpoint's statistics."""
     loss_fn = create_loss(config)  # first: the labels' checks depend on the loss
     check_metrics(config, takes_class_labels(config))
     data = None
     if config["data"] is not None:
-        data = load_data(config, normalization, scan=device != "meta")
+        data = load_data(config, normalization, scan=to_train)
     shape = _input_shape(config, data)
     seed_everything(config["seed"])
-    with (out_of_memory_as_error("building the model on the CPU", "`nncli summary` shows its size without "
-                                 "building it; use a smaller model, or a machine with more memory.")
-          if device != "meta" else contextlib.nullcontext()):
-        plan = plan_model(config, input_shape=shape, device=device)
+    if not to_train:
+        return Parts(loss_fn, data, plan_to_check(config, shape, batch_size, count_macs))
+    with out_of_memory_as_error("building the model on the CPU", "`nncli summary` shows its size without "
+                                "building it; use a smaller model, or a machine with more memory."):
+        plan = plan_model(config, input_shape=shape, device="cpu")
     return Parts(loss_fn, data, plan)
 
 
@@ -192,14 +196,16 @@ def warn_of_softmax_before_cross_entropy(config: Config, plan: ModelPlan) -> Non
                                   line=last.line, key=f"{last.path} ({last.type})", hint=hint)))
 
 
-def check_config(config: Config, processes: int = 1) -> tuple[ModelPlan, list[ParamGroup]]:
-    """Every check possible without training (`nncli validate`, and `--nproc` before it starts
-    its `processes`): phases 1-3 on the meta device, then the optimizer and its groups against the
-    model's parameters and the schedule. Without data the schedule is checked as if an epoch were
-    one step (a run takes at least that many). Returns the plan and the optimizer groups."""
+def check_config(config: Config, processes: int = 1, *, batch_size: int = 1,
+                 count_macs: bool = False) -> tuple[ModelPlan, list[ParamGroup]]:
+    """Every check possible without training (`nncli validate` and `summary`, and `--nproc`
+    before it starts its `processes`): phases 1-3 without training weights (see build), then the
+    optimizer and its groups against the model's parameters and the schedule. Without data the
+    schedule is checked as if an epoch were one step (a run takes at least that many). Returns the
+    plan (for a batch of `batch_size`, with MACs when `count_macs`) and the optimizer groups."""
     with located_errors(config):
         check_parallel(config["parallel"], processes)
-    parts = build(config)
+    parts = build(config, batch_size=batch_size, count_macs=count_macs)
     cross_check(config, parts)
     skip_dynamo()  # nothing is compiled here
     optimizer, groups = create_optimizer(parts.plan.model, config)
@@ -252,7 +258,7 @@ def prepare_run(config: Config, *, device: str | None = None, run_dir: Path | No
     configure_determinism(config["deterministic"], target_device)
     if config["data"] is None:
         raise config.error("the config has no 'data' section; add one, e.g. data: {source: digits}")
-    parts = build(config, device="cpu", normalization=normalization)
+    parts = build(config, to_train=True, normalization=normalization)
     cross_check(config, parts)
     with out_of_memory_as_error(f"moving the model and data to {target_device}",
                                 "The data and the model must fit in the device's memory together: "

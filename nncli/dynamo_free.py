@@ -9,7 +9,8 @@ run's whole process; the disable wrapper, tens of microseconds a step. With noth
 both are no-ops: a graph break outside a graph, dynamo disabled where it never runs.
 
 `skip_dynamo` removes them, for runs whose `compile` is off (prepare_run) and for checks that
-train nothing (check_config):
+train nothing (check_config); `skip_disable_wrappers` the first kind anywhere (summary's
+flop counter, a TorchDispatchMode whose `__torch_dispatch__` torch wraps the same way):
 - each `_disable_dynamo` wrapper is given what it caches on its function on first use,
   `fn.__dynamo_disable`, as `fn` itself: it then calls `fn` directly;
 - each optimizer class's `step` wrapper is replaced by the same wrapper without its two
@@ -42,10 +43,15 @@ _STEP_WRAPPER_NAMES = {"torch._dynamo", "cast", "Optimizer", "is_grad_enabled", 
 def skip_dynamo() -> int:
     """Let torch.optim run without torch._dynamo (see the module's docstring); returns how many of
     torch's wrappers now run without it (0 with a torch whose wrappers differ)."""
-    return _skip_disable_wrappers() + _skip_step_graph_breaks()
+    modules = [m for m in vars(torch.optim).values()
+               if isinstance(m, types.ModuleType) and m.__name__.startswith("torch.optim.")]
+    return skip_disable_wrappers([torch.optim.Optimizer, *modules]) + _skip_step_graph_breaks()
 
 
-def _skip_disable_wrappers() -> int:
+def skip_disable_wrappers(places: list) -> int:
+    """Give every `_disable_dynamo` wrapper found in `places` (modules and classes: their
+    functions, the classes they hold, and the wrappers those functions close over) its function
+    as what it caches, so that it calls the function directly; how many it was given to."""
     probe = torch._compile._disable_dynamo(lambda: None)
     code = getattr(probe, "__code__", None)
     if code is None or "__dynamo_disable" not in code.co_consts:
@@ -62,10 +68,12 @@ def _skip_disable_wrappers() -> int:
                 found.append(contents)
         return found
 
-    candidates = list(vars(torch.optim.Optimizer).values())
-    for module in vars(torch.optim).values():
-        if isinstance(module, types.ModuleType) and module.__name__.startswith("torch.optim."):
-            candidates += [f for f in vars(module).values() if isinstance(f, types.FunctionType)]
+    candidates = []
+    for place in places:
+        for value in vars(place).values():
+            candidates.append(value)
+            if isinstance(value, type) and isinstance(place, types.ModuleType):
+                candidates += list(vars(value).values())  # e.g. a dispatch mode's __torch_dispatch__
     skipped = 0
     for wrapper in (w for candidate in candidates for w in wrappers_in(candidate)):
         target = getattr(wrapper, "__wrapped__", None)
