@@ -150,6 +150,38 @@ def test_metrics_csv_keeps_the_rows_of_its_checkpoint(tmp_path):
     assert [r["epoch"] for r in metrics_rows(run)] == ["5"]
 
 
+ROWS_THEN_LAST = [(name, rows) for rows in range(1, 7) for name in ("metrics", "last")]
+
+
+@pytest.mark.parametrize("every, expected", [
+    (1, ROWS_THEN_LAST),
+    # the first row creates the file (atomically, so fsynced); epochs 2 and 3 are one fsync
+    (3, [("metrics", 1), ("metrics", 3), ("last", 3), ("metrics", 6), ("last", 6)]),
+])
+def test_metrics_rows_are_on_disk_before_the_checkpoint_that_counts_them(tmp_path, cli, monkeypatch,
+                                                                         every, expected):
+    """Rows are appended without an fsync each (on a small model one costs more than its epoch);
+    metrics.csv is fsynced once before each last.pt, never after it, so no checkpoint counts a row
+    a power cut could take."""
+    synced = []  # (file, the metrics rows it holds or counts) at each fsync of metrics.csv or last.pt
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))  # a write_atomic's is .<name>.<pid>.tmp
+        name = path.name.split(".")[1] if path.name.endswith(".tmp") else path.stem
+        if name == "metrics":
+            synced.append((name, len(path.read_text().splitlines()) - 1))
+        elif name == "last":
+            synced.append((name, torch.load(path, weights_only=True)["metrics_rows"]))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    text = TINY_REGRESSION.replace("epochs: 3", "epochs: 6") + f"checkpoint: {{every: {every}}}\n"
+    config = write_config(tmp_path, text, "run.yaml")
+    assert cli("train", str(config), "--out", str(tmp_path / "out"), "-q").exit_code == 0
+    assert synced == expected
+
+
 def _processes_running(marker: str) -> list[int]:
     """PIDs of processes whose command line holds `marker`."""
     found = []

@@ -41,6 +41,7 @@ class MetricsCsv(Reporter):
         rows, which a run killed after its last checkpoint left behind, are cut off."""
         self.path = run_dir / self.FILE
         self.columns = history_columns(history) if history else []
+        self.unsynced = False  # rows appended since the last fsync (see Reporter.sync)
         if history:  # else the first row written replaces the whole file
             write_text_atomic(_csv_text(self.columns, history, header=True), self.path)
 
@@ -52,10 +53,19 @@ class MetricsCsv(Reporter):
         try:
             with open(self.path, "a", encoding="utf-8", newline="") as f:
                 f.write(_csv_text(self.columns, [row], header=False))
-                f.flush()
+        except OSError as err:
+            raise RunError(f"cannot write {self.path}: {err.strerror or err}", file=str(self.path)) from None
+        self.unsynced = True
+
+    def sync(self) -> None:
+        if not self.unsynced:
+            return
+        try:
+            with open(self.path, "rb") as f:
                 os.fsync(f.fileno())
         except OSError as err:
             raise RunError(f"cannot write {self.path}: {err.strerror or err}", file=str(self.path)) from None
+        self.unsynced = False
 
 
 def read_history(path: Path, rows: int) -> list[dict] | None:

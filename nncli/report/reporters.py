@@ -31,6 +31,11 @@ class Reporter:
         """An epoch's `row` (metrics.csv's), the last of `history`, before the epoch's checkpoint
         is written: a logger writes it here, so that no checkpoint counts a row not yet written."""
 
+    def sync(self) -> None:
+        """A checkpoint is about to be written, counting the rows written so far: make them
+        durable (fsync) now. Rows are appended without an fsync each, which on a small model costs
+        more than its epoch; a checkpoint must never count a row that a power cut could take."""
+
     def epoch_end(self, row: dict, improved: bool) -> None:
         """The epoch ended with `row` and its checkpoints are written; `improved`: it is the best
         so far."""
@@ -60,6 +65,10 @@ class Reporters(Reporter):
     def epoch_row(self, row: dict, history: list[dict]) -> None:
         for reporter in self.reporters:
             reporter.epoch_row(row, history)
+
+    def sync(self) -> None:
+        for reporter in self.reporters:
+            reporter.sync()
 
     def epoch_end(self, row: dict, improved: bool) -> None:
         for reporter in self.reporters:

@@ -19,6 +19,7 @@ from nncli.config.yamlio import to_plain
 from nncli.files import write_atomic, write_text_atomic
 from nncli.optim.optimizers import optimizer_state_problem
 from nncli.report.loggers import read_history
+from nncli.report.reporters import Reporters
 from nncli.run.checkpoint import (
     FORMAT,
     capture_rng,
@@ -80,6 +81,7 @@ def save_checkpoints(run: Run, best: bool, force: bool = False) -> None:
     # best.pt and epoch_<N>.pt before last.pt: a crash between the writes then replays this
     # epoch on resume, which writes them again, instead of leaving best.pt an epoch behind.
     data = checkpoint_bytes(ckpt)  # serialised once for every file that holds this epoch
+    Reporters(run.loggers).sync()  # the rows this checkpoint counts, on disk before it
     if write_last and run.pending_best is not None:
         write_atomic(data if run.pending_best is ckpt else checkpoint_bytes(run.pending_best),
                      run.run_dir / "best.pt")
