@@ -496,6 +496,43 @@ def test_plan_allocates_no_weights():
     assert p.output_shape == (1, 10)
 
 
+def _plan_facts(plan) -> list:
+    return [(p.path, p.type, p.output_shape, p.params, p.macs, p.activation_bytes) for p in plan.walk()]
+
+
+@pytest.mark.parametrize("name, shape", [("digits_cnn.yaml", (1, 8, 8)), ("resnet18.yaml", None)])
+def test_the_check_plans_a_small_model_on_the_cpu_and_a_large_one_on_meta(name, shape):
+    """validate and summary check shapes with plan_to_check: a model under its 4M-element budget
+    on the CPU (faster than the meta device's first use), ResNet-18 (11.7M parameters) on meta;
+    both give the plan the meta device gives, MACs included."""
+    from nncli.model.plan import plan_to_check
+
+    config = nncli.load_config(CONFIGS / name)
+    checked = plan_to_check(config, shape, batch_size=2, count_macs=True)
+    on_meta = nncli.plan_model(config, shape, batch_size=2, count_macs=True)
+    assert _plan_facts(checked) == _plan_facts(on_meta)
+    devices = {param.device.type for param in checked.model.parameters()}
+    assert devices == ({"cpu"} if name == "digits_cnn.yaml" else {"meta"})
+
+
+def test_a_huge_layer_is_checked_on_meta_without_allocating_it(tmp_path):
+    """A 10-billion-parameter Linear (40 GB) is refused by the CPU pass's budget before torch
+    allocates it, and planned on meta: validate answers at once."""
+    from nncli.model.plan import plan_to_check
+
+    path = write_config(tmp_path, """
+        model:
+          input_shape: [100000]
+          layers:
+            - {type: Linear, out_features: 100000}
+            - ReLU
+            - {type: Linear, out_features: 10}
+        """)
+    plan = plan_to_check(nncli.load_config(path))
+    assert plan.output_shape == (1, 10) and all(p.is_meta for p in plan.model.parameters())
+    assert sum(p.params for p in plan.layers) == 100000 * 100000 + 100000 + 100000 * 10 + 10
+
+
 # --- public API and YAML details ----------------------------------------------------------------
 
 def test_public_api_names():

@@ -39,6 +39,7 @@ if not REFERENCE_LOOP.is_file():
 SHIPPED_HEADERS = {
     "csv_regression.yaml": "epoch,train_loss,val_loss,val_mae,val_rmse,val_r2,lr_0,time_s",
     "digits_cnn.yaml": "epoch,train_loss,val_loss,val_accuracy,lr_0,time_s",
+    "digits_inception_se.yaml": "epoch,train_loss,val_loss,val_accuracy,lr_0,time_s",
     "digits_mlp.yaml": "epoch,train_loss,val_loss,val_accuracy,val_top3,lr_0,time_s",
     "linear_regression.yaml": "epoch,train_loss,lr_0,time_s",  # val_split: 0
     # 2 named groups

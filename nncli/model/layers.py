@@ -3,8 +3,9 @@ and the user's layers added with `register_layer`.
 
 Each entry carries the facts about its layer that nncli needs: which constructor arguments it
 can infer from the shape flowing in (`in_channels`, `in_features`, ...), nncli's defaults that
-differ from torch's (`batch_first: true`), whether it is a block (takes `layers:`), takes token
-ids, or takes a recurrent layer's (output, state) tuple. A new layer is one entry.
+differ from torch's (`batch_first: true`), whether it is a block (the spec keys it takes, such as
+`layers:`, and how its paths merge), takes token ids, or takes a recurrent layer's (output, state)
+tuple. A new layer is one entry.
 """
 from __future__ import annotations
 
@@ -72,11 +73,18 @@ class LayerEntry:
     source: str  # "torch.nn", "nncli" or "plugin"
     infer: dict[str, Inference] = field(default_factory=dict)
     defaults: dict[str, Any] = field(default_factory=dict)  # nncli's defaults that differ from torch's
-    is_block: bool = False  # takes `layers:` (Sequential, Residual)
-    adds_input: bool = False  # a block whose input is added to its output: shapes must match
+    # a block's own spec keys (beyond name, repeat, copies, trainable), each with what it holds, for
+    # the shape plan and `nncli layers`; empty for a layer
+    block_keys: dict[str, str] = field(default_factory=dict)
+    adds_input: bool = False  # a block whose body is added to its input (or shortcut): shapes must match
+    merges_branches: bool = False  # a block whose input goes through each branch, the outputs merged
     takes_token_ids: bool = False  # its input is integer indices (Embedding), numbers otherwise
     takes_state: bool = False  # takes a recurrent layer's (output, state) tuple
     fused_on_cpu: bool = False  # one CPU kernel that torch's flop counter does not see: MACs counted on meta
+
+    @property
+    def is_block(self) -> bool:
+        return bool(self.block_keys)
 
 
 # Arguments that are sizes, in every layer that has them: every number in them must be positive.
@@ -84,7 +92,7 @@ SIZE_ARGUMENTS = {"in_channels", "out_channels", "kernel_size", "in_features", "
                   "num_features", "num_channels", "num_groups", "hidden_size", "input_size",
                   "num_layers", "embedding_dim", "num_embeddings", "d_model", "nhead",
                   "dim_feedforward", "embed_dim", "num_heads", "output_size", "stride",
-                  "dilation", "normalized_shape", "upscale_factor", "downscale_factor"}
+                  "dilation", "normalized_shape", "upscale_factor", "downscale_factor", "groups"}
 
 
 CATEGORY_BY_TORCH_MODULE = {
@@ -153,9 +161,27 @@ def _load_builtin_layers(registry: Registry) -> None:
         registry.add(name, LayerEntry(name, obj, category, "torch.nn", infer, defaults,
                                       takes_token_ids=name in TOKEN_ID_LAYERS,
                                       fused_on_cpu=name in FUSED_ON_CPU))
-    registry.add("Sequential", LayerEntry("Sequential", nn.Sequential, "blocks", "torch.nn", is_block=True))
-    registry.add("Residual", LayerEntry("Residual", blocks.Residual, "blocks", "nncli", is_block=True,
+    # a block's keys, with what each holds (`nncli layers Residual` shows them)
+    layers = "its layers, a list or a mapping from name to layer, like model.layers"
+    residual = {
+        "layers": f"the body: {layers}",
+        "shortcut": "what the input goes through before it is added (default: nothing): a layer, a list "
+                    "of layers, or {name: downsample, layers: [...]} to name it (default name: shortcut)",
+        "post": "a layer applied after the sum, e.g. ReLU (named post, or {name: ..., type: ...})",
+    }
+    branches = {
+        "branches": "the paths the input goes through: a mapping from name to a layer or a list of "
+                    "layers (Identity: the input itself)",
+        "merge": "concat (the default), add, or mul (broadcasting: a gate of shape [C, 1, 1] scales "
+                 "each channel)",
+        "dim": "concat's dimension of one sample: 0 (the default) is the channels, -1 the last",
+    }
+    registry.add("Sequential", LayerEntry("Sequential", nn.Sequential, "blocks", "torch.nn",
+                                          block_keys={"layers": layers}))
+    registry.add("Residual", LayerEntry("Residual", blocks.Residual, "blocks", "nncli", block_keys=residual,
                                         adds_input=True))
+    registry.add("Branches", LayerEntry("Branches", blocks.Branches, "blocks", "nncli", block_keys=branches,
+                                        merges_branches=True))
     for cls in (blocks.Reshape, blocks.Permute):
         registry.add(cls.__name__, LayerEntry(cls.__name__, cls, "reshape", "nncli"))
     registry.add("SequenceOutput", LayerEntry("SequenceOutput", blocks.SequenceOutput, "reshape", "nncli",

@@ -36,12 +36,15 @@ from nncli.arguments import (
     type_hints,
 )
 from nncli.config import Config
-from nncli.config.yamlio import line_of, to_plain
+from nncli.config.yamlio import YamlList, YamlMap, line_of, to_plain
 from nncli.dynamo_free import skip_disable_wrappers
 from nncli.errors import ConfigError, did_you_mean, first_line, is_out_of_memory
+from nncli.model.blocks import MERGES
 from nncli.model.layers import LAYERS, SIZE_ARGUMENTS, LayerEntry
 
-SPEC_KEYS = {"type", "name", "args", "repeat", "layers", "trainable"}
+# The keys of every layer's spec that are not its arguments; a block's own keys (layers, shortcut,
+# branches, ...) are on its registry entry.
+SPEC_KEYS = {"type", "name", "args", "repeat", "copies", "trainable"}
 
 
 @dataclass
@@ -142,8 +145,12 @@ class _Planner:
 
     # -- reading specs ------------------------------------------------------------------------
 
-    def items(self, layers: Any, line: int | None, where: str) -> list[tuple[str, Any, int | None]]:
-        """The three forms of `layers:` as (name, spec, line), with `repeat:` expanded."""
+    def items(self, layers: Any, line: int | None, parent: str, noun: str = "layers",
+              where: str | None = None) -> list[tuple[str, Any, int | None]]:
+        """The forms of `layers:` (a list, or a mapping from name to layer) as (name, spec, line),
+        with `repeat:` expanded and each copy's `copies:` changes applied. `noun` is what the items
+        are and `where` what holds them, for messages."""
+        where = where or parent or "model.layers"
         if isinstance(layers, dict):
             raw = [(str(name), spec, line_of(layers, name), True) for name, spec in layers.items()]
         elif isinstance(layers, list):
@@ -155,30 +162,106 @@ class _Planner:
                                     where)
                 raw.append((str(spec["name"]) if named else None, spec, line_of(layers, i), named))
         else:
-            raise self.fail("expected a list of layers or a mapping from name to layer",
+            raise self.fail(f"expected a list of {noun} or a mapping from name to {noun[:-1]}",
                             line, where)
         if not raw:
-            raise self.fail("has no layers; add at least one", line, where)
+            raise self.fail(f"has no {noun}; add at least one", line, where)
         out, seen = [], {}
         for name, spec, spec_line, named in raw:
             repeat = spec.get("repeat", 1) if isinstance(spec, dict) else 1
             if not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 1:
                 raise self.fail(f"repeat must be a positive integer, got {repeat!r}",
                                 line_of(spec, "repeat"), where)
+
+            def where_of(full: str) -> str:  # a copy, for messages about its copies: changes
+                return f"{f'{parent}.' if parent else ''}{full} ({spec.get('type')})"
+
+            copies = {}
+            if isinstance(spec, dict) and "copies" in spec:
+                copies = self.copies_of(spec, repeat, where_of(name if named else str(len(out))))
             for copy in range(repeat):
                 if named:
                     full = name if repeat == 1 else f"{name}_{copy}"
                 else:
                     full = str(len(out))
-                if not full or "." in full:
-                    raise self.fail(f"layer name '{full}' must be non-empty and contain no '.'",
-                                    spec_line, where)
+                self.check_name(full, spec_line, where)
                 if full in seen:
                     raise self.fail(f"layer name '{full}' is used twice (first on line "
                                     f"{seen[full]}); names must be unique", spec_line, where)
                 seen[full] = spec_line
-                out.append((full, spec, spec_line))
+                if copy in copies:
+                    out.append((full, self.changed_copy(spec, copy, copies[copy], where_of(full)), spec_line))
+                else:
+                    out.append((full, spec, spec_line))
         return out
+
+    def check_name(self, name: str, line: int | None, where: str) -> None:
+        if not name or "." in name:
+            raise self.fail(f"layer name '{name}' must be non-empty and contain no '.'", line, where)
+
+    def copies_of(self, spec: dict, repeat: int, where: str) -> dict[int, dict]:
+        """A repeated layer's `copies:`, checked: the changes of each copy, by its number."""
+        copies, line = spec["copies"], line_of(spec, "copies")
+        example = "e.g. copies: {0: {layers.conv1.stride: 2}}"
+        if not isinstance(copies, dict) or not copies:
+            raise self.fail(f"copies must be a mapping from a copy's number to its changes ({example}), "
+                            f"got {to_plain(copies)!r}", line, where)
+        out = {}
+        for number, changes in copies.items():
+            at = line_of(copies, number) or line
+            index = int(number) if isinstance(number, str) and number.isdigit() else number
+            if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < repeat:
+                made = ("copy 0 only" if repeat == 1
+                        else f"copies 0 {'and' if repeat == 2 else 'to'} {repeat - 1}")
+                raise self.fail(f"copies: {number!r} is not a copy: repeat: {repeat} makes {made}", at, where)
+            if not isinstance(changes, dict) or not changes:
+                raise self.fail(f"copies: {index}: expected a mapping from dotted keys (as --set's, "
+                                f"relative to this layer) to values ({example}), got {to_plain(changes)!r}",
+                                at, where)
+            out[index] = changes
+        return out
+
+    def changed_copy(self, spec: dict, copy: int, changes: dict, where: str) -> dict:
+        """The spec of copy `copy`: the layer's spec with each dotted key of `changes` set (a key
+        says where, as `--set` does: `layers.conv1.stride`, `shortcut`, `type`). A value set here
+        is blamed on its own line."""
+        spec = _fresh_copy(spec)  # YAML aliases share objects: this copy's changes stay its own
+        for key, value in changes.items():
+            line = line_of(changes, key)
+            parts = str(key).split(".")
+            if any(not part for part in parts):
+                raise self.fail(f"copies: {copy}: '{key}' must be a dotted key like layers.conv1.stride",
+                                line, where)
+            if parts[0] in ("name", "repeat", "copies"):
+                raise self.fail(f"copies: {copy}: '{parts[0]}' is the same for every copy; it cannot "
+                                "change per copy", line, where)
+            node: Any = spec
+            for depth, part in enumerate(parts):
+                at = ".".join(parts[:depth]) or "the layer"
+                if isinstance(node, list):
+                    if not part.isdigit() or int(part) >= len(node):
+                        raise self.fail(f"copies: {copy}: '{key}': {at} is a list of {len(node)}; use an "
+                                        f"index from 0 to {len(node) - 1}", line, where)
+                    index: Any = int(part)
+                elif isinstance(node, dict):
+                    index = _key_in(node, part)
+                    if index is None and depth < len(parts) - 1:
+                        names = [str(k) for k in node]
+                        raise self.fail(f"copies: {copy}: '{key}': {at} has no key '{part}' (it has: "
+                                        f"{', '.join(names)})", line, where, did_you_mean(part, names))
+                    index = part if index is None else index
+                else:
+                    raise self.fail(f"copies: {copy}: '{key}': {at} is {to_plain(node)!r}, which has no "
+                                    f"'{part}'", line, where)
+                if depth == len(parts) - 1:
+                    node[index] = _fresh_copy(value)
+                    _set_line(node, index, line)
+                    break
+                child = node[index]
+                if isinstance(child, str) and child in LAYERS:  # a bare layer name is {type: NAME}
+                    child = node[index] = _yaml_map({"type": child}, line_of(node, index))
+                node = child
+        return spec
 
     def entry_of(self, spec: Any, line: int | None, where: str) -> tuple[str, LayerEntry]:
         if isinstance(spec, str):
@@ -205,54 +288,183 @@ class _Planner:
 
     # -- the walk -----------------------------------------------------------------------------
 
-    def plan_sequence(self, layers: Any, line: int | None, parent: str, depth: int,
-                      x: Any) -> tuple[list[LayerPlan], list[nn.Module], Any]:
-        plans, modules, prev_plan, prev_module = [], [], None, None
-        for name, spec, spec_line in self.items(layers, line, parent or "model.layers"):
-            path = f"{parent}.{name}" if parent else name
-            type_name, entry = self.entry_of(spec, spec_line, path)
-            where = f"{path} ({type_name})"
-            options = spec if isinstance(spec, dict) else {}
-            plan = LayerPlan(name, path, type_name, spec_line, entry, depth=depth,
-                             trainable=options.get("trainable", True), input_shape=_shape_of(x))
-            if not isinstance(plan.trainable, bool):
-                raise self.fail(f"trainable must be true or false, got {plan.trainable!r}",
-                                line_of(options, "trainable"), where)
-            if entry.is_block:
-                module, x = self.plan_block(plan, options, x, where)
-            else:
-                module, x = self.plan_leaf(plan, options, x, where, prev_plan, prev_module)
-            plan.output_shape = _shape_of(x)
-            plan.params = sum(p.numel() for p in module.parameters())
-            if not plan.trainable:
-                module.requires_grad_(False)
-                for inner in plan.walk():  # a frozen block freezes all it holds
-                    inner.trainable_params = 0
-            plan.trainable_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    def plan_sequence(self, layers: Any, line: int | None, parent: str, depth: int, x: Any,
+                      prev: tuple[LayerPlan | None, nn.Module | None] = (None, None),
+                      ) -> tuple[list[LayerPlan], list[nn.Module], Any]:
+        """Layers one after the other; `prev` is the layer before the first (None: the model's input)."""
+        plans, modules = [], []
+        for name, spec, spec_line in self.items(layers, line, parent):
+            plan, module, x = self.plan_layer(name, spec, spec_line, parent, depth, x, prev)
             plans.append(plan)
             modules.append(module)
-            prev_plan, prev_module = plan, module
+            prev = (plan, module)
         return plans, modules, x
 
-    def plan_block(self, plan: LayerPlan, options: dict, x: Any, where: str) -> tuple[nn.Module, Any]:
-        extra = set(options) - SPEC_KEYS
+    def plan_layer(self, name: str, spec: Any, line: int | None, parent: str, depth: int, x: Any,
+                   prev: tuple[LayerPlan | None, nn.Module | None]) -> tuple[LayerPlan, nn.Module, Any]:
+        """One layer or block named `name` inside `parent`, given `x`: its plan, module and output."""
+        path = f"{parent}.{name}" if parent else name
+        type_name, entry = self.entry_of(spec, line, path)
+        where = f"{path} ({type_name})"
+        options = spec if isinstance(spec, dict) else {}
+        plan = LayerPlan(name, path, type_name, line, entry, depth=depth,
+                         trainable=options.get("trainable", True), input_shape=_shape_of(x))
+        if not isinstance(plan.trainable, bool):
+            raise self.fail(f"trainable must be true or false, got {plan.trainable!r}",
+                            line_of(options, "trainable"), where)
+        if entry.is_block:
+            module, x = self.plan_block(plan, options, x, where, prev)
+        else:
+            module, x = self.plan_leaf(plan, options, x, where, *prev)
+        plan.output_shape = _shape_of(x)
+        plan.params = sum(p.numel() for p in module.parameters())
+        if not plan.trainable:
+            module.requires_grad_(False)
+            for inner in plan.walk():  # a frozen block freezes all it holds
+                inner.trainable_params = 0
+        plan.trainable_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        return plan, module, x
+
+    def plan_block(self, plan: LayerPlan, options: dict, x: Any, where: str,
+                   prev: tuple[LayerPlan | None, nn.Module | None]) -> tuple[nn.Module, Any]:
+        keys = plan.entry.block_keys
+        extra = sorted(set(options) - SPEC_KEYS - set(keys), key=str)
         if extra:
-            key = sorted(extra)[0]
-            raise self.fail(f"a {plan.type} block takes only 'layers' (and name, repeat, "
-                            f"trainable), not '{key}'", line_of(options, key), where)
+            key = extra[0]
+            raise self.fail(f"a {plan.type} block takes {', '.join(repr(k) for k in keys)} (and name, "
+                            f"repeat, copies, trainable), not '{key}'", line_of(options, key), where,
+                            did_you_mean(key, keys) or f"Run `nncli layers {plan.type}` for what each holds.")
+        if plan.entry.merges_branches:
+            module, x = self.plan_branches(plan, options, x, where, prev)
+        else:
+            module, x = self.plan_body(plan, options, x, where, prev)
+        plan.macs = sum(c.macs for c in plan.children)
+        return module, x
+
+    def plan_body(self, plan: LayerPlan, options: dict, x: Any, where: str,
+                  prev: tuple[LayerPlan | None, nn.Module | None]) -> tuple[nn.Module, Any]:
+        """A Sequential's layers; a Residual's too (its body), then the shortcut, the sum and `post`."""
         if "layers" not in options:
             raise self.fail(f"a {plan.type} block needs 'layers:'", plan.line, where)
         block_in = x
         plan.children, modules, x = self.plan_sequence(options["layers"], line_of(options, "layers"),
-                                                       plan.path, plan.depth + 1, x)
-        module = plan.entry.factory(OrderedDict((c.name, m) for c, m in zip(plan.children, modules)))
-        if plan.entry.adds_input:
-            if not isinstance(x, torch.Tensor) or x.shape != block_in.shape:
-                raise self.fail(f"the block changes the shape from {describe_shape(_shape_of(block_in))} "
-                                f"to {describe_shape(_shape_of(x))}, but a Residual adds its input to "
-                                "its output, so they must match", plan.line, where)
-        plan.macs = sum(c.macs for c in plan.children)
-        return module, x
+                                                       plan.path, plan.depth + 1, x, prev)
+        body = OrderedDict((c.name, m) for c, m in zip(plan.children, modules))
+        if not plan.entry.adds_input:
+            return plan.entry.factory(body), x
+        extras: dict[str, Any] = {}
+        shortcut, skip = None, block_in
+        if "shortcut" in options:
+            shortcut, extras["shortcut"], skip = self.plan_path(plan, options, "shortcut", block_in, prev)
+            extras["shortcut_name"] = shortcut.name
+        self.check_sum(plan, block_in, x, shortcut, skip, where)
+        x = x + skip
+        if "post" in options:
+            post, extras["post"], x = self.plan_path(plan, options, "post", x, (plan, None))
+            extras["post_name"] = post.name
+        return plan.entry.factory(body, **extras), x
+
+    def plan_path(self, block: LayerPlan, options: dict, key: str, x: Any,
+                  prev: tuple[LayerPlan | None, nn.Module | None]) -> tuple[LayerPlan, nn.Module, Any]:
+        """The path a block's `key` gives (a layer, a list of layers, or {name: ..., layers: [...]}),
+        planned as the block's next child, named `key` unless it says `name:`."""
+        value, line, where = options[key], line_of(options, key), f"{block.path} ({block.type})"
+        name = value.get("name", key) if isinstance(value, dict) else key
+        if not isinstance(name, (str, int)) or isinstance(name, bool):
+            raise self.fail(f"{key}: name must be a text, got {name!r}", line_of(value, "name"), where)
+        name = str(name)
+        self.check_name(name, line, where)
+        if isinstance(value, dict) and ("repeat" in value or "copies" in value):
+            raise self.fail(f"{key}: repeat and copies belong to an item of a list of layers; give {key} "
+                            "a list of layers instead", line, where)
+        taken = next((c for c in block.children if c.name == name), None)
+        if taken is not None:
+            raise self.fail(f"layer name '{name}' is used twice (first on line {taken.line}); names must be "
+                            f"unique", line, where, hint=f"Rename it: {key}: {{name: ..., ...}}.")
+        plan, module, out = self.plan_layer(name, _as_layer_spec(value, line), line, block.path,
+                                            block.depth + 1, x, prev)
+        block.children.append(plan)
+        return plan, module, out
+
+    def check_sum(self, plan: LayerPlan, block_in: Any, out: Any, shortcut: LayerPlan | None, skip: Any,
+                  where: str) -> None:
+        """A Residual adds its body's output to its shortcut's (or its input): the shapes must match."""
+        if isinstance(out, torch.Tensor) and isinstance(skip, torch.Tensor) and out.shape == skip.shape:
+            return
+        got_in, got_out = _shape_of(block_in), _shape_of(out)
+        projection = _projection(got_in, got_out)
+        if shortcut is None:
+            raise self.fail(f"the block changes the shape from {describe_shape(got_in)} to "
+                            f"{describe_shape(got_out)}, but a Residual adds its input to its output, so "
+                            "they must match", plan.line, where,
+                            hint=f"Give it a shortcut that makes the input that shape: shortcut: {projection}"
+                                 if projection else "Make the body keep the shape, or give it a shortcut.")
+        raise self.fail(f"its body gives {describe_shape(got_out)} but its shortcut {shortcut.path} gives "
+                        f"{describe_shape(_shape_of(skip))} (from the input {describe_shape(got_in)}); a "
+                        "Residual adds them, so they must match", shortcut.line, where,
+                        hint=f"A shortcut from the input to the body's shape: {projection}" if projection
+                        else None)
+
+    def plan_branches(self, plan: LayerPlan, options: dict, x: Any, where: str,
+                      prev: tuple[LayerPlan | None, nn.Module | None]) -> tuple[nn.Module, Any]:
+        """Each branch on the same input, then the merge of their outputs."""
+        if "branches" not in options:
+            raise self.fail(f"a {plan.type} block needs 'branches:', e.g. branches: {{conv: [...], skip: "
+                            "Identity}", plan.line, where)
+        merge, dim = options.get("merge", "concat"), options.get("dim", 0)
+        if merge not in MERGES:
+            raise self.fail(f"merge must be one of {', '.join(MERGES)}, got {to_plain(merge)!r}",
+                            line_of(options, "merge"), where,
+                            did_you_mean(merge, MERGES) if isinstance(merge, str) else None)
+        if "dim" in options and merge != "concat":
+            raise self.fail(f"dim is for merge: concat; a merge by {merge} takes none",
+                            line_of(options, "dim"), where)
+        if not isinstance(dim, int) or isinstance(dim, bool):
+            raise self.fail(f"dim must be an integer (0: the channels, -1: the last dimension), got "
+                            f"{to_plain(dim)!r}", line_of(options, "dim"), where)
+        plan.children, modules, outputs = [], [], []
+        for name, spec, line in self.items(options["branches"], line_of(options, "branches"), plan.path,
+                                           noun="branches", where=where):
+            child, module, out = self.plan_layer(name, _as_layer_spec(spec, line), line, plan.path,
+                                                 plan.depth + 1, x, prev)
+            if not isinstance(out, torch.Tensor):
+                raise self.fail(f"branch {child.path} gives a tuple (output, hidden state), not a tensor",
+                                line, where, hint="End the branch with SequenceOutput or LastStep.")
+            plan.children.append(child)
+            modules.append(module)
+            outputs.append(out)
+        self.check_merge(plan, merge, dim, outputs, options, where)
+        module = plan.entry.factory(OrderedDict((c.name, m) for c, m in zip(plan.children, modules)),
+                                    merge=merge, dim=dim)
+        return module, module.combine(outputs)
+
+    def check_merge(self, plan: LayerPlan, merge: str, dim: int, outputs: list[torch.Tensor], options: dict,
+                    where: str) -> None:
+        """The branches' outputs against the merge: concat needs every dimension but `dim` equal, add
+        equal shapes, mul shapes that broadcast."""
+        first = tuple(outputs[0].shape)
+        for child, out in zip(plan.children[1:], outputs[1:]):
+            shape = tuple(out.shape)
+            if merge == "concat":
+                at = dim + 1 if dim >= 0 else len(first) + dim
+                fits = len(shape) == len(first) and all(a == b for i, (a, b) in enumerate(zip(first, shape))
+                                                       if i != at)
+                how = (f"concatenated along dim {dim}{' (the channels)' if dim == 0 else ''}: every other "
+                       "dimension must match")
+            elif merge == "add":
+                fits, how = shape == first, "added: add takes equal shapes"
+            else:
+                fits, how = _broadcasts(first, shape), ("multiplied: mul takes shapes that broadcast (each "
+                                                        "dimension equal, or 1 in one of them)")
+            if not fits:
+                raise self.fail(f"branch {plan.children[0].path} gives {describe_shape(first)} and branch "
+                                f"{child.path} gives {describe_shape(shape)}, which cannot be {how}",
+                                child.line, where)
+        rank = len(first) - 1  # of one sample
+        if merge == "concat" and not 0 <= (dim if dim >= 0 else rank + dim) < rank:
+            raise self.fail(f"dim {dim} is not a dimension of the samples {list(first[1:])} that the "
+                            f"branches give; use 0 to {rank - 1}, or -1 to {-rank}",
+                            line_of(options, "dim") or plan.line, where)
 
     def plan_leaf(self, plan: LayerPlan, options: dict, x: Any, where: str,
                   prev_plan: LayerPlan | None, prev_module: nn.Module | None) -> tuple[nn.Module, Any]:
@@ -264,7 +476,8 @@ class _Planner:
                             hint="Put SequenceOutput (keep the sequence) or LastStep (keep the last "
                                  "time step) after a recurrent layer.")
         if "layers" in options:
-            raise self.fail(f"only Sequential and Residual take 'layers:', not {plan.type}",
+            blocks = [name for name, other in LAYERS.items() if "layers" in other.block_keys]
+            raise self.fail(f"only {' and '.join(blocks)} take 'layers:', not {plan.type}",
                             line_of(options, "layers"), where)
         sample_shape = tuple(x[0].shape[1:] if isinstance(x, tuple) else x.shape[1:])
         bound = self.bind_arguments(plan, options, sample_shape, prev_module, source, where)
@@ -315,12 +528,18 @@ class _Planner:
         """Check the layer's arguments against its signature and fill in the inferred ones."""
         entry = plan.entry
         signature = signature_of(entry.factory)
-        kwargs = {k: as_argument(v) for k, v in options.items() if k not in SPEC_KEYS}
         args = options.get("args", [])
         if not isinstance(args, list):
             raise self.fail(f"args must be a list of positional arguments, got {args!r}",
                             line_of(options, "args"), where)
-        args = [as_argument(a) for a in args]
+
+        def resolved(given: Any) -> Any:  # `groups: in_channels`: what this layer infers for in_channels
+            if isinstance(given, str) and given in entry.infer:
+                return entry.infer[given].compute(sample_shape, prev_module, None)
+            return as_argument(given)
+
+        kwargs = {k: resolved(v) for k, v in options.items() if k not in SPEC_KEYS}
+        args = [resolved(a) for a in args]
         if signature is None:
             return _FreeArguments(args, kwargs)
         params = signature.parameters
@@ -365,8 +584,12 @@ class _Planner:
             if has_nan(value):
                 raise self.fail(f"argument '{arg}' cannot be NaN, got {_plain(value)!r}", line, where)
             if hint is not None and not all(fits_annotation(item, hint) for item in items):
+                named = None  # `groups: in_channel`: a misspelt name of what the layer infers
+                if isinstance(value, str) and entry.infer:
+                    named = did_you_mean(value, entry.infer) or (f"A size may also name what {plan.type} "
+                                                                 f"infers: {', '.join(entry.infer)}.")
                 raise self.fail(f"argument '{arg}' expects {describe_annotation(hint)}, "
-                                f"got {_plain(value)!r}", line, where)
+                                f"got {_plain(value)!r}", line, where, named)
             if arg in SIZE_ARGUMENTS and not _all_positive(value):
                 raise self.fail(f"argument '{arg}' is a size and must be positive, got {_plain(value)!r}",
                                 line, where)
@@ -383,6 +606,88 @@ class _FreeArguments:
 
     def __init__(self, args: list, kwargs: dict) -> None:
         self.args, self.kwargs, self.arguments = tuple(args), kwargs, kwargs
+
+
+def _fresh_copy(value: Any) -> Any:
+    """A deep copy of a spec that keeps its lines, and shares nothing (not even what YAML aliases share)."""
+    if isinstance(value, dict):
+        copy = YamlMap((k, _fresh_copy(v)) for k, v in value.items())
+        copy.line, copy.key_lines = getattr(value, "line", 0), dict(getattr(value, "key_lines", {}))
+        return copy
+    if isinstance(value, list):
+        copy = YamlList(_fresh_copy(v) for v in value)
+        copy.line, copy.item_lines = getattr(value, "line", 0), list(getattr(value, "item_lines", []))
+        return copy
+    return value
+
+
+def _yaml_map(values: dict, line: int | None) -> YamlMap:
+    """A mapping made here (not read from the file) whose keys are blamed on `line`."""
+    made = YamlMap(values)
+    made.line, made.key_lines = line or 0, {k: line or 0 for k in values}
+    return made
+
+
+def _key_in(mapping: dict, part: str) -> Any:
+    """The key of `mapping` that a dotted key's `part` names: itself, or the number it spells
+    (YAML reads the key `0:` as an integer); None when there is none."""
+    if part in mapping:
+        return part
+    if part.lstrip("-").isdigit() and int(part) in mapping:
+        return int(part)
+    return None
+
+
+def _set_line(container: Any, key: Any, line: int | None) -> None:
+    if line and isinstance(container, YamlMap):
+        container.key_lines = {**getattr(container, "key_lines", {}), key: line}
+    elif line and isinstance(container, YamlList) and len(getattr(container, "item_lines", [])) > key:
+        container.item_lines[key] = line
+
+
+def _as_layer_spec(value: Any, line: int | None) -> Any:
+    """A block's path as one layer: a list of layers, or a mapping with `layers:` and no type, is a
+    Sequential of them."""
+    if isinstance(value, list):
+        spec = _yaml_map({"type": "Sequential", "layers": value}, line)
+        spec.key_lines["layers"] = getattr(value, "line", 0) or line or 0
+        return spec
+    if isinstance(value, dict) and "type" not in value and "layers" in value:
+        spec = _fresh_copy(value)
+        spec["type"] = "Sequential"
+        _set_line(spec, "type", line)
+        return spec
+    return value
+
+
+def _projection(shape_in: Any, shape_out: Any) -> str | None:
+    """A shortcut, as YAML, that turns a batch of `shape_in` into `shape_out` when one layer can: a
+    Linear when only the features differ, else a 1x1 convolution (with the stride that shrinks the
+    input as the body does) and a BatchNorm."""
+    if not (isinstance(shape_in, tuple) and isinstance(shape_out, tuple)) or len(shape_in) != len(shape_out) \
+            or not all(isinstance(d, int) for d in (*shape_in, *shape_out)):
+        return None
+    rank = len(shape_in)
+    if rank in (2, 3) and shape_in[:-1] == shape_out[:-1]:
+        return f"{{type: Linear, out_features: {shape_out[-1]}}}"
+    if rank not in (3, 4, 5):
+        return None
+    sizes = list(zip(shape_in[2:], shape_out[2:]))
+    stride = next((s for s in range(1, max(i for i, _ in sizes) + 1)
+                   if all((i - 1) // s + 1 == o for i, o in sizes)), None)
+    if stride is None:
+        return None
+    n = rank - 2
+    return (f"[{{type: Conv{n}d, out_channels: {shape_out[1]}, kernel_size: 1"
+            f"{f', stride: {stride}' if stride > 1 else ''}, bias: false}}, BatchNorm{n}d]")
+
+
+def _broadcasts(a: tuple, b: tuple) -> bool:
+    try:
+        torch.broadcast_shapes(a, b)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _plain(value: Any) -> Any:
@@ -439,8 +744,9 @@ def _macs_on_meta(module: nn.Module, x: torch.Tensor) -> int:
 
 
 # A model whose shape pass creates fewer elements than this (its parameters and buffers, and the
-# outputs of one batch's forward pass: 256 MB of float32) is planned on the CPU to be checked.
-CPU_PLAN_ELEMENTS = 1 << 26
+# outputs of one batch's forward pass: 16 MB of float32) is planned on the CPU to be checked; a
+# larger one (ResNet-18 already) on the meta device, so that checking never takes real memory.
+CPU_PLAN_ELEMENTS = 1 << 22
 
 
 class _OverBudget(BaseException):

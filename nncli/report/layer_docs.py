@@ -33,7 +33,11 @@ def print_layer(name: str, console: Console) -> None:
     if intro:
         console.print(intro)
     if entry.is_block:
-        console.print("A block: give its layers with `layers:` (list or mapping), like `model.layers`.")
+        table = Table("Key", "Holds")
+        for key, holds in entry.block_keys.items():
+            table.add_row(f"{key}:", holds)
+        console.print(table)
+        console.print("Like any layer it also takes name, repeat (with copies), trainable.")
         return
     table = Table("Argument", "Default", "Inferred")
     parameters = parameters_of(entry.factory).values()
