@@ -168,6 +168,9 @@ TOP = {
     "channels_last": Key((bool,), False),
     "deterministic": Key((bool,), False),
 }
+# Keys a config file may have beside TOP's, which reading it resolves: `base:` files are merged
+# under it (nncli.config.bases), and the resolved config no longer has the key.
+FILE_KEYS = {"base": Key((str, list), None)}
 MODEL = {
     "input_shape": Key((list, type(None)), None),
     "input_dtype": Key((str,), "float32", one_of("float32", "float64", "int64")),  # int64: token ids
