@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from nncli.errors import RunError
+from nncli.errors import ConfigError, RunError
 from nncli.files import write_text_atomic
 from nncli.report.reporters import Reporter
+
+if TYPE_CHECKING:
+    from nncli.config import Config
 
 
 def history_columns(history: list[dict]) -> list[str]:
@@ -49,13 +54,7 @@ class MetricsCsv(Reporter):
             self.columns = history_columns(history)
             write_text_atomic(_csv_text(self.columns, history, header=True), self.path)
             return
-        try:
-            with open(self.path, "a", encoding="utf-8", newline="") as f:
-                f.write(_csv_text(self.columns, [row], header=False))
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as err:
-            raise RunError(f"cannot write {self.path}: {err.strerror or err}", file=str(self.path)) from None
+        _append(self.path, _csv_text(self.columns, [row], header=False))
 
 
 def read_history(path: Path, rows: int) -> list[dict] | None:
@@ -75,9 +74,55 @@ def read_history(path: Path, rows: int) -> list[dict] | None:
         return None
 
 
-LOGGERS = {"csv": MetricsCsv}  # the loggers a run directory gets
+class MetricsJsonl(Reporter):
+    """`metrics.jsonl`: one JSON object per epoch (metrics.csv's row), a line each, appended and
+    fsynced as the epoch ends, for tools that tail a run."""
+
+    FILE = "metrics.jsonl"
+
+    def __init__(self, run_dir: Path, history: list[dict]) -> None:
+        """A file that holds exactly `history` (see MetricsCsv)."""
+        self.path = run_dir / self.FILE
+        if history or self.path.exists():
+            write_text_atomic("".join(json.dumps(row) + "\n" for row in history), self.path)
+
+    def epoch_row(self, row: dict, history: list[dict]) -> None:
+        _append(self.path, json.dumps(row) + "\n")
 
 
-def open_loggers(run_dir: Path, history: list[dict]) -> list[Reporter]:
-    """The run directory's loggers, holding `history` (see MetricsCsv)."""
-    return [logger(run_dir, history) for logger in LOGGERS.values()]
+def _append(path: Path, text: str) -> None:
+    """`text` at the end of `path`, on disk before this returns."""
+    try:
+        with open(path, "a", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise RunError(f"cannot write {path}: {err.strerror or err}", file=str(path)) from None
+
+
+def _tensorboard(run_dir: Path, history: list[dict]) -> Reporter:
+    from nncli.report.tensorboard import TensorBoardScalars  # its own module: tensorboardX, the extra
+
+    return TensorBoardScalars(run_dir, history)
+
+
+# The loggers a config's `loggers:` may name (config.schema.LOGGER_NAMES, which the torch-free
+# schema checks against): name -> what opens it in a run directory.
+LOGGERS = {"csv": MetricsCsv, "tensorboard": _tensorboard, "jsonl": MetricsJsonl}
+
+
+def check_loggers(config: Config) -> None:
+    """What the config's loggers need is installed (before a run directory is made)."""
+    if "tensorboard" in config["loggers"]:
+        from nncli.report.tensorboard import require_tensorboardx
+
+        try:
+            require_tensorboardx()
+        except ConfigError as err:
+            raise config.error(err.message, "loggers", hint=err.hint) from None
+
+
+def open_loggers(run_dir: Path, history: list[dict], names: list[str]) -> list[Reporter]:
+    """The run directory's loggers `names` (config `loggers:`), holding `history` (see MetricsCsv)."""
+    return [LOGGERS[name](run_dir, history) for name in names]
