@@ -346,6 +346,35 @@ def predict(
     run_command(action, debug)
 
 
+@app.command()
+def export(
+    checkpoint: Path = CHECKPOINT,
+    format: str = typer.Option(..., "--format", "-f",
+                               help="torchscript, pt2, onnx, safetensors or state_dict."),
+    out: Optional[Path] = typer.Option(None, "--out", help="The file to write (default: beside the "
+                                       "checkpoint, e.g. best.onnx)."),
+    which: str = typer.Option("best", "--checkpoint", help="A run directory's best or last checkpoint."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1,
+                                   help="The batch the written file is checked on."),
+    plugins: list[str] = PLUGIN,
+    debug: bool = DEBUG,
+) -> None:
+    """Write the trained model as TorchScript, torch.export, ONNX, safetensors or a state_dict, and
+    check that the written file gives the checkpoint model's outputs."""
+    def action() -> None:
+        from nncli.run.export import TOLERANCE, export_checkpoint
+
+        done = export_checkpoint(checkpoint, format, out, batch_size=batch_size, checkpoint=which,
+                                 named=_named(plugins, []))
+        normalization = {"none": "", "folded in": "; input normalization folded in"}.get(
+            done.normalization, f"; input normalization in {done.normalization}")
+        print(f"exported {done.source} to {done.file} ({format}: {done.note}{normalization})")
+        print(f"checked: on a batch of {done.batch}, its outputs are the checkpoint model's within "
+              f"{done.difference:.2g} (limit {TOLERANCE:g})")
+
+    run_command(action, debug)
+
+
 def main() -> None:
     try:
         app()
