@@ -375,6 +375,30 @@ def export(
     run_command(action, debug)
 
 
+@app.command()
+def codegen(
+    config: Path = CONFIG,
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the script to FILE (default: print it)."),
+    overrides: list[str] = SET,
+    debug: bool = DEBUG,
+) -> None:
+    """Write the config's training as a standalone plain-PyTorch script (torch and numpy only)."""
+    def action() -> None:
+        from nncli.files import write_text_atomic
+        from nncli.run.codegen import check_output, codegen
+
+        if out is not None:
+            check_output(out)
+        script = codegen(_load(config, overrides))
+        if out is None:
+            sys.stdout.write(script)
+            return
+        write_text_atomic(script, out)
+        print(f"wrote {out}: python {out} trains the config's model and saves model.pt")
+
+    run_command(action, debug)
+
+
 def main() -> None:
     try:
         app()
