@@ -17,7 +17,7 @@ import typer
 from nncli.exits import run_command
 
 app = typer.Typer(help="Train PyTorch networks described in YAML.", no_args_is_help=True,
-                  add_completion=False, pretty_exceptions_enable=False,
+                  add_completion=True, pretty_exceptions_enable=False,
                   rich_markup_mode="rich", context_settings={"help_option_names": ["-h", "--help"]})
 
 # --- options that several commands take ----------------------------------------------------------
@@ -401,7 +401,7 @@ def codegen(
 
 def main() -> None:
     try:
-        app()
+        app(prog_name="nncli")  # also as `python -m nncli`: completion is installed for `nncli`
     except SystemExit as done:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # A torchrun worker: every file is written and fsynced, the process group is gone.

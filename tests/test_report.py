@@ -3,12 +3,24 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from helpers import CONFIGS, DATA, FROZEN_AND_HEAD, REPO, ok, run_nncli, run_python, write_config
+from helpers import (
+    CONFIGS,
+    DATA,
+    ENV,
+    FROZEN_AND_HEAD,
+    REPO,
+    nncli_argv,
+    ok,
+    run_nncli,
+    run_python,
+    write_config,
+)
 from torch.utils.flop_counter import FlopCounterMode
 
 import nncli
@@ -422,6 +434,19 @@ def test_version_is_the_packages():
     version = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)
     assert result.stdout == f"nncli {version}\n"
     assert version == nncli.__version__
+
+
+def test_shell_completion_completes_commands_and_installs():
+    """The completion script that --install-completion writes asks `nncli` itself (click's
+    _NNCLI_COMPLETE protocol), whatever name the program was started by."""
+    shown = run_nncli("--show-completion", "bash")
+    assert shown.returncode == 0, shown.stderr
+    assert "_nncli_completion()" in shown.stdout and "_NNCLI_COMPLETE=complete_bash" in shown.stdout
+    env = {**ENV, "_NNCLI_COMPLETE": "complete_bash", "COMP_WORDS": "nncli ex", "COMP_CWORD": "1"}
+    completed = subprocess.run(nncli_argv(), env=env, capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.split() == ["export"]
+    assert "--install-completion" in run_nncli("--help").stdout
 
 
 def test_import_does_not_import_torch():
