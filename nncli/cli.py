@@ -34,6 +34,8 @@ JSON = typer.Option(False, "--json", help="Print JSON.")
 PLUGIN = typer.Option([], "--plugin", metavar="FILE_OR_MODULE",
                       help="Import a plugin (a .py file or a module) that the checkpoint's model needs: "
                            "a checkpoint's own plugin names are never imported.")
+LOAD_PLUGIN = typer.Option([], "--plugin", metavar="FILE_OR_MODULE",
+                           help="Load a plugin first: a .py file or a module name, as in `plugins:`.")
 TRUST_DATA = typer.Option([], "--trust-data", metavar="PATH",
                           help="Let the run's data be read from files under PATH: paths that a checkpoint "
                                "names are never read otherwise.")
@@ -143,9 +145,7 @@ def validate(config: Path = CONFIG, overrides: list[str] = SET, debug: bool = DE
 @app.command()
 def layers(
     name: Optional[str] = typer.Argument(None, help="A layer type: show its arguments.", metavar="NAME"),
-    plugins: list[str] = typer.Option([], "--plugin", metavar="FILE_OR_MODULE",
-                                      help="Load a plugin first: a .py file or a module name, "
-                                           "as in `plugins:`."),
+    plugins: list[str] = LOAD_PLUGIN,
     debug: bool = DEBUG,
 ) -> None:
     """List the layer registry by category, or one layer's arguments."""
@@ -161,6 +161,31 @@ def layers(
             print_layer(name, console)
         else:
             print_registry(console)
+
+    run_command(action, debug)
+
+
+@app.command()
+def schema(
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the schema to FILE (default: print it)."),
+    plugins: list[str] = LOAD_PLUGIN,
+    debug: bool = DEBUG,
+) -> None:
+    """Print the config format's JSON Schema (2020-12), for editors: layer types and their arguments,
+    losses, optimizers, schedules, data sources, every section's keys and defaults."""
+    def action() -> None:
+        from nncli.errors import option_error
+        from nncli.files import write_text_atomic
+        from nncli.plugins import load_plugins
+        from nncli.report.config_schema import schema_text
+
+        load_plugins(plugins, Path.cwd(), option_error("--plugin"))
+        text = schema_text()
+        if out is None:
+            sys.stdout.write(text)
+            return
+        write_text_atomic(text, out)
+        print(f"wrote {out}")
 
     run_command(action, debug)
 

@@ -114,7 +114,7 @@ def test_deep_nesting_is_refused(cli, tmp_path):
     ("trian.epochs=3", ["--set", "Did you mean 'train'?"]),
     ("epochs=3", ["--set", "unknown key 'epochs' in 'epochs=3'", "Did you mean --set train.epochs=3?"]),
     ("train.lr=0.1", ["--set", "unknown key 'train.lr'", "Did you mean --set optimizer.lr=0.1?"]),
-    ("model.layers.0.out_channels=-2", ["seed_positional.yaml:7: 0 (Conv2d): argument 'out_channels' is a "
+    ("model.layers.0.out_channels=-2", ["seed_positional.yaml:8: 0 (Conv2d): argument 'out_channels' is a "
                                         "size and must be positive, got -2. (--set changed "
                                         "model.layers.0.out_channels.)"]),
     ("train.epochs", ["is not KEY=VALUE"]),
