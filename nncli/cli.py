@@ -401,6 +401,23 @@ def export(
 
 
 @app.command()
+def plot(
+    runs: list[Path] = typer.Argument(..., help="Run directories (or their metrics.csv files).",
+                                      metavar="RUN..."),
+    out: Path = typer.Option(Path("plot.png"), "--out", help="The PNG file to write."),
+    debug: bool = DEBUG,
+) -> None:
+    """Plot runs' losses, validation metrics and learning rates per epoch, overlaid (matplotlib)."""
+    def action() -> None:
+        from nncli.report.plot import plot_runs
+
+        panels = plot_runs(runs, out)
+        print(f"wrote {out}: {', '.join(panels)} of {len(runs)} run{'s' if len(runs) > 1 else ''}")
+
+    run_command(action, debug)
+
+
+@app.command()
 def codegen(
     config: Path = CONFIG,
     out: Optional[Path] = typer.Option(None, "--out", help="Write the script to FILE (default: print it)."),
