@@ -436,12 +436,17 @@ def test_version_is_the_packages():
     assert version == nncli.__version__
 
 
-def test_shell_completion_completes_commands_and_installs():
-    """The completion script that --install-completion writes asks `nncli` itself (click's
-    _NNCLI_COMPLETE protocol), whatever name the program was started by."""
-    shown = run_nncli("--show-completion", "bash")
-    assert shown.returncode == 0, shown.stderr
-    assert "_nncli_completion()" in shown.stdout and "_NNCLI_COMPLETE=complete_bash" in shown.stdout
+def test_shell_completion_completes_commands_and_installs(tmp_path):
+    """--install-completion writes a script that asks `nncli` itself (click's _NNCLI_COMPLETE
+    protocol), whatever name the program was started by; asked, nncli completes a command. (The
+    shell is named: a test has no interactive shell for typer to detect.)"""
+    env = {**ENV, "HOME": str(tmp_path), "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
+    installed = subprocess.run(nncli_argv("--install-completion", "bash"), env=env, capture_output=True,
+                               text=True, timeout=60)
+    assert installed.returncode == 0, installed.stderr
+    script = (tmp_path / ".bash_completions" / "nncli.sh").read_text()
+    assert "_nncli_completion()" in script and "_NNCLI_COMPLETE=complete_bash" in script
+    assert "nncli.sh" in (tmp_path / ".bashrc").read_text()
     env = {**ENV, "_NNCLI_COMPLETE": "complete_bash", "COMP_WORDS": "nncli ex", "COMP_CWORD": "1"}
     completed = subprocess.run(nncli_argv(), env=env, capture_output=True, text=True, timeout=60)
     assert completed.returncode == 0, completed.stderr
