@@ -25,6 +25,7 @@ from nncli.optim.losses import LOSSES
 from nncli.optim.optimizers import OPTIMIZERS
 from nncli.optim.schedules import SCHEDULERS
 
+GENERATED_WITH = "written by nncli schema from the registries of torch "
 # What a config never gives a constructor: nncli passes these itself
 NOT_FROM_CONFIG = {"self", "params", "optimizer", "device", "dtype"}
 
@@ -108,7 +109,10 @@ def build_schema() -> dict:
     # what nncli fills in from the run: the run's length, OneCycleLR's max_lr (the optimizer's lr)
     schedulers = Choices({name: arguments_schema(entry.factory, optional={entry.length_argument, "max_lr"})
                           for name, entry in SCHEDULERS.items()})
-    return config_schema(layers, losses, optimizers, schedulers)
+    schema = config_schema(layers, losses, optimizers, schedulers)
+    # the layers' and optimizers' arguments are those of this torch
+    schema["$comment"] = f"{GENERATED_WITH}{torch.__version__}"
+    return schema
 
 
 def schema_text() -> str:
