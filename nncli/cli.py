@@ -17,7 +17,7 @@ import typer
 from nncli.exits import run_command
 
 app = typer.Typer(help="Train PyTorch networks described in YAML.", no_args_is_help=True,
-                  add_completion=False, pretty_exceptions_enable=False,
+                  add_completion=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]})
 
 # --- options that several commands take ----------------------------------------------------------
@@ -34,6 +34,8 @@ JSON = typer.Option(False, "--json", help="Print JSON.")
 PLUGIN = typer.Option([], "--plugin", metavar="FILE_OR_MODULE",
                       help="Import a plugin (a .py file or a module) that the checkpoint's model needs: "
                            "a checkpoint's own plugin names are never imported.")
+LOAD_PLUGIN = typer.Option([], "--plugin", metavar="FILE_OR_MODULE",
+                           help="Load a plugin first: a .py file or a module name, as in `plugins:`.")
 TRUST_DATA = typer.Option([], "--trust-data", metavar="PATH",
                           help="Let the run's data be read from files under PATH: paths that a checkpoint "
                                "names are never read otherwise.")
@@ -141,9 +143,7 @@ def validate(config: Path = CONFIG, overrides: list[str] = SET, debug: bool = DE
 @app.command()
 def layers(
     name: Optional[str] = typer.Argument(None, help="A layer type: show its arguments.", metavar="NAME"),
-    plugins: list[str] = typer.Option([], "--plugin", metavar="FILE_OR_MODULE",
-                                      help="Load a plugin first: a .py file or a module name, "
-                                           "as in `plugins:`."),
+    plugins: list[str] = LOAD_PLUGIN,
     debug: bool = DEBUG,
 ) -> None:
     """List the layer registry by category, or one layer's arguments."""
@@ -159,6 +159,31 @@ def layers(
             print_layer(name, console)
         else:
             print_registry(console)
+
+    run_command(action, debug)
+
+
+@app.command()
+def schema(
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the schema to FILE (default: print it)."),
+    plugins: list[str] = LOAD_PLUGIN,
+    debug: bool = DEBUG,
+) -> None:
+    """Print the config format's JSON Schema (2020-12), for editors: layer types and their arguments,
+    losses, optimizers, schedules, data sources, every section's keys and defaults."""
+    def action() -> None:
+        from nncli.errors import option_error
+        from nncli.files import write_text_atomic
+        from nncli.plugins import load_plugins
+        from nncli.report.config_schema import schema_text
+
+        load_plugins(plugins, Path.cwd(), option_error("--plugin"))
+        text = schema_text()
+        if out is None:
+            sys.stdout.write(text)
+            return
+        write_text_atomic(text, out)
+        print(f"wrote {out}")
 
     run_command(action, debug)
 
@@ -344,9 +369,79 @@ def predict(
     run_command(action, debug)
 
 
+@app.command()
+def export(
+    checkpoint: Path = CHECKPOINT,
+    format: str = typer.Option(..., "--format", "-f",
+                               help="torchscript, pt2, onnx, safetensors or state_dict."),
+    out: Optional[Path] = typer.Option(None, "--out", help="The file to write (default: beside the "
+                                       "checkpoint, e.g. best.onnx)."),
+    which: str = typer.Option("best", "--checkpoint", help="A run directory's best or last checkpoint."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1,
+                                   help="The batch the written file is checked on."),
+    plugins: list[str] = PLUGIN,
+    debug: bool = DEBUG,
+) -> None:
+    """Write the trained model as TorchScript, torch.export, ONNX, safetensors or a state_dict, and
+    check that the written file gives the checkpoint model's outputs."""
+    def action() -> None:
+        from nncli.run.export import TOLERANCE, export_checkpoint
+
+        done = export_checkpoint(checkpoint, format, out, batch_size=batch_size, checkpoint=which,
+                                 named=_named(plugins, []))
+        normalization = {"none": "", "folded in": "; input normalization folded in"}.get(
+            done.normalization, f"; input normalization in {done.normalization}")
+        print(f"exported {done.source} to {done.file} ({format}: {done.note}{normalization})")
+        print(f"checked: on a batch of {done.batch}, its outputs are the checkpoint model's within "
+              f"{done.difference:.2g} (limit {TOLERANCE:g})")
+
+    run_command(action, debug)
+
+
+@app.command()
+def plot(
+    runs: list[Path] = typer.Argument(..., help="Run directories (or their metrics.csv files).",
+                                      metavar="RUN..."),
+    out: Path = typer.Option(Path("plot.png"), "--out", help="The PNG file to write."),
+    debug: bool = DEBUG,
+) -> None:
+    """Plot runs' losses, validation metrics and learning rates per epoch, overlaid (matplotlib)."""
+    def action() -> None:
+        from nncli.report.plot import plot_runs
+
+        panels = plot_runs(runs, out)
+        print(f"wrote {out}: {', '.join(panels)} of {len(runs)} run{'s' if len(runs) > 1 else ''}")
+
+    run_command(action, debug)
+
+
+@app.command()
+def codegen(
+    config: Path = CONFIG,
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the script to FILE (default: print it)."),
+    overrides: list[str] = SET,
+    debug: bool = DEBUG,
+) -> None:
+    """Write the config's training as a standalone plain-PyTorch script (torch and numpy only)."""
+    def action() -> None:
+        from nncli.files import write_text_atomic
+        from nncli.run.codegen import check_output, codegen
+
+        if out is not None:
+            check_output(out)
+        script = codegen(_load(config, overrides))
+        if out is None:
+            sys.stdout.write(script)
+            return
+        write_text_atomic(script, out)
+        print(f"wrote {out}: python {out} trains the config's model and saves model.pt")
+
+    run_command(action, debug)
+
+
 def main() -> None:
     try:
-        app()
+        app(prog_name="nncli")  # also as `python -m nncli`: completion is installed for `nncli`
     except SystemExit as done:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # A torchrun worker: every file is written and fsynced, the process group is gone.

@@ -27,8 +27,9 @@ class NncliError(Exception):
 
     def __str__(self) -> str:
         where = ""
-        if self.file is not None:
-            where = f"{self.file}:{self.line}: " if self.line else f"{self.file}: "
+        file = getattr(self.line, "file", self.file)  # a line of a config's base file names that file
+        if file is not None:
+            where = f"{file}:{self.line}: " if self.line else f"{file}: "
         key = f"{self.key}: " if self.key else ""
         hint = ""
         if self.hint:  # a sentence of its own: "unknown layer 'relu'. Did you mean 'ReLU'?"

@@ -8,6 +8,7 @@ Each file in tests/broken/ starts with two comment lines:
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -113,7 +114,7 @@ def test_deep_nesting_is_refused(cli, tmp_path):
     ("trian.epochs=3", ["--set", "Did you mean 'train'?"]),
     ("epochs=3", ["--set", "unknown key 'epochs' in 'epochs=3'", "Did you mean --set train.epochs=3?"]),
     ("train.lr=0.1", ["--set", "unknown key 'train.lr'", "Did you mean --set optimizer.lr=0.1?"]),
-    ("model.layers.0.out_channels=-2", ["seed_positional.yaml:7: 0 (Conv2d): argument 'out_channels' is a "
+    ("model.layers.0.out_channels=-2", ["seed_positional.yaml:8: 0 (Conv2d): argument 'out_channels' is a "
                                         "size and must be positive, got -2. (--set changed "
                                         "model.layers.0.out_channels.)"]),
     ("train.epochs", ["is not KEY=VALUE"]),
@@ -201,3 +202,125 @@ def test_a_large_document_without_aliases_loads(cli, tmp_path):
     assert result.exit_code == 0, result.stderr
     assert "input [24] -> output [2]" in result.stdout
 
+
+
+# --- base: inheritance and YAML merge keys -------------------------------------------------------
+
+COMMON = """
+    seed: 1
+    data: {source: csv, path: ../data/points.csv, target: y, val_split: 0}
+    loss: MSELoss
+    optimizer: {type: SGD, lr: 0.1, momentum: 0.9}
+    train: {epochs: 2, batch_size: 4}
+    model:
+      layers:
+        - {type: Linear, out_features: 4}
+        - {type: Linear, out_features: 1}
+"""
+
+
+def _family(tmp_path: Path, child: str, common: str = COMMON) -> Path:
+    """tmp_path/bases/common.yaml (whose data path is relative to its own folder), tmp_path/data/points.csv,
+    and the child config tmp_path/child.yaml."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "points.csv").write_text("x,y\n" + "".join(f"{i},{2 * i}\n" for i in range(12)))
+    write_config(tmp_path / "bases", common, "common.yaml")
+    return write_config(tmp_path, child, "child.yaml")
+
+
+def test_base_is_deep_merged_under_the_child(cli, tmp_path):
+    """The child's values win, mappings merge key by key, lists are replaced whole, --set applies
+    last; config.yaml is the resolved whole, without base:, its data path relative to the child's folder
+    (the base wrote it relative to its own)."""
+    import yaml
+
+    child = _family(tmp_path, """
+        base: bases/common.yaml
+        optimizer: {lr: 0.01}
+        train: {epochs: 3}
+        model:
+          layers: [{type: Linear, out_features: 1}]
+    """)
+    result = cli("train", child, "--out", tmp_path / "runs", "--set", "train.batch_size=6", "-q")
+    assert result.exit_code == 0, result.stderr
+    resolved = yaml.safe_load((tmp_path / "runs" / "child" / "config.yaml").read_text())
+    assert "base" not in resolved
+    assert resolved["optimizer"] == {"type": "SGD", "lr": 0.01, "momentum": 0.9}
+    assert resolved["train"]["epochs"] == 3 and resolved["train"]["batch_size"] == 6 and resolved["seed"] == 1
+    assert resolved["model"]["layers"] == [{"type": "Linear", "out_features": 1}]
+    assert (tmp_path / resolved["data"]["path"]).resolve() == tmp_path / "data" / "points.csv"
+
+
+def test_errors_name_the_line_of_the_file_that_wrote_the_value(cli, tmp_path):
+    child = _family(tmp_path, """
+        base: bases/common.yaml
+        train: {epochs: 3, batchsize: 3}
+    """)
+    result = cli("validate", child)
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {child}:2: train.batchsize: unknown key"), result.stderr
+    assert "Did you mean 'batch_size'?" in result.stderr
+    broken_base = COMMON.replace("out_features: 4}", "out_features: 4, bias: maybe}")
+    shutil.rmtree(tmp_path / "data")
+    child = _family(tmp_path, "base: bases/common.yaml\ntrain: {epochs: 3}\n", broken_base)
+    result = cli("validate", child)
+    assert result.exit_code == 2
+    base = tmp_path / "bases" / "common.yaml"
+    assert result.stderr.startswith(f"error: {base}:8: 0 (Linear): argument 'bias' expects true or false"), \
+        result.stderr
+    # a value of the base's section that the child overrides is blamed on the child's line
+    write_config(tmp_path / "bases", COMMON, "common.yaml")
+    (tmp_path / "child.yaml").write_text("base: bases/common.yaml\noptimizer: {lr: fast}\n")
+    result = cli("validate", tmp_path / "child.yaml")
+    assert result.exit_code == 2 and f"{tmp_path / 'child.yaml'}:2: optimizer.lr" in result.stderr
+
+
+@pytest.mark.parametrize("base, expect, line", [
+    ("bases/nowhere.yaml", "base file", 1),
+    ("[bases/common.yaml, 3]", "expected a config file or a list of them", 1),
+    ("child.yaml", "the bases form a circle (child.yaml -> child.yaml)", 1),
+])
+def test_bad_bases_are_refused_at_their_line(cli, tmp_path, base, expect, line):
+    child = _family(tmp_path, f"base: {base}\ntrain: {{epochs: 3}}\n")
+    _check_refused(cli("validate", child), child, expect, line)
+
+
+def test_bases_chain_and_later_bases_win(cli, tmp_path):
+    import yaml
+
+    child = _family(tmp_path, """
+        base: [bases/common.yaml, bases/fast.yaml]
+        train: {epochs: 1}
+    """)
+    write_config(tmp_path / "bases", "base: common.yaml\noptimizer: {lr: 0.5}\ntrain: {batch_size: 12}\n",
+                 "fast.yaml")
+    result = cli("train", child, "--out", tmp_path / "runs", "-q")
+    assert result.exit_code == 0, result.stderr
+    resolved = yaml.safe_load((tmp_path / "runs" / "child" / "config.yaml").read_text())
+    assert resolved["optimizer"]["lr"] == 0.5 and resolved["train"]["batch_size"] == 12
+    assert resolved["train"]["epochs"] == 1
+
+
+def test_yaml_merge_keys_copy_an_anchor_and_own_keys_win(cli, tmp_path):
+    import json
+
+    layers = """
+        model:
+          input_shape: [1, 8, 8]
+          layers:
+            - &conv {type: Conv2d, out_channels: 4, kernel_size: 3, padding: 1}
+            - {<<: *conv, out_channels: 6}
+            - {<<: *conv, %s}
+    """
+    path = write_config(tmp_path, layers % "kernel_size: 5, padding: 2")
+    result = cli("summary", path, "--json")
+    assert result.exit_code == 0, result.stderr
+    shapes = [layer["output_shape"] for layer in json.loads(result.stdout)["layers"]]
+    assert shapes == [[1, 4, 8, 8], [1, 6, 8, 8], [1, 4, 8, 8]]
+    path = write_config(tmp_path, layers % "kernal_size: 5")
+    result = cli("validate", path)
+    assert result.exit_code == 2
+    assert f"{path}:6: 2 (Conv2d): Conv2d has no argument 'kernal_size'" in result.stderr  # its own line
+    path = write_config(tmp_path, layers % "out_channels: 5, out_channels: 7")
+    result = cli("validate", path)  # a mapping's own keys still may not repeat
+    assert result.exit_code == 2 and f"{path}:6: key 'out_channels' is given twice" in result.stderr

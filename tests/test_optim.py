@@ -188,7 +188,7 @@ def test_an_optimizer_refused_for_a_set_value_says_so(tmp_path):
     """The optimizer as a whole cannot be built: the file's line is named, and the --set value."""
     result = invoke("validate", CONFIGS / "digits_mlp.yaml", "--set", "optimizer.lr=-1")
     assert result.exit_code == 2
-    assert result.stderr == (f"error: {CONFIGS / 'digits_mlp.yaml'}:10: optimizer: Adam cannot be built with "
+    assert result.stderr == (f"error: {CONFIGS / 'digits_mlp.yaml'}:11: optimizer: Adam cannot be built with "
                              "lr=-1: Invalid learning rate: -1. (--set changed optimizer.lr.)\n")
 
 

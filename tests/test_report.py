@@ -3,12 +3,24 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from helpers import CONFIGS, DATA, FROZEN_AND_HEAD, REPO, ok, run_nncli, run_python, write_config
+from helpers import (
+    CONFIGS,
+    DATA,
+    ENV,
+    FROZEN_AND_HEAD,
+    REPO,
+    nncli_argv,
+    ok,
+    run_nncli,
+    run_python,
+    write_config,
+)
 from torch.utils.flop_counter import FlopCounterMode
 
 import nncli
@@ -422,6 +434,24 @@ def test_version_is_the_packages():
     version = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)
     assert result.stdout == f"nncli {version}\n"
     assert version == nncli.__version__
+
+
+def test_shell_completion_completes_commands_and_installs(tmp_path):
+    """--install-completion writes a script that asks `nncli` itself (click's _NNCLI_COMPLETE
+    protocol), whatever name the program was started by; asked, nncli completes a command. (The
+    shell is named: a test has no interactive shell for typer to detect.)"""
+    env = {**ENV, "HOME": str(tmp_path), "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
+    installed = subprocess.run(nncli_argv("--install-completion", "bash"), env=env, capture_output=True,
+                               text=True, timeout=60)
+    assert installed.returncode == 0, installed.stderr
+    script = (tmp_path / ".bash_completions" / "nncli.sh").read_text()
+    assert "_nncli_completion()" in script and "_NNCLI_COMPLETE=complete_bash" in script
+    assert "nncli.sh" in (tmp_path / ".bashrc").read_text()
+    env = {**ENV, "_NNCLI_COMPLETE": "complete_bash", "COMP_WORDS": "nncli ex", "COMP_CWORD": "1"}
+    completed = subprocess.run(nncli_argv(), env=env, capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.split() == ["export"]
+    assert "--install-completion" in run_nncli("--help").stdout
 
 
 def test_import_does_not_import_torch():

@@ -918,10 +918,11 @@ def test_softmax_before_cross_entropy_warns_once_saying_why_and_what_to_do(tmp_p
     last = "    - {type: Linear, out_features: 10}"
     text = (CONFIGS / "digits_mlp.yaml").read_text().replace(last, last + "\n    - {type: Softmax, dim: 1}")
     config = write_config(tmp_path, text, "softmax.yaml")
+    line = text.splitlines().index("    - {type: Softmax, dim: 1}") + 1
     result = run_nncli("train", config, "--epochs", 2, "--out", tmp_path / "runs", "-q")
     assert result.returncode == 0, result.stderr
     assert result.stderr == (
-        f"warning: {config}:20: 4 (Softmax): the model ends with Softmax, and CrossEntropyLoss applies "
+        f"warning: {config}:{line}: 4 (Softmax): the model ends with Softmax, and CrossEntropyLoss applies "
         "log-softmax to the model's output itself, so it takes these probabilities for scores: the gradients "
         "shrink and the model trains worse. Drop the Softmax: the model then outputs scores (logits), with "
         "the same predicted class; or end with LogSoftmax and use loss: NLLLoss.\n")

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import yaml
 
+from nncli.config.bases import read_with_bases
 from nncli.config.overrides import apply_overrides
 from nncli.config.schema import (
     DATA_KEYS,
@@ -26,7 +27,7 @@ from nncli.config.schema import (
     home_hint,
     is_pair,
 )
-from nncli.config.yamlio import YamlMap, line_of, parse_yaml, read_yaml, to_plain
+from nncli.config.yamlio import YamlMap, line_of, parse_yaml, to_plain
 from nncli.errors import ConfigError, did_you_mean, value_kind
 from nncli.plugins import load_plugins
 
@@ -302,8 +303,9 @@ def check_device_ids(config: Config, ids: list | None) -> None:
 
 
 def read_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read and check a config file: its structure, every section whose keys are fixed, defaults
-    filled in, its plugins imported. `overrides` are `--set KEY=VALUE` strings. What depends on
-    a registry (the default metrics for the loss) is resolved by `nncli.load_config`."""
+    """Read and check a config file: its `base:` files merged under it, its structure, every
+    section whose keys are fixed, defaults filled in, its plugins imported. `overrides` are
+    `--set KEY=VALUE` strings, applied last. What depends on a registry (the default metrics for
+    the loss) is resolved by `nncli.load_config`."""
     path = Path(path)
-    return config_from_mapping(read_yaml(path), path=path, overrides=overrides)
+    return config_from_mapping(read_with_bases(path), path=path, overrides=overrides)

@@ -124,6 +124,29 @@ def fraction(value: Any) -> str | None:
     return None if value is None or 0 < value < 1 else "must lie strictly between 0 and 1"
 
 
+# What a config's `loggers:` may name (nncli.report.loggers.LOGGERS opens each). metrics.csv is
+# the run's own record, read back on resume and by `nncli plot`, so csv is always one of them.
+LOGGER_NAMES = ("csv", "tensorboard", "jsonl")
+
+
+def logger_names(value: list) -> str | None:
+    unknown = [name for name in value if name not in LOGGER_NAMES]
+    if unknown:
+        return f"has {unknown[0]!r}; the loggers are {', '.join(LOGGER_NAMES)}"
+    if len(set(value)) < len(value):
+        return "names a logger twice"
+    if "csv" not in value:
+        return "must include csv (metrics.csv is the run's record: resume reads it back)"
+    return None
+
+
+def loggers_hint(value: Any) -> str | None:
+    if not isinstance(value, list):
+        return "e.g. loggers: [csv, tensorboard]"
+    unknown = next((str(name) for name in value if name not in LOGGER_NAMES), None)
+    return did_you_mean(unknown, LOGGER_NAMES) if unknown else "e.g. loggers: [csv, tensorboard]"
+
+
 EARLY_STOP = {
     "metric": Key((str,), "val_loss"),
     "patience": Key((int,), 5, positive),
@@ -140,6 +163,7 @@ TRAIN = {
     "shuffle": Key((bool,), True),
     "drop_last": Key((bool,), False),
     "log_every": Key((int,), 1, positive),  # print a line every N epochs (without a terminal)
+    "log_every_steps": Key((int, type(None)), None, positive),  # per-step scalars for the tensorboard logger
 }
 CHECKPOINT = {
     "dir": Key((str,), "checkpoints"),
@@ -160,6 +184,7 @@ TOP = {
     "schedule": Key((str, dict, type(None)), None),
     "train": Key((dict,), {}, schema=TRAIN),
     "checkpoint": Key((dict,), {}, schema=CHECKPOINT),
+    "loggers": Key((list,), ["csv"], logger_names, hint=loggers_hint),
     "device": Key((str,), "auto", device_name, hint=device_hint),
     "parallel": Key((str,), "none", one_of("none", "dp", "ddp")),
     "device_ids": Key((list, type(None)), None),  # items: check_device_ids
@@ -168,6 +193,9 @@ TOP = {
     "channels_last": Key((bool,), False),
     "deterministic": Key((bool,), False),
 }
+# Keys a config file may have beside TOP's, which reading it resolves: `base:` files are merged
+# under it (nncli.config.bases), and the resolved config no longer has the key.
+FILE_KEYS = {"base": Key((str, list), None)}
 MODEL = {
     "input_shape": Key((list, type(None)), None),
     "input_dtype": Key((str,), "float32", one_of("float32", "float64", "int64")),  # int64: token ids

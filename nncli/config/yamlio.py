@@ -3,7 +3,8 @@
 Differences from `yaml.safe_load`, each on purpose:
 - numbers as people write them (`1e-4`, `3e5`) are floats, not strings (YAML 1.1 wants `1.0e-4`);
 - only `true` / `false` are booleans: `amp: off` stays the string "off" (the "Norway problem");
-- a key given twice is an error, not a silent overwrite;
+- a key given twice is an error, not a silent overwrite; a merge key (`<<: *anchor`, or a list
+  of anchors) copies the anchored mappings' keys in, and the mapping's own keys win over them;
 - an integer beyond 64 bits is an error (torch cannot take it);
 - a document whose aliases add more than `MAX_ALIASED` nodes once expanded (an "alias bomb") is
   refused before it is built; a large document without aliases loads as any other;
@@ -26,6 +27,18 @@ from nncli.errors import ConfigError
 
 MAX_ALIASED = 200_000  # nodes that aliases may add: ample for anchors of settings, far below a bomb
 MAX_DEPTH = 100
+
+
+class FileLine(int):
+    """A line number that names its file: the lines of a `base:` file keep pointing into it once
+    its keys are merged into another config's (an error then names the base and its line)."""
+
+    file: str
+
+    def __new__(cls, line: int, file: str) -> FileLine:
+        self = super().__new__(cls, line)
+        self.file = file
+        return self
 
 
 class YamlMap(dict):
@@ -72,17 +85,46 @@ class _LineKeeping:
         data = YamlMap()
         data.line, data.key_lines = node.start_mark.line + 1, {}
         yield data
-        self.flatten_mapping(node)
-        for key_node, value_node in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if not isinstance(key, (str, int, float, bool)) and key is not None:
-                raise ConfigError("a mapping key must be a plain value", line=key_node.start_mark.line + 1)
-            if key in data:
+        merged, own = self.merged_and_own_pairs(node)
+        for key_node, value_node in merged:  # keys from `<<:`, the first anchor listed winning
+            key = self.construct_key(key_node)
+            if key not in data:
+                data[key] = self.construct_object(value_node, deep=True)
+                data.key_lines[key] = key_node.start_mark.line + 1  # where the anchor wrote it
+        merged_keys = set(data)
+        for key_node, value_node in own:
+            key = self.construct_key(key_node)
+            if key in data and key not in merged_keys:
                 raise ConfigError(
                     f"key '{key}' is given twice (first on line {data.key_lines[key]}); "
                     "remove one of them", line=key_node.start_mark.line + 1)
+            merged_keys.discard(key)  # a mapping's own key replaces a merged one, once
             data[key] = self.construct_object(value_node, deep=True)
             data.key_lines[key] = key_node.start_mark.line + 1
+
+    def construct_key(self, key_node):
+        key = self.construct_object(key_node, deep=True)
+        if not isinstance(key, (str, int, float, bool)) and key is not None:
+            raise ConfigError("a mapping key must be a plain value", line=key_node.start_mark.line + 1)
+        return key
+
+    def merged_and_own_pairs(self, node) -> tuple[list, list]:
+        """A mapping node's (key, value) pairs: those its merge keys (`<<: *a` or `<<: [*a, *b]`)
+        bring in, in the order they take precedence, and its own. Without the tree change
+        that PyYAML's flatten_mapping makes, which would turn an override into a duplicate."""
+        merged, own = [], []
+        for key_node, value_node in node.value:
+            if key_node.tag != "tag:yaml.org,2002:merge":
+                own.append((key_node, value_node))
+                continue
+            sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+            for source in sources:
+                if not isinstance(source, yaml.MappingNode):
+                    raise ConfigError("a merge key (<<) takes a mapping or a list of mappings "
+                                      "(e.g. <<: *defaults)", line=source.start_mark.line + 1)
+                inner_merged, inner_own = self.merged_and_own_pairs(source)
+                merged += inner_own + inner_merged
+        return merged, own
 
     def construct_yaml_int(self, node):
         value = super().construct_yaml_int(node)
@@ -247,6 +289,26 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError("not a text file (contains NUL bytes); expected a YAML config",
                           file=str(path), line=text[:text.index("\x00")].count("\n") + 1)
     return parse_yaml(text, str(path))
+
+
+def mark_file(value: Any, file: str) -> Any:
+    """Every line in `value`'s containers that names no file yet, made one of `file`'s (FileLine),
+    so that errors about it name `file` after it is merged into another config. Returns `value`."""
+    if isinstance(value, YamlMap):
+        value.line = _in_file(value.line, file)
+        value.key_lines = {k: _in_file(line, file) for k, line in getattr(value, "key_lines", {}).items()}
+        for item in value.values():
+            mark_file(item, file)
+    elif isinstance(value, YamlList):
+        value.line = _in_file(value.line, file)
+        value.item_lines = [_in_file(line, file) for line in getattr(value, "item_lines", [])]
+        for item in value:
+            mark_file(item, file)
+    return value
+
+
+def _in_file(line: int, file: str) -> int:
+    return line if isinstance(line, FileLine) or not line else FileLine(line, file)
 
 
 def to_plain(value: Any) -> Any:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -54,6 +54,9 @@ class Schedule:
     interval: str
     monitor: str | None  # the metric ReduceLROnPlateau follows
     note: str = ""  # what nncli filled in, to tell the user
+    filled_in: dict = field(default_factory=dict)  # the arguments nncli gave the scheduler (T_max, max_lr)
+    warmup: int = 0  # the linear warmup's length in intervals (0: none)
+    start_factor: float = 0.01  # the warmup's first factor
 
     def step_epoch(self, metrics: dict[str, float]) -> None:
         if self.monitor is not None:
@@ -132,7 +135,7 @@ def create_schedule(optimizer: torch.optim.Optimizer, config: Config, steps_per_
 
     if monitor is None:
         _rehearse(build, optimizer, min(total, 20_000), config)
-    return Schedule(build(optimizer), interval, monitor, note)
+    return Schedule(build(optimizer), interval, monitor, note, defaults, warmup_len, warmup["start_factor"])
 
 
 def _rehearse(build: Any, optimizer: torch.optim.Optimizer, steps: int, config: Config) -> None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from nncli.optim.optimizers import ParamGroup, optimizer_settings
+from nncli.report.chart import loss_chart
 from nncli.report.loggers import history_columns
 from nncli.report.reporters import Reporter
 
@@ -165,6 +166,13 @@ class ProgressReporter(ConsoleReporter):
         rate = (done - self._done_at_start) / elapsed
         self.progress.update(self.task, completed=done, loss=f"{recent:.4f}",
                              speed=f"{rate * self.batch_size:,.0f}")
+
+    def history(self, history: list[dict], best_epoch: int | None, log_every: int = 1) -> None:
+        """The metrics table, then a text chart of the losses (on a terminal only: a log has the
+        table, and `nncli plot` draws the runs)."""
+        super().history(history, best_epoch, log_every)
+        for line in loss_chart(history, width=max(10, min(60, self.console.width - 12))):
+            self.print(line)
 
     def close(self) -> None:
         self.progress.stop()

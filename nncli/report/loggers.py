@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from nncli.errors import RunError
+from nncli.errors import ConfigError, RunError
 from nncli.files import write_text_atomic
 from nncli.report.reporters import Reporter
+
+if TYPE_CHECKING:
+    from nncli.config import Config
 
 
 def history_columns(history: list[dict]) -> list[str]:
@@ -30,29 +35,18 @@ def _csv_text(columns: list[str], rows: list[dict], header: bool) -> str:
     return out.getvalue()
 
 
-class MetricsCsv(Reporter):
-    """`metrics.csv`: the run's history, a row per epoch. A row whose columns the file already has
-    is appended; one with new columns (a metric added on resume) rewrites the file once."""
+class AppendedLog(Reporter):
+    """A file that grows a line per epoch: appended without an fsync each (one costs more than a
+    small model's epoch), fsynced in `sync`, before the checkpoint that counts its lines."""
 
-    FILE = "metrics.csv"
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.unsynced = False  # lines appended since the last fsync
 
-    def __init__(self, run_dir: Path, history: list[dict]) -> None:
-        """A log that holds exactly `history` (a checkpoint's rows, or none for a new run): later
-        rows, which a run killed after its last checkpoint left behind, are cut off."""
-        self.path = run_dir / self.FILE
-        self.columns = history_columns(history) if history else []
-        self.unsynced = False  # rows appended since the last fsync (see Reporter.sync)
-        if history:  # else the first row written replaces the whole file
-            write_text_atomic(_csv_text(self.columns, history, header=True), self.path)
-
-    def epoch_row(self, row: dict, history: list[dict]) -> None:
-        if not self.columns or set(row) - set(self.columns):
-            self.columns = history_columns(history)
-            write_text_atomic(_csv_text(self.columns, history, header=True), self.path)
-            return
+    def append(self, text: str) -> None:
         try:
             with open(self.path, "a", encoding="utf-8", newline="") as f:
-                f.write(_csv_text(self.columns, [row], header=False))
+                f.write(text)
         except OSError as err:
             raise RunError(f"cannot write {self.path}: {err.strerror or err}", file=str(self.path)) from None
         self.unsynced = True
@@ -66,6 +60,28 @@ class MetricsCsv(Reporter):
         except OSError as err:
             raise RunError(f"cannot write {self.path}: {err.strerror or err}", file=str(self.path)) from None
         self.unsynced = False
+
+
+class MetricsCsv(AppendedLog):
+    """`metrics.csv`: the run's history, a row per epoch. A row whose columns the file already has
+    is appended; one with new columns (a metric added on resume) rewrites the file once."""
+
+    FILE = "metrics.csv"
+
+    def __init__(self, run_dir: Path, history: list[dict]) -> None:
+        """A log that holds exactly `history` (a checkpoint's rows, or none for a new run): later
+        rows, which a run killed after its last checkpoint left behind, are cut off."""
+        super().__init__(run_dir / self.FILE)
+        self.columns = history_columns(history) if history else []
+        if history:  # else the first row written replaces the whole file
+            write_text_atomic(_csv_text(self.columns, history, header=True), self.path)
+
+    def epoch_row(self, row: dict, history: list[dict]) -> None:
+        if not self.columns or set(row) - set(self.columns):
+            self.columns = history_columns(history)
+            write_text_atomic(_csv_text(self.columns, history, header=True), self.path)
+            return
+        self.append(_csv_text(self.columns, [row], header=False))
 
 
 def read_history(path: Path, rows: int) -> list[dict] | None:
@@ -85,9 +101,44 @@ def read_history(path: Path, rows: int) -> list[dict] | None:
         return None
 
 
-LOGGERS = {"csv": MetricsCsv}  # the loggers a run directory gets
+class MetricsJsonl(AppendedLog):
+    """`metrics.jsonl`: one JSON object per epoch (metrics.csv's row), a line each, appended as
+    the epoch ends, for tools that tail a run."""
+
+    FILE = "metrics.jsonl"
+
+    def __init__(self, run_dir: Path, history: list[dict]) -> None:
+        """A file that holds exactly `history` (see MetricsCsv)."""
+        super().__init__(run_dir / self.FILE)
+        if history or self.path.exists():
+            write_text_atomic("".join(json.dumps(row) + "\n" for row in history), self.path)
+
+    def epoch_row(self, row: dict, history: list[dict]) -> None:
+        self.append(json.dumps(row) + "\n")
 
 
-def open_loggers(run_dir: Path, history: list[dict]) -> list[Reporter]:
-    """The run directory's loggers, holding `history` (see MetricsCsv)."""
-    return [logger(run_dir, history) for logger in LOGGERS.values()]
+def _tensorboard(run_dir: Path, history: list[dict]) -> Reporter:
+    from nncli.report.tensorboard import TensorBoardScalars  # its own module: tensorboardX, the extra
+
+    return TensorBoardScalars(run_dir, history)
+
+
+# The loggers a config's `loggers:` may name (config.schema.LOGGER_NAMES, which the torch-free
+# schema checks against): name -> what opens it in a run directory.
+LOGGERS = {"csv": MetricsCsv, "tensorboard": _tensorboard, "jsonl": MetricsJsonl}
+
+
+def check_loggers(config: Config) -> None:
+    """What the config's loggers need is installed (before a run directory is made)."""
+    if "tensorboard" in config["loggers"]:
+        from nncli.report.tensorboard import require_tensorboardx
+
+        try:
+            require_tensorboardx()
+        except ConfigError as err:
+            raise config.error(err.message, "loggers", hint=err.hint) from None
+
+
+def open_loggers(run_dir: Path, history: list[dict], names: list[str]) -> list[Reporter]:
+    """The run directory's loggers `names` (config `loggers:`), holding `history` (see MetricsCsv)."""
+    return [LOGGERS[name](run_dir, history) for name in names]

@@ -246,7 +246,7 @@ def resume(path: Path, reporter: ConsoleReporter, *, overrides: list[str] = (), 
         run.lock = lock_run_dir(file.parent)
         remove_stale_temporaries(file.parent)  # what a writer killed mid-write left behind
         # rows of epochs after last.pt (a kill between the two writes) are trained again
-        run.loggers = open_loggers(file.parent, run.state.history)
+        run.loggers = open_loggers(file.parent, run.state.history, config["loggers"])
     if in_place:
         # config.yaml is rewritten with the next last.pt (save_checkpoints), so the two always agree
         run.config_changed = bool(differences) or plan.processes != plan.trained_by

@@ -39,6 +39,7 @@ from nncli.optim.losses import check_loss_computes, create_loss, loss_name, take
 from nncli.optim.metrics import TOPK, check_metrics
 from nncli.optim.optimizers import ParamGroup, create_optimizer
 from nncli.optim.schedules import create_schedule
+from nncli.report.loggers import check_loggers
 from nncli.run.devices import (
     Process,
     check_parallel,
@@ -205,6 +206,7 @@ def check_config(config: Config, processes: int = 1, *, batch_size: int = 1,
     plan (for a batch of `batch_size`, with MACs when `count_macs`) and the optimizer groups."""
     with located_errors(config):
         check_parallel(config["parallel"], processes)
+    check_loggers(config)
     parts = build(config, batch_size=batch_size, count_macs=count_macs)
     cross_check(config, parts)
     skip_dynamo()  # nothing is compiled here
@@ -256,6 +258,7 @@ def prepare_run(config: Config, *, device: str | None = None, run_dir: Path | No
     if process.world_size > 1:
         config.values["parallel"] = "ddp"  # implied by several processes: config.yaml says what ran
     configure_determinism(config["deterministic"], target_device)
+    check_loggers(config)
     if config["data"] is None:
         raise config.error("the config has no 'data' section; add one, e.g. data: {source: digits}")
     parts = build(config, to_train=True, normalization=normalization)

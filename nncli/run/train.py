@@ -38,7 +38,7 @@ def start_run_dir(run: Run, out_dir: Path | None, history: list[dict] = ()) -> N
         run.run_dir, run.lock = claim_run_dir(out_dir or Path(run.config["checkpoint"]["dir"]),
                                               run.config["name"])
         write_text_atomic(resolved_config_text(run.config), run.run_dir / "config.yaml")
-        run.loggers = open_loggers(run.run_dir, list(history))
+        run.loggers = open_loggers(run.run_dir, list(history), run.config["loggers"])
 
 
 def announce(run: Run, reporter: ConsoleReporter) -> None:
@@ -72,6 +72,8 @@ def run_fit(run: Run, reporter: ConsoleReporter) -> None:
         raise
     finally:
         reporter.close()
+        for logger in run.loggers:
+            logger.close()
         for samples in (run.batches.data, run.val):
             if samples is not None:
                 samples.close()
