@@ -120,7 +120,9 @@ def data_schema() -> dict:
 def config_schema(layers: Choices, losses: Choices, optimizers: Choices, schedulers: Choices) -> dict:
     """The whole config format."""
     spec_keys = {"name": {"type": "string"}, "args": {"type": "array"},
-                 "repeat": {"type": "integer", "minimum": 1}, "trainable": {"type": "boolean"}}
+                 "repeat": {"type": "integer", "minimum": 1}, "trainable": {"type": "boolean"},
+                 "copies": {"type": "object", "description": "with repeat: changes to single copies, "
+                            "{index: {dotted.key: value}}"}}
     layer_list = {"anyOf": [{"type": "array", "items": {"$ref": "#/$defs/layer"}, "minItems": 1},
                             {"type": "object", "additionalProperties": {"$ref": "#/$defs/layer"},
                              "minProperties": 1}]}

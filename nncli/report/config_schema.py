@@ -20,7 +20,8 @@ import torch
 
 from nncli.arguments import SEQUENCES, describe_annotation, parameters_of, type_hints
 from nncli.config.jsonschema import Choices, config_schema
-from nncli.model.layers import LAYERS
+from nncli.model.blocks import MERGES
+from nncli.model.layers import LAYERS, SIZE_ARGUMENTS
 from nncli.optim.losses import LOSSES
 from nncli.optim.optimizers import OPTIMIZERS
 from nncli.optim.schedules import SCHEDULERS
@@ -88,9 +89,15 @@ def arguments_schema(factory: Callable[..., Any], defaults: dict | None = None,
 
 def _layer(entry: Any) -> dict:
     schema = arguments_schema(entry.factory, entry.defaults, set(entry.infer))
-    if entry.is_block:
-        schema["properties"]["layers"] = {"$ref": "#/$defs/layers"}
-        schema["required"] = ["layers"]
+    properties = schema.setdefault("properties", {})
+    for name in SIZE_ARGUMENTS & set(properties) if entry.infer else ():  # groups: in_channels
+        properties[name] = {"anyOf": [properties[name], {"enum": list(entry.infer)}]}
+    for key, holds in entry.block_keys.items():
+        properties[key] = ({"$ref": "#/$defs/layers"} if key == "layers"
+                           else {"enum": list(MERGES), "description": holds} if key == "merge"
+                           else {"description": holds})
+    if entry.is_block:  # the paths a block must have
+        schema["required"] = [key for key in ("layers", "branches") if key in entry.block_keys]
     doc = inspect.cleandoc(entry.factory.__doc__ or "").split("\n\n")[0].replace("\n", " ")
     return {**schema, "description": f"{entry.name} ({entry.category}, from {entry.source}). {doc}".strip()}
 
