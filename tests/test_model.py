@@ -515,22 +515,31 @@ def test_the_check_plans_a_small_model_on_the_cpu_and_a_large_one_on_meta(name, 
     assert devices == ({"cpu"} if name == "digits_cnn.yaml" else {"meta"})
 
 
-def test_a_huge_layer_is_checked_on_meta_without_allocating_it(tmp_path):
-    """A 10-billion-parameter Linear (40 GB) is refused by the CPU pass's budget before torch
-    allocates it, and planned on meta: validate answers at once."""
+HUGE_LAYERS = {  # what each would take on the CPU
+    "a 10-billion-parameter Linear (40 GB)": ("[100000]", "{type: Linear, out_features: 100000}"),
+    "out_channels: 40960 on a 64x64 image (630 MB)": ("[1, 64, 64]",
+                                                       "{type: Conv2d, out_channels: 40960, kernel_size: 3}"),
+    "a 1024x1024 image (17 GB out)": ("[3, 1024, 1024]",
+                                      "{type: Conv2d, out_channels: 4096, kernel_size: 3}"),
+}
+
+
+@pytest.mark.parametrize("shape, layer", HUGE_LAYERS.values(), ids=HUGE_LAYERS)
+def test_a_huge_layer_is_checked_on_meta_without_allocating_it(tmp_path, shape, layer):
+    """The CPU pass's budget refuses these before torch allocates or computes them (a large sample
+    goes to meta at once), and they are planned on meta: validate answers at once."""
     from nncli.model.plan import plan_to_check
 
-    path = write_config(tmp_path, """
+    path = write_config(tmp_path, f"""
         model:
-          input_shape: [100000]
+          input_shape: {shape}
           layers:
-            - {type: Linear, out_features: 100000}
+            - {layer}
             - ReLU
-            - {type: Linear, out_features: 10}
         """)
     plan = plan_to_check(nncli.load_config(path))
-    assert plan.output_shape == (1, 10) and all(p.is_meta for p in plan.model.parameters())
-    assert sum(p.params for p in plan.layers) == 100000 * 100000 + 100000 + 100000 * 10 + 10
+    assert all(p.is_meta for p in plan.model.parameters())
+    assert plan.layers[0].params == sum(p.numel() for p in plan.model.parameters())
 
 
 # --- public API and YAML details ----------------------------------------------------------------

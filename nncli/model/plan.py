@@ -743,9 +743,13 @@ def _macs_on_meta(module: nn.Module, x: torch.Tensor) -> int:
     return counter.get_total_flops() // 2
 
 
-# A model whose shape pass creates fewer elements than this (its parameters and buffers, and the
-# outputs of one batch's forward pass: 16 MB of float32) is planned on the CPU to be checked; a
-# larger one (ResNet-18 already) on the meta device, so that checking never takes real memory.
+# The shape pass of a check runs on the CPU for a small model: one whose sample has at most
+# CPU_PLAN_SAMPLE numbers (tabular data, the digits, MNIST, CIFAR) and whose pass creates fewer
+# than CPU_PLAN_ELEMENTS (its parameters and buffers, and the layers' outputs: 16 MB of float32);
+# any other (ResNet-18 at 224x224 already) on the meta device, so that checking never takes real
+# memory or time. A larger sample would let one layer's output (a convolution's) be gigabytes
+# before the budget could see it.
+CPU_PLAN_SAMPLE = 4096
 CPU_PLAN_ELEMENTS = 1 << 22
 
 
@@ -763,9 +767,11 @@ class _ElementBudget(TorchFunctionMode):
         self.left = budget
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        if getattr(func, "__name__", None) in _FACTORIES and _requested(args, kwargs) > self.left:
+        kwargs, name = kwargs or {}, getattr(func, "__name__", None)
+        if name in _FACTORIES and _requested(args, kwargs) > self.left:
             raise _OverBudget  # before torch allocates it: a 2-trillion-parameter layer is refused here
+        if name in _CONVOLUTIONS and _convolution_outputs(args, kwargs) > self.left:
+            raise _OverBudget  # before it computes a typo's out_channels: 40960
         out = func(*args, **kwargs)
         if isinstance(out, torch.Tensor) and not (args and out is args[0]):  # in-place: nothing new
             self.left -= out.numel()
@@ -776,6 +782,23 @@ class _ElementBudget(TorchFunctionMode):
 
 # torch's functions that allocate a tensor of a size they are given
 _FACTORIES = {"empty", "zeros", "ones", "full", "rand", "randn", "randint", "empty_strided"}
+
+
+# the functions whose output can dwarf their input and weights: out_channels times the input's area
+_CONVOLUTIONS = {"conv1d", "conv2d", "conv3d"}
+
+
+def _convolution_outputs(args: tuple, kwargs: dict) -> int:
+    """At most the elements a convolution's output has (stride 1): batch x out_channels x the
+    padded input's area."""
+    x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+    padding = args[4] if len(args) > 4 else kwargs.get("padding", 0)
+    batched = x.dim() == weight.dim()
+    spatial = x.shape[2:] if batched else x.shape[1:]
+    pads = [0] * len(spatial) if isinstance(padding, str) else (
+        [padding] * len(spatial) if isinstance(padding, int) else list(padding))
+    return (x.shape[0] if batched else 1) * weight.shape[0] * math.prod(
+        size + 2 * pad for size, pad in zip(spatial, pads))
 
 
 def _requested(args: tuple, kwargs: dict) -> int:
@@ -795,9 +818,13 @@ def _requested(args: tuple, kwargs: dict) -> int:
 def plan_to_check(config: Config, input_shape: tuple | list | None = None, batch_size: int = 1,
                   count_macs: bool = False) -> ModelPlan:
     """The shape pass of `validate`, `summary` and every check before training: on the CPU when the
-    model is small (under CPU_PLAN_ELEMENTS; about a second faster than the meta device, whose
-    kernels torch loads on first use), else on the meta device, which allocates nothing. The
-    plan's model has weights only on the CPU, and none of them are trained."""
+    model is small (see CPU_PLAN_SAMPLE; about a second faster than the meta device, whose kernels
+    torch loads on first use), else on the meta device, which allocates nothing. The plan's
+    model has weights only on the CPU, and none of them are trained."""
+    shape = input_shape if input_shape is not None else config["model"]["input_shape"]
+    small = isinstance(shape, (list, tuple)) and all(isinstance(d, int) for d in shape)
+    if not small or math.prod(shape) > CPU_PLAN_SAMPLE:
+        return plan_model(config, input_shape, batch_size, count_macs, device="meta")
     try:
         with _ElementBudget(CPU_PLAN_ELEMENTS):
             return plan_model(config, input_shape, batch_size, count_macs, device="cpu")
