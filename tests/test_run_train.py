@@ -38,10 +38,12 @@ SHIPPED_HEADERS = {
     "csv_regression.yaml": "epoch,train_loss,val_loss,val_mae,val_rmse,val_r2,lr_0,time_s",
     "digits_cnn.yaml": "epoch,train_loss,val_loss,val_accuracy,lr_0,time_s",
     "digits_mlp.yaml": "epoch,train_loss,val_loss,val_accuracy,val_top3,lr_0,time_s",
+    "images_folder.yaml": "epoch,train_loss,val_loss,val_accuracy,lr_0,time_s",  # needs Pillow
     "linear_regression.yaml": "epoch,train_loss,lr_0,time_s",  # val_split: 0
     # 2 named groups
     "perceptron_lr_groups.yaml": "epoch,train_loss,val_loss,val_mae,lr_bias,lr_weight,time_s",
     "perceptron_synthetic.yaml": "epoch,train_loss,val_loss,val_mae,val_r2,lr_0,time_s",
+    "synthetic_cifar_augment.yaml": "epoch,train_loss,val_loss,val_accuracy,lr_0,time_s",
 }
 
 
@@ -59,8 +61,15 @@ def test_every_shipped_config_with_data_is_covered():
 
 @pytest.mark.parametrize("name", sorted(SHIPPED_HEADERS))
 def test_shipped_config_trains(name, tmp_path):
-    epochs = 1 if name == "digits_cnn.yaml" else 2  # the CNN is the slow one on 2 CPU cores
-    result = invoke("train", CONFIGS / name, "--epochs", epochs, "--out", tmp_path, "--quiet")
+    epochs = 1 if name in ("digits_cnn.yaml", "synthetic_cifar_augment.yaml") else 2  # slow on 2 CPU cores
+    options = []
+    if name == "images_folder.yaml":  # its folder, made as its comment says, here in tmp_path
+        pytest.importorskip("PIL")
+        from test_data_images import write_digits
+
+        options = ["--set", f"data.root={write_digits(tmp_path / 'digits_png')}"]
+        tmp_path = tmp_path / "out"
+    result = invoke("train", CONFIGS / name, "--epochs", epochs, "--out", tmp_path, "--quiet", *options)
     assert result.exit_code == 0, result.stderr
     assert not re.search(r"^epoch \d", result.stdout, re.M), "--quiet printed epoch lines"
     run = only_run_dir(tmp_path)
