@@ -86,6 +86,14 @@ def test_predict_prints_class_names_of_image_files_and_folders(digits):
     assert all(len(row["output"]) == 10 for row in rows)
 
 
+def test_predict_of_a_missing_or_broken_image_exits_2(digits, tmp_path):
+    missing = invoke("predict", digits["run"], "--input", tmp_path / "nothing.png")
+    assert missing.exit_code == 2 and "nothing.png: --input: no such file" in missing.stderr
+    (tmp_path / "broken.png").write_bytes(b"GIF89a?")
+    broken = invoke("predict", digits["run"], "--input", tmp_path / "broken.png")
+    assert broken.exit_code == 2 and "broken.png cannot be decoded as an image" in broken.stderr
+
+
 def test_predict_of_an_image_matches_the_model_on_pixels_read_by_hand(digits):
     """The file read by hand (PIL, /255, the checkpoint's per-channel statistics) through the saved
     weights in the config's CNN written in plain PyTorch: the same outputs as predict."""

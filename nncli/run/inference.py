@@ -237,6 +237,8 @@ def _read_images(path: Path, config: Config, input_shape: list[int]) -> tuple[to
     section = config["data"] or {}
     source = section["train"] if is_pair(section) else section
     mode = image_mode(source, input_shape, "--input")
+    if not path.exists():
+        raise ConfigError("no such file", file=str(path), key="--input")
     files = images.images_under(path) if path.is_dir() else [path]
     if not files:
         raise ConfigError(f"holds no images ({', '.join(IMAGE_SUFFIXES)})", file=str(path), key="--input")
@@ -244,9 +246,7 @@ def _read_images(path: Path, config: Config, input_shape: list[int]) -> tuple[to
         pixels = images.decode_images(files, mode, tuple(input_shape[1:]))
     except images.ImageProblem as err:
         raise ConfigError(str(err), key="--input", hint=err.hint) from None
-    dtype = input_dtype(config)
-    return TensorPair(torch.from_numpy(pixels), torch.zeros(len(files)), dtype, pixels=True).as_input(
-        torch.from_numpy(pixels)), files
+    return torch.from_numpy(pixels).to(input_dtype(config)) / 255, files  # as training's as_input makes them
 
 
 def _read_input_csv(path: Path, config: Config) -> np.ndarray:
