@@ -135,11 +135,11 @@ def _read_data_file(config: Config, path: Path, input_shape: list[int], output_s
                           file=str(path), hint=hint)
     if kind != "images" and not path.is_file():  # else the data section's message, about paths in a config
         raise ConfigError("file not found; check the path", file=str(path))
+    mode = image_mode(own, input_shape, "--data") if kind == "images" else None  # the run's, if it had one
     if own.get("source") != kind:
         own = {"source": kind, "target": "target"} if kind == "csv" else {"source": kind}
     if kind == "images":  # converted and resized to what the model takes
-        own.update(root=str(path.resolve()), mode=image_mode(own, input_shape, "--data"),
-                   size=list(input_shape[1:]), cache=False)
+        own.update(root=str(path.resolve()), mode=mode, size=list(input_shape[1:]), cache=False)
     else:  # a CSV's columns are taken by name: the `features` the run recorded (else every column but
         # the targets, as training took them)
         own.update(path=str(path.resolve()))
