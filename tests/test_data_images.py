@@ -313,6 +313,9 @@ def test_integer_labels_stay_integers(tmp_path):
     assert isinstance(rows[0]["class"], int) and "class_index" not in rows[0]
     per_class = json.loads(ok(invoke("eval", run, "--json")).stdout)["per_class"]
     assert [row["class"] for row in per_class] == [0, 1, 2]
+    small_folder(tmp_path / "pics")  # images for a model of 2 features
+    refused = invoke("eval", run, "--data", tmp_path / "pics")
+    assert refused.exit_code == 2 and "the model takes samples of shape [2], not images" in refused.stderr
 
 
 def test_a_number_among_word_labels_exits_2_naming_the_cell(tmp_path, cli):
