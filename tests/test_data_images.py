@@ -158,7 +158,7 @@ def test_images_are_uint8_until_a_batch_is_prepared(tmp_path):
     data = load_data(config)
     assert data.train.x.dtype == torch.uint8 and data.train.x.shape == (18, 3, 5, 4)
     assert data.classes == ["a", "b", "c"] and data.train.y.tolist() == [0] * 6 + [1] * 6 + [2] * 6
-    by_hand = np.asarray(Image.open(tmp_path / "pics" / "b" / "2.png")).transpose(2, 0, 1)
+    by_hand = np.array(Image.open(tmp_path / "pics" / "b" / "2.png")).transpose(2, 0, 1)
     assert torch.equal(data.train.x[8], torch.from_numpy(by_hand))
     assert torch.equal(data.train.prepare(data.train.x[8:9])[0], torch.from_numpy(by_hand / 255).float())
 
@@ -170,7 +170,7 @@ def test_size_resizes_and_mode_l_gives_one_channel(tmp_path):
     text = SMALL.format(extra=", size: [3, 6]").replace("mode: RGB", "mode: L")
     data = load_data(load_config(write_config(tmp_path, text, "small.yaml")))
     assert data.train.x.shape == (18, 1, 3, 6)
-    by_hand = np.asarray(Image.open(tmp_path / "pics" / "c" / "0.png").convert("L")
+    by_hand = np.array(Image.open(tmp_path / "pics" / "c" / "0.png").convert("L")
                          .resize((6, 3), Image.Resampling.BILINEAR))
     assert torch.equal(data.train.x[12, 0], torch.from_numpy(by_hand))
 
@@ -179,7 +179,7 @@ def test_normalize_channel_uses_the_training_images_statistics(tmp_path):
     """Per channel over N, H and W of the training split only, as computed here with numpy."""
     from nncli.run.setup import load_config, load_data
 
-    small_folder(tmp_path / "pics", per_class=10)
+    small_folder(tmp_path / "pics", per_class=25)
     text = SMALL.format(extra=", normalize: channel").replace("val_split: 0", "val_split: 0.2")
     data = load_data(load_config(write_config(tmp_path, text, "small.yaml")))
     pixels = data.train.x.numpy().astype(np.float64) / 255
@@ -190,7 +190,7 @@ def test_normalize_channel_uses_the_training_images_statistics(tmp_path):
     val = data.val.prepare(data.val.x)  # validation uses the training statistics
     expected = (data.val.x.numpy() / 255 - mean[:, None, None]) / std[:, None, None]
     np.testing.assert_allclose(val.numpy(), expected, atol=1e-5)
-    assert len(data.val) == 6
+    assert len(data.val) == 15
 
 
 def test_normalize_channel_on_tabular_data_exits_2(tmp_path, cli):
