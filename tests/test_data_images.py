@@ -3,7 +3,6 @@ names and from a CSV's word labels, and `normalize: channel`: through the CLI, a
 them, against what the test computes itself from the PNG files and with numpy."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sys
@@ -13,19 +12,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import CONFIGS, invoke, load, ok, read_metrics, write_config
+from helpers import CONFIGS, invoke, load, ok, read_metrics, write_config, write_digits
 
 Image = pytest.importorskip("PIL.Image")
 
 WORDS = sorted(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
-
-
-def write_digits(out: Path) -> Path:
-    """The bundled digits as out/<word>/<index>.png, by configs/data/digits_to_png.py."""
-    spec = importlib.util.spec_from_file_location("digits_to_png", CONFIGS / "data" / "digits_to_png.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.write_digits(out)
 
 
 def small_folder(root: Path, per_class: int = 6, size: tuple[int, int] = (5, 4)) -> Path:

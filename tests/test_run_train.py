@@ -25,6 +25,7 @@ from helpers import (
     only_run_dir,
     read_metrics,
     run_nncli,
+    shipped_options,
     write_config,
 )
 from torch import nn
@@ -62,12 +63,8 @@ def test_every_shipped_config_with_data_is_covered():
 @pytest.mark.parametrize("name", sorted(SHIPPED_HEADERS))
 def test_shipped_config_trains(name, tmp_path):
     epochs = 1 if name in ("digits_cnn.yaml", "synthetic_cifar_augment.yaml") else 2  # slow on 2 CPU cores
-    options = []
-    if name == "images_folder.yaml":  # its folder, made as its comment says, here in tmp_path
-        pytest.importorskip("PIL")
-        from test_data_images import write_digits
-
-        options = ["--set", f"data.root={write_digits(tmp_path / 'digits_png')}"]
+    options = shipped_options(CONFIGS / name, tmp_path)  # images_folder's folder, made in tmp_path
+    if options:
         tmp_path = tmp_path / "out"
     result = invoke("train", CONFIGS / name, "--epochs", epochs, "--out", tmp_path, "--quiet", *options)
     assert result.exit_code == 0, result.stderr
