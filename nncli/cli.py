@@ -319,8 +319,8 @@ def _check_then_launch(nproc: int, check: Callable[[], None], debug: bool) -> No
 def evaluate(
     checkpoint: Path = CHECKPOINT,
     data: Optional[Path] = typer.Option(None, "--data",
-                                        help="A data file (.csv, .npz) to evaluate on, read with the run's "
-                                             "data settings."),
+                                        help="A data file (.csv, .npz), or a folder of class folders of "
+                                             "images, to evaluate on, read with the run's data settings."),
     as_json: bool = JSON,
     device: Optional[str] = DEVICE,
     plugins: list[str] = PLUGIN,
@@ -336,8 +336,15 @@ def evaluate(
         results, source = evaluate_checkpoint(checkpoint, data, device, _named(plugins, trusted))
         if as_json:
             print(json.dumps(results))
-        else:
-            print(f"{source}: " + "  ".join(f"{k}={v:.4f}" for k, v in results.items()))
+            return
+        per_class = results.pop("per_class", [])
+        print(f"{source}: " + "  ".join(f"{k}={v:.4f}" for k, v in results.items()))
+        if per_class:
+            width = max(len(str(row["class"])) for row in per_class)
+            print("per class:")
+            for row in per_class:
+                accuracy = "-" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
+                print(f"  {str(row['class']):<{width}}  accuracy={accuracy}  samples={row['samples']}")
 
     run_command(action, debug)
 
@@ -346,7 +353,8 @@ def evaluate(
 def predict(
     checkpoint: Path = CHECKPOINT,
     inputs: str = typer.Option(..., "--input",
-                               help="Inputs: a JSON list of samples, or a .json, .csv, .npy or .npz file."),
+                               help="Inputs: a JSON list of samples, a .json, .csv, .npy or .npz file, an "
+                                    "image file or a folder of images."),
     as_json: bool = JSON,
     device: Optional[str] = DEVICE,
     plugins: list[str] = PLUGIN,
@@ -363,8 +371,9 @@ def predict(
             print(json.dumps(rows))
             return
         for i, row in enumerate(rows):
+            file = f" {row['file']}:" if "file" in row else ""
             label = f"  class={row['class']}" if "class" in row else ""
-            print(f"{i}: {[round(v, 6) for v in row['output']]}{label}")  # --json gives every digit
+            print(f"{i}:{file} {[round(v, 6) for v in row['output']]}{label}")  # --json gives every digit
 
     run_command(action, debug)
 

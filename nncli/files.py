@@ -15,28 +15,41 @@ def write_text_atomic(text: str, path: Path) -> None:
     write_atomic(text.encode("utf-8"), path)
 
 
+def temporary_path(path: Path) -> Path:
+    """Where `path` is written before `commit` renames it into place (`remove_stale_temporaries`
+    finds what a killed writer left there)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def commit(tmp: Path, path: Path) -> None:
+    """Make the finished file `tmp` (from `temporary_path(path)`) `path`: fsynced, renamed over
+    it, the folder fsynced. OSError when it cannot."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(Path(path).parent)
+
+
 def write_atomic(data: bytes | memoryview, path: Path) -> None:
     """Write `data` to a temporary file beside `path`, fsync it, `os.replace` it over `path`
     and fsync the folder: `path` is always either the old or the new file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_path(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        commit(tmp, path)
     except OSError as err:
-        _remove_quietly(tmp)
+        remove_quietly(tmp)
         raise RunError(f"cannot write {path}: {err.strerror or err}; the previous file, if any, "
                        "is unchanged", file=str(path)) from None
     except BaseException:
-        _remove_quietly(tmp)
+        remove_quietly(tmp)
         raise
 
 
-def _remove_quietly(path: Path) -> None:
+def remove_quietly(path: Path) -> None:
     """Delete a temporary file if it is there. Failing to must not hide why the write failed: a
     read-only file system refuses even to delete a file that does not exist."""
     try:

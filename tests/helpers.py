@@ -26,6 +26,9 @@ Files:
 - `read_metrics(run_dir)`: metrics.csv as (header, rows of floats).
   `metrics_rows(run_dir)`: its rows as text without time_s, for comparing two runs exactly.
 - `snapshot(folder)`: every file's bytes by name; `only_run_dir(out)`: the one run directory.
+- `write_digits(out)`: the bundled digits as out/<word>/<index>.png (configs/data/digits_to_png.py;
+  needs Pillow). `shipped_options(config, tmp)`: the `--set` options a shipped config needs to run
+  in a fresh checkout: configs/images_folder.yaml's image folder, made in tmp (skips without Pillow).
 """
 from __future__ import annotations
 
@@ -221,6 +224,30 @@ def metrics_rows(run_dir: Path) -> list[dict[str, str]]:
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file directly in `folder`: name -> bytes (to check that nothing was written)."""
     return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
+
+
+def write_digits(out: Path) -> Path:
+    """The bundled digits as out/<word>/<index>.png, by configs/data/digits_to_png.py."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("digits_to_png", CONFIGS / "data" / "digits_to_png.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.write_digits(Path(out))
+
+
+def shipped_options(config: Path, tmp: Path) -> list[str]:
+    """`--set` options for a shipped config whose data a fresh checkout lacks: images_folder.yaml's
+    folder, which its comment tells the user to make, is made in `tmp` (skipped without Pillow)."""
+    if Path(config).name != "images_folder.yaml":
+        return []
+    import pytest
+
+    pytest.importorskip("PIL")
+    folder = Path(tmp) / "digits_png"
+    if not folder.is_dir():
+        write_digits(folder)
+    return ["--set", f"data.root={folder}"]
 
 
 def only_run_dir(out: Path) -> Path:

@@ -109,12 +109,14 @@ def test_normalize_uses_training_statistics_for_both_sides(tmp_path):
     config = write_config(tmp_path, f"data: {{source: tensors, x: {x}, y: {[[0.0]] * 10}, val_split: 0.2, "
                                     f"normalize: true}}\nloss: MSELoss\n{MODEL}", "n.yaml")
     data = load_dataset(config)
-    raw_train = data.train.x * data.normalization["std"] + data.normalization["mean"]
-    assert torch.allclose(data.train.x.mean(0), torch.zeros(2), atol=1e-5)
-    assert torch.allclose(data.train.x.std(0), torch.ones(2), atol=1e-5)
+    # the samples keep their values; each batch is normalized on the device as the model takes it
+    raw_train, raw_val = data.train.x, data.val.x
+    train, val = data.train.prepare(raw_train), data.val.prepare(raw_val)
+    assert torch.allclose(train.mean(0), torch.zeros(2), atol=1e-5)
+    assert torch.allclose(train.std(0), torch.ones(2), atol=1e-5)
     assert torch.allclose(data.normalization["mean"], raw_train.mean(0))
-    # the validation side uses the training statistics (so its mean is not 0)
-    raw_val = data.val.x * data.normalization["std"] + data.normalization["mean"]
+    assert torch.allclose(val, (raw_val - raw_train.mean(0)) / raw_train.std(0))
+    # the validation side uses the training statistics (so its samples are others)
     assert set(raw_val[:, 0].round().tolist()) <= set(range(10)) - set(raw_train[:, 0].round().tolist())
 
 
@@ -577,6 +579,6 @@ def test_every_extra_a_message_names_is_in_pyproject():
     from nncli.run.export import FORMATS  # its message names each format's extra from this table
 
     named |= {entry.extra for entry in FORMATS.values() if entry.extra}
-    assert {"vision", "onnx", "safetensors", "tensorboard"} <= named
+    assert {"vision", "images", "onnx", "safetensors", "tensorboard"} <= named
     assert named <= defined, named - defined
     assert {"images", "onnx", "plot", "tensorboard", "all"} <= defined  # the extras the README lists

@@ -19,6 +19,7 @@ from helpers import (
     ok,
     run_nncli,
     run_python,
+    shipped_options,
     write_config,
 )
 from torch.utils.flop_counter import FlopCounterMode
@@ -57,9 +58,10 @@ def real_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
 # --- parameters and MACs ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")) + [ALEXNET], ids=lambda p: p.stem)
-def test_total_params_equal_built_model(cli, path):
-    data = summary_json(cli, path)
-    config = nncli.load_config(path)
+def test_total_params_equal_built_model(cli, path, tmp_path):
+    options = shipped_options(path, tmp_path)
+    data = summary_json(cli, path, *options)
+    config = nncli.load_config(path, options[1:])
     model = nncli.build_model(config, input_shape=tuple(data["input_shape"]))
     assert data["total_params"] == sum(p.numel() for p in model.parameters())
     assert data["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -271,8 +273,8 @@ MODEL_ONLY = "ok (model only: train needs a data: section)"
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
-def test_validate_every_shipped_config(cli, path):
-    result = cli("validate", path)
+def test_validate_every_shipped_config(cli, path, tmp_path):
+    result = cli("validate", path, *shipped_options(path, tmp_path))
     assert result.exit_code == 0, result.stderr
     verdict = "ok" if yaml.safe_load(path.read_text()).get("data") else MODEL_ONLY  # the seed_* models
     assert result.stdout.startswith(f"{verdict}: {path}: ")

@@ -1,7 +1,7 @@
 """`nncli export`: each format's file, loaded the way its users load it (torch.jit.load,
 torch.export.load, onnxruntime, safetensors, torch.load), gives the outputs of the checkpoint's model
-rebuilt here by hand in plain PyTorch, with the run's input normalization (folded in, or written
-beside the file), for a batch size other than the one the export was checked on."""
+rebuilt here by hand in plain PyTorch, with the run's input and target normalization (folded in, or
+written beside the file), for a batch size other than the one the export was checked on."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,8 @@ from torch import nn
 
 TRAINED = """
 seed: 0
-data: {source: synthetic, kind: regression, n: 96, features: 3, val_split: 0.25, normalize: true}
+data: {source: synthetic, kind: regression, n: 96, features: 3, val_split: 0.25, normalize: true,
+       normalize_target: true}
 loss: MSELoss
 optimizer: {type: Adam, lr: 0.01}
 train: {epochs: 2, batch_size: 16}
@@ -50,9 +51,9 @@ def trained(tmp_path_factory):
     run = folder / "runs" / "net"
     ckpt = load(run / "best.pt")
     x = torch.randn(5, 3, generator=torch.Generator().manual_seed(1)) * 3 + 1  # raw inputs, batch 5
-    norm = ckpt["normalization"]
-    with torch.no_grad():
-        expected = by_hand(ckpt["model"])((x - norm["mean"]) / norm["std"])
+    norm, targets = ckpt["normalization"], ckpt["target_normalization"]
+    with torch.no_grad():  # the outputs in the targets' units, as predict gives them
+        expected = by_hand(ckpt["model"])((x - norm["mean"]) / norm["std"]) * targets["std"] + targets["mean"]
     return {"run": run, "ckpt": ckpt, "x": x, "expected": expected}
 
 
@@ -68,7 +69,7 @@ def _load_and_run(format: str, file, x: torch.Tensor, state_of) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
     norm = json.loads(file.with_name(file.name + ".normalization.json").read_text())
     x = (x - torch.tensor(norm["mean"])) / torch.tensor(norm["std"])
-    return by_hand(state_of(file))(x)
+    return by_hand(state_of(file))(x) * torch.tensor(norm["target_std"]) + torch.tensor(norm["target_mean"])
 
 
 def _state(format: str):

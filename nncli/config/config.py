@@ -95,7 +95,8 @@ class Config:
                 resolved == place or place in resolved.parents for place in self.trusted_data):
             raise self.error(f"the checkpoint names {resolved}, and nncli reads no path that a checkpoint "
                              "names unless you name it on the command line", *keys,
-                             hint=f"If it is your data, add --trust-data {shown_path(resolved.parent)}.")
+                             hint="If it is your data, add --trust-data "
+                                  f"{shown_path(resolved if resolved.is_dir() else resolved.parent)}.")
         return resolved
 
 

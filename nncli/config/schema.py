@@ -153,6 +153,12 @@ EARLY_STOP = {
     "mode": Key((str,), "auto", one_of("auto", "min", "max")),
     "min_delta": Key(NUMBER, 0.0, non_negative),
 }
+EMA = {
+    "decay": Key(NUMBER, 0.999, fraction),
+    # TensorFlow's ExponentialMovingAverage(num_updates): min(decay, (1 + t) / (10 + t)) at update t,
+    # so that a short run's average is not mostly its initial weights
+    "warmup": Key((bool,), True),
+}
 TRAIN = {
     "epochs": Key((int,), 10, positive),
     "batch_size": Key((int,), 64, positive),
@@ -164,6 +170,7 @@ TRAIN = {
     "drop_last": Key((bool,), False),
     "log_every": Key((int,), 1, positive),  # print a line every N epochs (without a terminal)
     "log_every_steps": Key((int, type(None)), None, positive),  # per-step scalars for the tensorboard logger
+    "ema": Key((dict, type(None)), None, schema=EMA),  # an exponential moving average of the weights
 }
 CHECKPOINT = {
     "dir": Key((str,), "checkpoints"),
@@ -209,15 +216,46 @@ LOADER_KEYS = {
     "loader": Key((str,), "memory", one_of("memory", "dataloader")),
     "workers": Key((int,), 0, non_negative),
 }
+
+
+def normalize_mode(value: Any) -> str | None:
+    """`normalize:` is true (per feature), false, or channel (per channel of images)."""
+    return None if isinstance(value, bool) or value == "channel" else "must be true, false or channel"
+
+
+def normalize_hint(value: Any) -> str | None:
+    if str(value).lower() in ("true", "false"):
+        return f"Write {str(value).lower()} without quotes: '{value}' in quotes is a string, not a boolean."
+    return did_you_mean(str(value), ("channel",)) or "true: per feature; channel: per channel of images."
+
+
+def class_names(value: Any) -> str | None:
+    """`class_names:` names the classes in the order of their indices: distinct strings."""
+    if value is None:
+        return None
+    if not value or not all(isinstance(name, str) and name for name in value):
+        return "must be a list of class names (non-empty strings)"
+    twice = next((name for i, name in enumerate(value) if name in value[:i]), None)
+    return f"names '{twice}' twice" if twice is not None else None
+
+
+# How the samples become what the model trains on (either layout): normalization, targets'
+# standardization, augmentation, the names of the classes.
+SAMPLE_KEYS = {
+    "normalize": Key((bool, str), False, normalize_mode, hint=normalize_hint),
+    "normalize_target": Key((bool,), False),  # regression: standardized targets, results in their units
+    "augment": Key((list, type(None)), None),  # transforms of training batches: data.augment.TRANSFORMS
+    # the class names, index by index: given, or recorded (sorted) from word labels or folder names
+    "class_names": Key((list, type(None)), None, class_names),
+}
 # Keys of the data section itself; the rest belong to its source.
 DATA_KEYS = {
     "val_split": Key(NUMBER, 0.2, lambda v: None if v == 0 else fraction(v)),  # default: the source's
-    "normalize": Key((bool,), False),
+    **SAMPLE_KEYS,
     **LOADER_KEYS,
 }
 # The layout with a source of its own for each set: data: {train: {source: ...}, val: {source: ...}}
-PAIR_KEYS = {"train": Key((dict,), None), "val": Key((dict, type(None)), None),
-             "normalize": DATA_KEYS["normalize"], **LOADER_KEYS}
+PAIR_KEYS = {"train": Key((dict,), None), "val": Key((dict, type(None)), None), **SAMPLE_KEYS, **LOADER_KEYS}
 
 
 def one_delimiter(value: str) -> str | None:
@@ -229,6 +267,18 @@ def one_delimiter(value: str) -> str | None:
 
 def delimiter_hint(value: str) -> str:
     return "For example delimiter: ';' (a tab: delimiter: \"\\t\")."
+
+
+IMAGE_MODES = ("RGB", "L")  # Pillow's names: 3 channels, 1 channel
+
+
+def image_size(value: Any) -> str | None:
+    """`size:` is one positive integer (a square) or [height, width]."""
+    sizes = value if isinstance(value, list) else [value]
+    if value is None or (len(sizes) in (1, 2) and all(isinstance(v, int) and not isinstance(v, bool)
+                                                       and v > 0 for v in sizes)):
+        return None
+    return "must be a positive integer or [height, width]"
 
 
 @dataclass(frozen=True)
@@ -257,6 +307,10 @@ SOURCES = {
         "kind": Key((str,), "classification", one_of("classification", "regression", "images")),
         "n": Key((int,), 1000, positive), "features": Key((int,), 16, positive),
         "classes": Key((int,), 2, positive), "noise": Key(NUMBER, 0.5), "shape": Key((list,), [3, 32, 32])}),
+    "images": SourceSchema({"root": Key((str,), REQUIRED),  # root/<class>/<image files>
+                            "size": Key((int, list, type(None)), None, image_size),
+                            "mode": Key((str,), "RGB", one_of(*IMAGE_MODES)),
+                            "cache": Key((bool,), False)}, paths=("root",)),
     "torchvision": SourceSchema({"name": Key((str,), REQUIRED), "root": Key((str,), "data"),
                                  "download": Key((bool,), False), "train": Key((bool,), True)},
                                 paths=("root",)),

@@ -24,17 +24,26 @@ MixUp and CutMix are batch-level (`batch_level = True`): they take the labels to
 targets, class probabilities of shape (N, classes), which `nn.CrossEntropyLoss` accepts.
 
 `TRANSFORMS` maps each name to its class; each class carries its facts (`batch_level`,
-`needs_images`, `draws_random`) as class attributes.
+`needs_images`, `draws_random`) as class attributes. `create_pipeline` builds a config's
+`data.augment` list through the `AUGMENTATIONS` registry, checked as every other section is.
 """
 from __future__ import annotations
 
 import inspect
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from nncli.arguments import create
+from nncli.registry import Registry
+
+if TYPE_CHECKING:
+    from nncli.config import Config
 
 Shape = tuple[int, ...]  # one sample's shape, without the batch dimension
 
@@ -702,3 +711,46 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return f"Pipeline({self.transforms!r})"
+
+
+# --- from a config: data.augment ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TransformEntry:
+    """A transform's registry entry: its class, which carries its facts (`batch_level`,
+    `needs_images`, `draws_random`)."""
+
+    factory: type[Transform]
+
+
+AUGMENTATIONS = Registry("transform", lambda registry: [registry.add(name, TransformEntry(cls))
+                                                        for name, cls in TRANSFORMS.items()],
+                         list_hint=f"The transforms: {', '.join(TRANSFORMS)}.")
+
+
+def create_pipeline(config: Config, sample_shape: Shape, num_classes: int | None) -> Pipeline | None:
+    """`data.augment`'s transforms, each built with its arguments checked against its signature
+    (nncli.arguments.create), then checked against the samples (`Pipeline.check`): an error at the
+    item's line. `num_classes`: the model's, for a classifier (MixUp and CutMix need it). None
+    when the config augments nothing."""
+    specs = config["data"]["augment"]
+    if not specs:
+        return None
+    transforms = []
+    for i, spec in enumerate(specs):
+        transform = create(AUGMENTATIONS, spec, config.error, "data", "augment", i)
+        if not transform.draws_random:
+            raise config.error(f"{transform.name} draws nothing at random: in data.augment it would change "
+                               "training batches only, and validation, eval and predict would give the model "
+                               "other inputs", "data", "augment", i,
+                               hint="Use normalize: channel: the training set's statistics, applied to "
+                                    "every input.")
+        transforms.append(transform)
+    pipeline = Pipeline(transforms, num_classes)
+    try:
+        pipeline.check(sample_shape)
+    except AugmentationError as err:
+        spec = specs[err.index]
+        key = [err.key] if isinstance(spec, dict) and err.key in spec else []
+        raise config.error(str(err), "data", "augment", err.index, *key) from None
+    return pipeline

@@ -7,7 +7,6 @@ memory-mapped, and read by a torch DataLoader (`dataloader`).
 from __future__ import annotations
 
 import math
-import os
 import warnings
 import zlib
 from dataclasses import dataclass, replace
@@ -16,7 +15,7 @@ import torch
 
 from nncli.config import Config
 from nncli.config.schema import is_pair
-from nncli.data.samples import HostSamples, Samples, TensorPair
+from nncli.data.samples import HostSamples, Samples, TensorPair, usable_cpus
 from nncli.data.sources import LOADERS, SourceContext
 from nncli.model.plan import input_dtype
 
@@ -30,6 +29,8 @@ class Data:
     sample_shape: tuple
     normalization: dict | None  # {"mean": tensor, "std": tensor} of the training inputs
     fingerprint: str = ""  # see data_fingerprint
+    classes: list[str] | None = None  # the class names, index by index (word labels, folder names)
+    target_normalization: dict | None = None  # {"mean", "std"} of the training targets (normalize_target)
 
 
 def _chunk_rows(samples: Samples) -> int:
@@ -38,7 +39,7 @@ def _chunk_rows(samples: Samples) -> int:
 
 
 def data_fingerprint(train: Samples, val: Samples | None) -> str:
-    """A CRC-32 of the training and validation inputs (as the model takes them) and targets,
+    """A CRC-32 of the training and validation inputs (in the model's dtype; pixels as stored) and targets,
     about 4 GB/s; the same for either loader. Checkpoints keep it, so that eval and resume can
     tell that the data changed since training; it guards against accidents, not tampering."""
     crc = 0
@@ -51,26 +52,53 @@ def data_fingerprint(train: Samples, val: Samples | None) -> str:
     return f"crc32:{crc:08x} train:{len(train)} val:{len(val) if val is not None else 0}"
 
 
-def normalization_of(samples: Samples) -> dict:
-    """Per-feature mean and standard deviation of the inputs, in one pass of float64 chunks
-    (merged as Chan et al.), so the inputs need not fit in memory at once; in the inputs' dtype
-    (float32 for integer inputs). A constant feature keeps std 1."""
-    n, mean, m2 = 0, torch.zeros(samples.x.shape[1:], dtype=torch.float64), 0.0
+def normalization_of(samples: Samples, per_channel: bool = False) -> dict:
+    """The mean and standard deviation of the inputs as the model takes them (pixels in [0, 1]):
+    per feature, or `per_channel` (over the samples and every position: shaped (C, 1, ...), to
+    broadcast over a batch of images). In one pass of float64 chunks (merged as Chan et al.), so
+    the inputs need not fit in memory at once; in the inputs' dtype (float32 for integer inputs).
+    A constant feature or channel keeps std 1."""
+    shape = samples.x.shape[1:]
+    dims = (0, *range(2, len(shape) + 1)) if per_channel else (0,)
+    values_per_sample = math.prod(shape[1:]) if per_channel else 1  # of each statistic
+    n, m2 = 0, 0.0
+    mean = torch.zeros((shape[0], *[1] * (len(shape) - 1)) if per_channel else shape, dtype=torch.float64)
     dtype = samples.dtype if samples.dtype.is_floating_point else torch.float32
     for x in samples.input_chunks(_chunk_rows(samples)):
-        x, k = x.to(torch.float64, copy=True), len(x)  # a copy: the deviations are taken in place
-        chunk_mean = x.mean(0)
+        x, k = x.to(torch.float64, copy=True), len(x) * values_per_sample  # a copy: deviations in place
+        if samples.pixels:
+            x /= 255
+        chunk_mean = x.mean(dims, keepdim=True)[0]
         delta = chunk_mean - mean
         mean = mean + delta * (k / (n + k))
-        m2 = m2 + x.sub_(chunk_mean).square_().sum(0) + delta ** 2 * (n * k / (n + k))
+        m2 = m2 + x.sub_(chunk_mean).square_().sum(dims, keepdim=True)[0] + delta ** 2 * (n * k / (n + k))
         n += k
     std = (m2 / max(n - 1, 1)).sqrt()
     return {"mean": mean.to(dtype), "std": torch.where(std > 0, std, torch.ones_like(std)).to(dtype)}
 
 
-def read_source(options: dict, config: Config, where: tuple) -> Samples:
+def target_normalization_of(y: torch.Tensor) -> dict:
+    """Each regression output's mean and standard deviation over the training targets (float64,
+    then their dtype); a constant output keeps std 1."""
+    mean, std = y.double().mean(0), y.double().std(0) if len(y) > 1 else torch.ones(y.shape[1:])
+    return {"mean": mean.to(y.dtype), "std": torch.where(std > 0, std, torch.ones_like(std)).to(y.dtype)}
+
+
+def standardized(y: torch.Tensor, stats: dict | None) -> torch.Tensor:
+    return y if stats is None else (y - stats["mean"]) / stats["std"]
+
+
+def in_target_units(values: torch.Tensor, stats: dict | None) -> torch.Tensor:
+    """Outputs (or targets) of a model trained on standardized targets, in the targets' own units."""
+    if stats is None:
+        return values
+    return values * stats["std"].to(values.device) + stats["mean"].to(values.device)
+
+
+def read_source(options: dict, config: Config, where: tuple) -> tuple[Samples, list[str] | None]:
     """Read one checked source mapping (see config.check_source) as the data section's `loader`
-    asks: into memory, or kept where it is for a DataLoader to read a batch at a time."""
+    asks: into memory, or kept where it is for a DataLoader to read a batch at a time. With the
+    samples, the names of the classes when its labels are names (y: indices into them)."""
     ctx = SourceContext(config, where, streamed=config["data"]["loader"] == "dataloader")
     x, y = LOADERS[options["source"]](options, ctx)
     if len(x) != len(y):
@@ -87,9 +115,15 @@ def read_source(options: dict, config: Config, where: tuple) -> Samples:
                             f"{position}; a NaN or infinite value makes the loss NaN",
                             hint="Remove or fill in those samples.")
     dtype = input_dtype(config)
+    if ctx.pixels and not dtype.is_floating_point:
+        raise config.error(f"is {config['model']['input_dtype']}, but images go into the model as floats",
+                           "model", "input_dtype", hint="Leave input_dtype out (float32).")
     if ctx.streamed:
-        return HostSamples(x, torch.arange(len(x)), y, dtype, _workers(config), mapped_file=ctx.mapped_file)
-    return TensorPair(x.to(dtype), y)
+        samples = HostSamples(x, torch.arange(len(x)), y, dtype, _workers(config),
+                              mapped_file=ctx.mapped_file, pixels=ctx.pixels)
+    else:  # pixels stay uint8, a quarter of the memory, and become floats a batch at a time
+        samples = TensorPair(x if ctx.pixels else x.to(dtype), y, dtype, ctx.pixels)
+    return samples, ctx.classes
 
 
 def _first_non_finite(values: torch.Tensor) -> list[int] | None:
@@ -106,22 +140,29 @@ def _first_non_finite(values: torch.Tensor) -> list[int] | None:
 
 
 def read_data(config: Config, normalization: dict | None = None, *, scan: bool = True,
-              labels_for: str | None = None) -> Data:
-    """Read the (checked) data section: its sources, the split, the normalization.
+              labels_for: str | None = None, target_normalization: dict | None = None) -> Data:
+    """Read the (checked) data section: its sources, the class names, the split, the normalization.
 
     `labels_for`: the loss, when it takes class labels: the targets are then checked to be whole
-    numbers and made int64 (else float). With `normalize: true`, the inputs are normalized with
-    `normalization` when given (a checkpoint's: what its model was trained with), else with the
-    training set's statistics. `scan=False` skips the passes over every input (the fingerprint,
-    the statistics) when the data is only checked: a mapped file is then not read."""
+    numbers (or names) and made int64 (else float). With `normalize:`, the inputs are normalized
+    with `normalization` when given (a checkpoint's: what its model was trained with), else with
+    the training set's statistics; with `normalize_target: true`, the targets likewise with
+    `target_normalization`. `scan=False` skips the passes over every input (the fingerprint, the
+    statistics) when the data is only checked: a mapped file is then not read."""
     section = config["data"]
     if section is None:
         raise config.error("the config has no 'data' section; add one, e.g. data: {source: digits}")
     if is_pair(section):
-        train = read_source(section["train"], config, ("data", "train"))
-        val = read_source(section["val"], config, ("data", "val")) if section.get("val") else None
+        sources = [(read_source(section["train"], config, ("data", "train")), "training")]
+        if section.get("val"):
+            sources.append((read_source(section["val"], config, ("data", "val")), "validation"))
     else:
-        train, val = split_data(read_source(section, config, ("data",)), section["val_split"], config)
+        sources = [(read_source(section, config, ("data",)), "")]
+    classes = name_classes(config, [(samples, names, side) for (samples, names), side in sources], labels_for)
+    if is_pair(section):
+        train, val = sources[0][0][0], sources[1][0][0] if len(sources) > 1 else None
+    else:
+        train, val = split_data(sources[0][0][0], section["val_split"], config)
     if val is not None and val.x.shape[1:] != train.x.shape[1:]:
         raise config.error(f"validation samples have shape {list(val.x.shape[1:])}, training samples "
                            f"{list(train.x.shape[1:])}; they must match", "data", "val")
@@ -134,22 +175,71 @@ def read_data(config: Config, normalization: dict | None = None, *, scan: bool =
                                hint="For regression set loss: MSELoss (or another regression loss).")
     train, val = (None if p is None else replace(p, y=_class_indices(p.y) if labels_for else p.y.float())
                   for p in (train, val))
+    check_normalization(config, tuple(train.x.shape[1:]), labels_for)
     fingerprint = data_fingerprint(train, val) if scan else ""
     if not (section["normalize"] and scan):
         normalization = None
     else:
-        normalization = normalization or normalization_of(train)
+        per_channel = section["normalize"] == "channel"
+        normalization = normalization or normalization_of(train, per_channel)
         train = train.normalized(normalization)
         val = val.normalized(normalization) if val is not None else None
-    return Data(train, val, tuple(train.x.shape[1:]), normalization, fingerprint)
+    if not (section["normalize_target"] and scan):
+        target_normalization = None
+    else:
+        target_normalization = target_normalization or target_normalization_of(train.y)
+        train, val = (None if p is None else replace(p, y=standardized(p.y, target_normalization))
+                      for p in (train, val))
+    return Data(train, val, tuple(train.x.shape[1:]), normalization, fingerprint, classes,
+                target_normalization)
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on: its affinity mask where the OS keeps one (a container's or
-    a scheduler's share), else every CPU of the machine."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+def check_normalization(config: Config, sample_shape: tuple, labels_for: str | None) -> None:
+    """`normalize: channel` needs samples with channels; `normalize_target` regression targets."""
+    section = config["data"]
+    if section["normalize"] == "channel" and len(sample_shape) < 2:
+        raise config.error(f"channel standardizes each channel of images (channels, height, width) or "
+                           f"sequences (channels, length); these samples have shape {list(sample_shape)}",
+                           "data", "normalize", hint="Use normalize: true for each feature's own statistics.")
+    if section["normalize_target"] and labels_for:
+        raise config.error(f"standardizes regression targets, but {labels_for} takes class labels",
+                           "data", "normalize_target",
+                           hint="Remove normalize_target, or use a regression loss.")
+
+
+def name_classes(config: Config, sources: list[tuple[Samples, list[str] | None, str]],
+                 labels_for: str | None) -> list[str] | None:
+    """The class names of labels given as names (a CSV column of words, image folders), index by
+    index: `data.class_names` when the config gives them, else every name found, sorted; each source's
+    labels (indices into its own names) are made indices into them, in place, and the config
+    records them (config.yaml). None when the labels are numbers: they stay as they are."""
+    section, named = config["data"], [names for _, names, _ in sources if names is not None]
+    if not named:
+        if section["class_names"] is not None:
+            raise config.error("names the classes of labels given as names (words, folder names), but "
+                               "these labels are numbers", "data", "class_names",
+                               hint="Remove class_names: numbers are the classes' indices themselves.")
+        return None
+    if len(named) < len(sources):
+        words = next(side for _, names, side in sources if names is not None)
+        numbers = next(side for _, names, side in sources if names is None)
+        raise config.error(f"the {words} labels are names but the {numbers} labels are numbers; give both "
+                           "the same kind", "data")
+    if not labels_for:
+        raise config.error(f"the targets are class names (e.g. '{named[0][0]}'), but this loss takes "
+                           "numbers", "loss", hint="For classification set loss: CrossEntropyLoss.")
+    classes = section["class_names"] or sorted(set().union(*named))
+    index = {name: i for i, name in enumerate(classes)}
+    for samples, names, side in sources:
+        unknown = next((name for name in names if name not in index), None)
+        if unknown is not None:
+            raise config.error(f"the {side + ' ' if side else ''}data has a class '{unknown}' "
+                               f"that is not one of the {len(classes)} classes: {', '.join(classes)}",
+                               "data", "class_names",
+                               hint=f"Add '{unknown}' to class_names, or remove its samples.")
+        samples.y = torch.tensor([index[name] for name in names])[samples.y]
+    section["class_names"] = list(classes)
+    return list(classes)
 
 
 def _workers(config: Config) -> int:

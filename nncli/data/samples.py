@@ -7,12 +7,15 @@
   memory-mapped file stays one); a torch DataLoader reads each batch, in `workers` processes,
   into pinned memory when it goes to a GPU, for a copy that does not block.
 
-Both take the same index batches from `Batches`, so both train the same model.
+Both take the same index batches from `Batches`, so both train the same model. A batch comes out
+on the device as stored (image pixels stay uint8); `prepare` then makes it what the model takes,
+there: floats (pixels in [0, 1]), normalized. Training augments it in between (run.loop.fit).
 """
 from __future__ import annotations
 
 import atexit
 import math
+import os
 import signal
 import weakref
 from collections.abc import Iterator
@@ -26,6 +29,14 @@ import torch.utils.data
 from nncli.errors import STOP_SIGNALS
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask where the OS keeps one (a container's or
+    a scheduler's share), else every CPU of the machine."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def normalize(x: torch.Tensor, normalization: dict | None) -> torch.Tensor:
     if normalization is None:
         return x
@@ -37,13 +48,40 @@ def map_npy(path: Path) -> np.ndarray:
     return np.load(path, mmap_mode="c", allow_pickle=False)
 
 
+class ModelInputs:
+    """What both kinds of samples do to a gathered batch, on the device, before the model sees
+    it: the model's dtype (`as_input`), then the training set's normalization (`normalize`).
+    Augmentation, of training batches only, comes between the two."""
+
+    dtype: torch.dtype  # what the model takes (model.input_dtype)
+    pixels: bool  # x holds uint8 pixels (the images source): as floats in [0, 1], as ToTensor makes them
+    normalization: dict | None  # {"mean", "std"}: per feature, or per channel (shaped (C, 1, ...))
+
+    def as_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.dtype) / 255 if self.pixels else x.to(self.dtype)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return normalize(x, self.normalization)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """A gathered batch as the model takes it (validation's and eval's; training augments it
+        between `as_input` and `normalize`)."""
+        return self.normalize(self.as_input(x))
+
+
 @dataclass
-class TensorPair:
+class TensorPair(ModelInputs):
     """Samples held whole (`loader: memory`): moved to the training device once and batched by
     indexing there."""
 
     x: torch.Tensor
     y: torch.Tensor
+    dtype: torch.dtype | None = None  # None: x's own
+    pixels: bool = False
+    normalization: dict | None = None
+
+    def __post_init__(self) -> None:
+        self.dtype = self.dtype or self.x.dtype
 
     def __len__(self) -> int:
         return len(self.x)
@@ -52,26 +90,23 @@ class TensorPair:
     def device(self) -> torch.device:
         return self.x.device
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.x.dtype
-
     def to(self, device: torch.device) -> TensorPair:
-        return TensorPair(self.x.to(device), self.y.to(device))
+        return replace(self, x=self.x.to(device), y=self.y.to(device),
+                       normalization=_statistics_on(self.normalization, device))
 
     def subset(self, index: torch.Tensor | slice) -> TensorPair:
-        return TensorPair(self.x[index], self.y[index])
+        return replace(self, x=self.x[index], y=self.y[index])
 
     def normalized(self, normalization: dict | None) -> TensorPair:
-        return TensorPair(normalize(self.x, normalization), self.y)
+        return replace(self, normalization=_statistics_on(normalization, self.device))
 
     def input_chunks(self, rows: int) -> Iterator[torch.Tensor]:
         """The inputs in order, `rows` samples at a time."""
         return iter(self.x.split(rows))
 
     def batches(self, index: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(x, y) for each `batch_size` entries of `index` in turn (none for an empty index: a DDP
-        process's share of a tiny validation set may be empty)."""
+        """(x, y) for each `batch_size` entries of `index` in turn, x as stored (see `prepare`);
+        none for an empty index (a DDP process's share of a tiny validation set may be empty)."""
         if not len(index):
             return
         for idx in index.to(self.x.device).split(batch_size):
@@ -82,10 +117,11 @@ class TensorPair:
 
 
 @dataclass(eq=False)  # compared by identity: its fields are tensors
-class HostSamples:
+class HostSamples(ModelInputs):
     """Samples read a batch at a time (`loader: dataloader`): a torch DataLoader gathers each
-    batch's rows of `x`, converts and normalizes them, in `workers` processes, pins the batch
-    when it goes to a GPU, and it is copied without blocking. One pass at a time."""
+    batch's rows of `x` and converts them to the model's dtype (pixels stay uint8: a quarter of
+    the bytes to copy), in `workers` processes, pins the batch when it goes to a GPU, and it is
+    copied without blocking. One pass at a time."""
 
     x: torch.Tensor  # every row the source read, in its own dtype (a memory map stays one)
     rows: torch.Tensor  # which rows of x are this set's samples
@@ -94,7 +130,8 @@ class HostSamples:
     workers: int = 0
     normalization: dict | None = None
     device: torch.device = torch.device("cpu")  # where the batches go
-    mapped_file: Path | None = None  # x maps this .npy file (`mmap: true`)
+    mapped_file: Path | None = None  # x maps this .npy file (`mmap: true`, an image cache)
+    pixels: bool = False
     _loader: torch.utils.data.DataLoader | None = field(default=None, init=False, repr=False)
     _passes: PassIndex | None = field(default=None, init=False, repr=False)
 
@@ -102,24 +139,28 @@ class HostSamples:
         return len(self.rows)
 
     def to(self, device: torch.device) -> HostSamples:
-        return replace(self, device=torch.device(device))  # the samples stay; their batches move
+        device = torch.device(device)  # the samples stay; their batches move
+        return replace(self, device=device, normalization=_statistics_on(self.normalization, device))
 
     def subset(self, index: torch.Tensor | slice) -> HostSamples:
         return replace(self, rows=self.rows[index], y=self.y[index])
 
     def normalized(self, normalization: dict | None) -> HostSamples:
-        return replace(self, normalization=normalization)
+        return replace(self, normalization=_statistics_on(normalization, self.device))
 
     def __getitem__(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A whole batch: the DataLoader passes one tensor of sample indices per batch."""
-        return normalize(self._read(self.rows[index]), self.normalization), self.y[index]
+        return self._read(self.rows[index]), self.y[index]
 
     def _read(self, rows: torch.Tensor) -> torch.Tensor:
-        """x's `rows`, in that order; from a mapped file, read in the file's order."""
+        """x's `rows`, in that order, in the model's dtype (pixels as stored); from a mapped file,
+        read in the file's order."""
         if self.mapped_file is None:
-            return self.x[rows].to(self.dtype)
-        ordered, where = rows.sort()
-        return self.x[ordered][where.argsort()].to(self.dtype)
+            x = self.x[rows]
+        else:
+            ordered, where = rows.sort()
+            x = self.x[ordered][where.argsort()]
+        return x if self.pixels else x.to(self.dtype)
 
     def input_chunks(self, rows: int) -> Iterator[torch.Tensor]:
         for chunk in self.rows.split(rows):
@@ -174,6 +215,13 @@ class HostSamples:
 
 
 Samples = TensorPair | HostSamples
+
+
+def _statistics_on(normalization: dict | None, device: torch.device) -> dict | None:
+    """Normalization statistics where the batches are normalized, moved there once."""
+    if normalization is None:
+        return None
+    return {key: value.to(device) for key, value in normalization.items()}
 
 _OPEN_LOADERS: weakref.WeakSet[HostSamples] = weakref.WeakSet()  # samples whose loader has workers
 

@@ -19,6 +19,7 @@ import torch
 from nncli.arguments import accepted_arguments
 from nncli.config import Config
 from nncli.config.yamlio import to_plain
+from nncli.data import images
 from nncli.data.samples import map_npy
 from nncli.errors import ConfigError, did_you_mean, first_line, value_kind
 
@@ -31,6 +32,8 @@ class SourceContext:
     where: tuple  # key path of the source's mapping, e.g. ("data",) or ("data", "train")
     streamed: bool = False  # `loader: dataloader`: the inputs are read a batch at a time
     mapped_file: Path | None = None  # set by a source whose x is a memory map of this file
+    pixels: bool = False  # set by a source whose x is uint8 pixels, 0 to 255 (images)
+    classes: list[str] | None = None  # set by a source whose labels are names: y indexes these
 
     def error(self, message: str, key: str | None = None, hint: str | None = None) -> ConfigError:
         return self.config.error(message, *self.where, *([key] if key else []), hint=hint)
@@ -149,9 +152,40 @@ def load_csv(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.Ten
                             hint="Remove or fill in that row.")
         return torch.from_numpy(values.astype(np.float32))
 
-    y = numbers(targets)
+    names = _label_names(body, columns[targets[0]], ctx, path, targets[0]) if len(targets) == 1 else None
+    if names is not None:  # words: indices into their sorted names (data.load.name_classes maps them on)
+        ctx.classes = sorted(set(names))
+        index = {name: i for i, name in enumerate(ctx.classes)}
+        y = torch.tensor([index[name] for name in names])
+    else:
+        y = numbers(targets)
+        y = y[:, 0] if len(targets) == 1 else y
     options["features"] = list(features)
-    return numbers(features), y[:, 0] if len(targets) == 1 else y
+    return numbers(features), y
+
+
+def _label_names(body: list[list[str]], column: int, ctx: SourceContext, path: Path,
+                 name: str) -> list[str] | None:
+    """A target column of words (iris's species), as its stripped cells; None when it holds numbers.
+    Numbers with a word among them are a typo, not names: an error naming the cell, unless the
+    config lists the classes by name (`data.class_names`), which makes every cell a name."""
+    cells = [row[column].strip() for row in body]
+    given = (ctx.config["data"] or {}).get("class_names") is not None
+    numeric = [_is_number(cell) for cell in cells]
+    if all(numeric) and not given:
+        return None
+    if any(numeric) and not given:
+        r = numeric.index(False) if numeric.count(False) <= numeric.count(True) else numeric.index(True)
+        kind = "not a number" if not numeric[r] else "a number"
+        others = "numbers" if not numeric[r] else "names"
+        raise ctx.error(f"{path.name} row {r + 2}, column '{name}': '{cells[r]}' is {kind}, but the "
+                        f"column's other labels are {others}", "path",
+                        hint="Fix that cell; to use numbers as class names, list them in data.class_names.")
+    empty = next((r for r, cell in enumerate(cells) if not cell), None)
+    if empty is not None:
+        raise ctx.error(f"{path.name} row {empty + 2}, column '{name}' is empty; a class label needs a name",
+                        "path", hint="Fill in that row's class, or remove the row.")
+    return cells
 
 
 def _is_number(cell: str) -> bool:
@@ -290,6 +324,34 @@ def load_synthetic(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, tor
         return x, ((x @ w + noise * torch.randn(n, generator=g)) > 0).long()
     w = torch.randn(features, options["classes"], generator=g)
     return x, (x @ w + noise * torch.randn(n, options["classes"], generator=g)).argmax(1)
+
+
+@loads("images")
+def load_images(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """A folder of class folders, `root/<class>/<image>`: the class names are the folder names,
+    sorted; every image decoded once, converted to `mode`, resized to `size`, into uint8
+    (N, C, H, W). With `cache: true`, decoded into an .npy beside the folder and mapped from it,
+    read again while the folder is unchanged (nncli.data.images)."""
+    root = ctx.config.resolve_path(options["root"], *ctx.where, "root")
+    size = options["size"]  # (height, width), from one number or a list of one or two
+    if size is not None:
+        size = tuple(size * 2 if len(size) == 1 else size) if isinstance(size, list) else (size, size)
+    try:
+        images.pillow()
+    except images.ImageProblem as err:
+        raise ctx.error(str(err), "source", hint=err.hint) from None
+    try:
+        folder = images.list_folder(root)
+        if options["cache"]:
+            pixels = images.cached_images(folder, options["mode"], size)
+            if isinstance(pixels, np.memmap):  # else decoded into memory: the cache could not be written
+                ctx.mapped_file = Path(pixels.filename)
+        else:
+            pixels = images.decode_images(folder.files, options["mode"], size)
+    except images.ImageProblem as err:
+        raise ctx.error(str(err), "root", hint=err.hint) from None
+    ctx.pixels, ctx.classes = True, folder.classes
+    return torch.from_numpy(pixels), torch.tensor(folder.labels)
 
 
 @loads("torchvision")

@@ -107,6 +107,29 @@ class R2(Metric):
         return float(per_output.mean())
 
 
+class ClassAccuracy(Metric):
+    """Each class's accuracy: the share of its samples predicted as it (`nncli eval`'s per-class
+    results). Not a name for `metrics:`: it gives a number per class, read by `accuracies`."""
+
+    def __init__(self, device: torch.device, classes: int) -> None:
+        super().__init__(device)
+        self.correct, self.count = (torch.zeros(classes, device=device, dtype=torch.float64)
+                                    for _ in range(2))
+
+    def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        target = target.reshape(-1)  # the class dimension is the output's first after the batch's
+        hit = (output.argmax(1).reshape(-1) == target).double()
+        self.count.index_add_(0, target, torch.ones_like(hit))  # no host synchronisation, unlike bincount
+        self.correct.index_add_(0, target, hit)
+
+    def sums(self) -> list[torch.Tensor]:
+        return [self.correct, self.count]
+
+    def accuracies(self) -> list[tuple[int, float | None]]:
+        """(samples, accuracy) per class; None for a class without samples."""
+        return [(int(n), c / n if n else None) for c, n in zip(self.correct.tolist(), self.count.tolist())]
+
+
 METRICS = {"accuracy": Accuracy, "mae": MAE, "rmse": RMSE, "r2": R2}
 TOPK = re.compile(r"^top([1-9]\d*)$")
 

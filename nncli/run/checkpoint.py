@@ -160,8 +160,13 @@ FIELDS = {"model": dict, "optimizer": dict, "scheduler": (dict, type(None)), "sc
           "bad_epochs": int, "stopped_early": bool, "rng": dict, "config": dict, "config_dir": str,
           "input_shape": list, "normalization": (dict, type(None))}
 # Files written before metrics.csv was appended to hold the whole history (`metrics`) instead of
-# its row count (`metrics_rows`); one of the two is there.
-OPTIONAL_FIELDS = {"data_fingerprint": str, "world_size": int, "metrics_rows": int, "metrics": list}
+# its row count (`metrics_rows`); one of the two is there. Older files lack the rest: `classes`
+# (the class names), `target_normalization` (normalize_target), and with train.ema the live
+# weights that training goes on from (`training_model`; `model` is then the average) and
+# `ema_updates`.
+OPTIONAL_FIELDS = {"data_fingerprint": str, "world_size": int, "metrics_rows": int, "metrics": list,
+                   "classes": (list, type(None)), "target_normalization": (dict, type(None)),
+                   "training_model": dict, "ema_updates": int}
 
 
 def _field_problem(ckpt: dict) -> str | None:
@@ -180,9 +185,14 @@ def _field_problem(ckpt: dict) -> str | None:
         return "has a negative 'metrics_rows'"
     if not 0 <= ckpt["position"] == len(ckpt["epoch_losses"]):  # a loss for each batch done
         return "has a 'position' that its 'epoch_losses' do not match"
-    if ckpt.get("normalization") is not None and not all(
-            isinstance(ckpt["normalization"].get(key), torch.Tensor) for key in ("mean", "std")):
-        return "has a 'normalization' without its 'mean' and 'std' tensors"
+    for key in ("normalization", "target_normalization"):
+        if ckpt.get(key) is not None and not all(isinstance(ckpt[key].get(part), torch.Tensor)
+                                                 for part in ("mean", "std")):
+            return f"has a '{key}' without its 'mean' and 'std' tensors"
+    if not all(isinstance(name, str) for name in ckpt.get("classes") or ()):
+        return "has 'classes' that are not all names (strings)"
+    if ("training_model" in ckpt) != ("ema_updates" in ckpt):
+        return "holds one of 'training_model' and 'ema_updates' without the other"
     return None
 
 
@@ -211,14 +221,23 @@ def _value_problem(ckpt: dict) -> str | None:
     for key in ("epoch_losses", "epoch_lrs"):
         if not all(_is_number(value) for value in ckpt[key]):
             return f"has '{key}' that are not all numbers"
-    if (normalization := ckpt["normalization"]) is not None:
-        mean, std = normalization["mean"], normalization["std"]
-        if list(mean.shape) != shape or list(std.shape) != shape:
+    per_channel = [shape[0], *[1] * (len(shape) - 1)]  # normalize: channel
+    for key in ("normalization", "target_normalization"):
+        if (stats := ckpt.get(key)) is None:
+            continue
+        mean, std = stats["mean"], stats["std"]
+        if key == "normalization" and not (list(mean.shape) == list(std.shape) and list(mean.shape) in
+                                           (shape, per_channel)):
             return (f"has a 'normalization' of shape {list(mean.shape)} (mean) and {list(std.shape)} (std), "
                     f"but the model's input is {shape}")
+        if key == "target_normalization" and (mean.dim() > 1 or mean.shape != std.shape):
+            return (f"has a 'target_normalization' of shape {list(mean.shape)} (mean) and {list(std.shape)} "
+                    "(std); expected one number per output")
         if not (mean.is_floating_point() and std.is_floating_point() and bool(torch.isfinite(mean).all())
                 and bool(torch.isfinite(std).all()) and bool((std > 0).all())):
-            return "has a 'normalization' whose mean is not finite or whose std is not positive"
+            return f"has a '{key}' whose mean is not finite or whose std is not positive"
+    if ckpt.get("ema_updates", 0) < 0:
+        return f"has 'ema_updates': {ckpt['ema_updates']}, below 0"
     return None
 
 

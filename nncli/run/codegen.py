@@ -47,6 +47,9 @@ def codegen(config: Config) -> str:
     """The script for a resolved config (nncli.load_config): checked as `validate` checks it."""
     _refuse_what_the_script_cannot_do(config)
     parts = build(config)  # on the meta device: the data read (not scanned), the model planned
+    if parts.data.classes:
+        raise config.error("class names (word labels) are not written out: the script reads numbers",
+                           "data", hint="Write the labels as class indices 0, 1, ... in the file.")
     cross_check(config, parts)
     optimizer, groups = create_optimizer(parts.plan.model, config)
     batches = make_batches(config, parts.data.train, Process())
@@ -68,10 +71,20 @@ def _refuse_what_the_script_cannot_do(config: Config) -> None:
     section = config["data"]
     for where, options in ((("data", "train"), section["train"]), (("data", "val"), section.get("val"))) \
             if is_pair(section) else ((("data",), section),):
-        if options and options["source"] == "torchvision":
-            raise config.error("source: torchvision is not written out: the script reads files with numpy "
-                               "alone", *where, "source",
+        if options and options["source"] in ("torchvision", "images"):
+            raise config.error(f"source: {options['source']} is not written out: the script reads files "
+                               "with numpy alone", *where, "source",
                                hint="Save the data as an .npz (numpy.savez) and use source: npz.")
+    # what the script leaves out, to stay a page a learner reads: each has its own section in README
+    left_out = {("data", "augment"): section.get("augment"),
+                ("data", "normalize_target"): section.get("normalize_target"),
+                ("data", "normalize"): "channel" if section.get("normalize") == "channel" else None,
+                ("train", "ema"): config["train"]["ema"]}
+    for where, value in left_out.items():
+        if value:
+            key = ".".join(where)
+            raise config.error(f"{_py(value)} is not written out by codegen", *where,
+                               hint=f"Leave it out (--set {key}=null) to write the script of the rest.")
 
 
 def _py(value: Any) -> str:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nncli.data.load import usable_cpus
+from nncli.data.samples import usable_cpus
 from nncli.errors import ConfigError
 
 

@@ -3,9 +3,9 @@
 The model is the checkpoint's own `nn.Sequential` (torch.nn layers, nncli's blocks, the user's
 plugins), in eval mode. Each format is an entry of FORMATS that says what it holds:
 
-| format | file | input normalization (`data.normalize`) |
+| format | file | normalization (`data.normalize`: inputs; `data.normalize_target`: outputs) |
 |---|---|---|
-| `torchscript` | `torch.jit.script` (else `.trace`), `torch.jit.load` runs it | folded in (`Standardize`) |
+| `torchscript` | `torch.jit.script` (else `.trace`), `torch.jit.load` runs it | folded in (modules) |
 | `pt2` | `torch.export` program with a dynamic batch, `torch.export.load(f).module()` | folded in |
 | `onnx` | ONNX (opset of torch's exporter), a dynamic batch, input `input`, output `output` | folded in |
 | `safetensors` | the state_dict, `safetensors.torch.load_file` | beside it: `<file>.normalization.json` |
@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from nncli.data.load import in_target_units
 from nncli.errors import ConfigError, RunError, did_you_mean, first_line
 from nncli.files import write_text_atomic
 from nncli.model.plan import input_dtype, plan_model
@@ -54,6 +55,19 @@ class Standardize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
+
+
+class InTargetUnits(nn.Module):
+    """y * std + mean: the outputs of a model trained on standardized targets (the run's
+    `data.normalize_target`) in the targets' own units, as `nncli predict` gives them."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.clone())
+        self.register_buffer("std", std.clone())
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return y * self.std + self.mean
 
 
 @dataclass(frozen=True)
@@ -227,10 +241,14 @@ def export_checkpoint(path: Path, format: str, out: Path | None = None, *, batch
     model, normalization = plan.model.eval(), ckpt.get("normalization")
     x = sample_inputs(model, ckpt["input_shape"], input_dtype(config), batch_size, normalization,
                       config["seed"])
-    exported = nn.Sequential(Standardize(**normalization), model).eval() \
-        if normalization is not None and entry.folds_normalization else model
+    targets = ckpt.get("target_normalization")
+    exported = model
+    if entry.folds_normalization and (normalization is not None or targets is not None):
+        before = [Standardize(**normalization)] if normalization is not None else []
+        after = [InTargetUnits(**targets)] if targets is not None else []
+        exported = nn.Sequential(*before, model, *after).eval()
     with torch.no_grad():
-        expected = model(_standardized(x, normalization))
+        expected = in_target_units(model(_standardized(x, normalization)), targets)
     tmp = file.with_name(f".tmp-{os.getpid()}-{file.name}")  # the suffix kept: torch.export wants .pt2
     try:
         with _quiet():
@@ -240,8 +258,10 @@ def export_checkpoint(path: Path, format: str, out: Path | None = None, *, batch
                 raise RunError(f"{format} export failed: {first_line(err)}", hint=WEIGHTS_ALONE) from None
             fresh = plan_model(config, ckpt["input_shape"], device="cpu").model.eval()  # as a user builds it
             with torch.no_grad():
-                inputs = x if entry.folds_normalization else _standardized(x, normalization)
-                got = entry.run(tmp, fresh, inputs)
+                if entry.folds_normalization:
+                    got = entry.run(tmp, fresh, x)
+                else:
+                    got = in_target_units(entry.run(tmp, fresh, _standardized(x, normalization)), targets)
         difference = (got.double() - expected.double()).abs().max().item() if expected.numel() else 0.0
         if not difference <= TOLERANCE:
             raise RunError(f"the exported {format} model's outputs differ from the checkpoint's by up to "
@@ -250,12 +270,17 @@ def export_checkpoint(path: Path, format: str, out: Path | None = None, *, batch
         os.replace(tmp, file)
     finally:
         tmp.unlink(missing_ok=True)
-    beside = "none" if normalization is None else "folded in"
-    if normalization is not None and not entry.folds_normalization:
+    beside = "none" if normalization is None and targets is None else "folded in"
+    if (normalization is not None or targets is not None) and not entry.folds_normalization:
         stats = file.with_name(file.name + ".normalization.json")
-        write_text_atomic(json.dumps({"mean": normalization["mean"].tolist(),
-                                      "std": normalization["std"].tolist(),
-                                      "use": "x = (x - mean) / std, per feature, before the model"}), stats)
+        written = {}
+        if normalization is not None:
+            written.update(mean=normalization["mean"].tolist(), std=normalization["std"].tolist(),
+                           use="x = (x - mean) / std, per feature, before the model")
+        if targets is not None:
+            written.update(target_mean=targets["mean"].tolist(), target_std=targets["std"].tolist(),
+                           target_use="y = y * target_std + target_mean, after the model")
+        write_text_atomic(json.dumps(written), stats)
         beside = str(stats)
     return Exported(source, file, beside, note, batch_size, difference)
 

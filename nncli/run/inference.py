@@ -13,13 +13,16 @@ from torch import nn
 from nncli.config import Config, config_from_mapping
 from nncli.config.config import check_data_section
 from nncli.config.schema import is_pair
+from nncli.data import images
 from nncli.data.checks import check_targets, check_token_ids, token_id_problem
-from nncli.data.load import Data
+from nncli.data.images import CHANNELS, IMAGE_SUFFIXES, is_image_file
+from nncli.data.load import Data, in_target_units, standardized
 from nncli.data.samples import Samples, TensorPair, normalize
 from nncli.data.sources import read_csv_rows
 from nncli.errors import ConfigError, option_error
 from nncli.model.plan import ModelPlan, input_dtype, plan_model
 from nncli.optim.losses import create_loss, takes_class_labels
+from nncli.optim.metrics import ClassAccuracy
 from nncli.plugins import load_plugins
 from nncli.run.checkpoint import find_checkpoint, fitting_its_config, load_checkpoint
 from nncli.run.devices import resolve_device
@@ -67,13 +70,16 @@ def load_trained(path: Path, device: str | None = None,
 
 
 def evaluate_checkpoint(path: Path, data_file: Path | None = None, device: str | None = None,
-                        named: Named = Named()) -> tuple[dict[str, float], str]:
-    """Loss and metrics on the run's validation data, or on `data_file` read with its settings."""
+                        named: Named = Named()) -> tuple[dict, str]:
+    """Loss and metrics on the run's validation data, or on `data_file` (a file, or a folder of
+    images) read with its settings; for a classifier also `per_class`: each class's samples and
+    accuracy, by name when the run's classes have names."""
     ckpt, config, plan = load_trained(path, device, named)
     model = plan.model
     target = next(model.parameters()).device
+    targets = ckpt.get("target_normalization")
     if data_file is None:
-        data = load_data(config, ckpt.get("normalization"))
+        data = load_data(config, ckpt.get("normalization"), target_normalization=targets)
         if data.val is None:
             raise ConfigError("the run has no validation data (val_split: 0); give --data FILE",
                               file=str(path))
@@ -82,16 +88,23 @@ def evaluate_checkpoint(path: Path, data_file: Path | None = None, device: str |
             warnings.warn("the run's data has changed since it was trained (a data file was edited "
                           "or replaced?); these results are not comparable with its metrics.csv")
     else:
-        pair, source = _read_data_file(config, Path(data_file)), str(data_file)
+        pair = _read_data_file(config, Path(data_file), ckpt["input_shape"], plan.output_shape[1:])
+        source = str(data_file)
         if list(pair.x.shape[1:]) != list(ckpt["input_shape"]):
             raise ConfigError(f"its samples have shape {list(pair.x.shape[1:])}, but the model takes "
                               f"{list(ckpt['input_shape'])}", file=str(data_file))
-        pair = pair.normalized(ckpt.get("normalization"))
+        pair = replace(pair.normalized(ckpt.get("normalization")), y=standardized(pair.y, targets))
     output_shape = tuple(plan.output_shape[1:])
     pair = _checked_targets(pair, model, output_shape, config, source if data_file else str(path))
+    classifier = takes_class_labels(config) and output_shape
+    per_class = [ClassAccuracy(target, output_shape[0])] if classifier else []
     # as the run's own validation did, so that the numbers agree with its metrics.csv
-    results = evaluate(model, pair.to(target), create_loss(config).to(target), config["metrics"],
-                       eval_batch_size(config), config["amp"])
+    results: dict = evaluate(model, pair.to(target), create_loss(config).to(target), config["metrics"],
+                             eval_batch_size(config), config["amp"], targets, per_class)
+    if per_class:
+        names = ckpt.get("classes")
+        results["per_class"] = [{"class": names[i] if names else i, "samples": n, "accuracy": accuracy}
+                                for i, (n, accuracy) in enumerate(per_class[0].accuracies())]
     return results, source
 
 
@@ -109,27 +122,35 @@ def _checked_targets(pair: Samples, model: nn.Module, output_shape: tuple, confi
     return data.train
 
 
-def _read_data_file(config: Config, path: Path) -> TensorPair:
-    """A .csv or .npz file read with the run's data settings (target column, array names)."""
+def _read_data_file(config: Config, path: Path, input_shape: list[int], output_shape: tuple) -> TensorPair:
+    """A .csv or .npz file, or a folder of class folders of images, read with the run's data
+    settings (target column, array names, image mode, class names)."""
     section = dict(config["data"] or {})
-    if is_pair(section):
-        section = dict(section["train"])
-    kind = {".csv": "csv", ".npz": "npz"}.get(path.suffix.lower())
+    own = dict(section["train"]) if is_pair(section) else section  # the training source's settings
+    kind = "images" if path.is_dir() else {".csv": "csv", ".npz": "npz"}.get(path.suffix.lower())
     if kind is None:
         hint = "Put the inputs and targets in one .npz: numpy.savez('data.npz', x=x, y=y)." \
             if path.suffix.lower() == ".npy" else None
-        raise ConfigError("--data takes a .csv or .npz file", file=str(path), hint=hint)
-    if not path.is_file():  # else the data section's message, about paths in a config file
-        raise ConfigError("is a folder, not a data file" if path.is_dir()
-                          else "file not found; check the path",
-                          file=str(path))
-    if section.get("source") != kind:
-        section = {"source": kind, "target": "target"} if kind == "csv" else {"source": kind}
-    # a CSV's columns are taken by name: the `features` the run recorded (else every column but
-    # the targets, as training took them)
-    section.update(path=str(path.resolve()), val_split=0, normalize=False, loader="memory", workers=0)
+        raise ConfigError("--data takes a .csv or .npz file, or a folder of class folders of images",
+                          file=str(path), hint=hint)
+    if kind != "images" and not path.is_file():  # else the data section's message, about paths in a config
+        raise ConfigError("file not found; check the path", file=str(path))
+    mode = image_mode(own, input_shape, "--data") if kind == "images" else None  # the run's, if it had one
+    if own.get("source") != kind:
+        own = {"source": kind, "target": "target"} if kind == "csv" else {"source": kind}
+    if kind == "images":  # converted and resized to what the model takes
+        own.update(root=str(path.resolve()), mode=mode, size=list(input_shape[1:]), cache=False)
+    else:  # a CSV's columns are taken by name: the `features` the run recorded (else every column but
+        # the targets, as training took them)
+        own.update(path=str(path.resolve()))
+    # labels that are names map to the run's classes; integer classes are named by their numbers
+    classes = section.get("class_names")
+    if classes is None and kind == "images" and takes_class_labels(config) and output_shape:
+        classes = [str(i) for i in range(output_shape[0])]
+    own.update(val_split=0, normalize=False, normalize_target=False, augment=None, class_names=classes,
+               loader="memory", workers=0)
     # the user's own file: the only path read
-    with_file = replace(config, values={**config.values, "data": section}, trusted_data=[path.resolve()])
+    with_file = replace(config, values={**config.values, "data": own}, trusted_data=[path.resolve()])
     try:
         check_data_section(with_file)
         data = load_data(with_file, scan=False)
@@ -138,22 +159,39 @@ def _read_data_file(config: Config, path: Path) -> TensorPair:
     return data.train
 
 
-def parse_inputs(inputs: str, config: Config, input_shape: list[int]) -> torch.Tensor:
-    """`--input`: a JSON list of samples, or a .json, .csv, .npy or .npz file."""
+def image_mode(source: dict, input_shape: list[int], option: str) -> str:
+    """The Pillow mode images are read in for a model: its run's (an images source), else the one
+    with the model's channels (L: 1, RGB: 3)."""
+    if source.get("source") == "images":
+        return source["mode"]
+    mode = next((mode for mode, channels in CHANNELS.items() if [channels] == input_shape[:1]), None)
+    if mode is None or len(input_shape) != 3:
+        raise ConfigError(f"the model takes samples of shape {input_shape}, not images of 1 or 3 channels "
+                          "(channels, height, width)", key=option)
+    return mode
+
+
+def parse_inputs(inputs: str, config: Config,
+                 input_shape: list[int]) -> tuple[torch.Tensor, list[Path] | None]:
+    """`--input`: a JSON list of samples, a .json, .csv, .npy or .npz file, an image file or a
+    folder of them (read in the run's image mode, resized to the model's input). The inputs as the
+    model takes them, before normalization; and for images, their files."""
     text = inputs.strip()
+    path = Path(text)
+    if not text.startswith("[") and (path.is_dir() or is_image_file(path)):
+        return _read_images(path, config, input_shape)
     if text.startswith("["):
         try:
             array = np.asarray(json.loads(text), dtype=np.float64)
         except (json.JSONDecodeError, ValueError) as err:
             raise ConfigError(f"not a JSON list of numbers: {err}", key="--input") from None
     else:
-        path = Path(text)
         if not path.is_file() and path.suffix.lower() in (".json", ".csv", ".npy", ".npz"):
             raise ConfigError("no such file", file=str(path), key="--input")
         if not path.is_file():
             raise ConfigError("is neither a JSON list of samples nor a file; give e.g. "
-                              "--input '[[0.1, 0.2, 0.3]]' or a .json, .csv, .npy or .npz file",
-                              key="--input")
+                              "--input '[[0.1, 0.2, 0.3]]', a .json, .csv, .npy or .npz file, an image or "
+                              "a folder of images", key="--input")
         try:
             suffix = path.suffix.lower()
             if suffix == ".json":
@@ -167,7 +205,8 @@ def parse_inputs(inputs: str, config: Config, input_shape: list[int]) -> torch.T
                 name = (config["data"] or {}).get("x", "x")
                 array = arrays[name if name in arrays.files else arrays.files[0]].astype(np.float64)
             else:
-                raise ConfigError("--input takes a .json, .csv, .npy or .npz file", file=str(path))
+                raise ConfigError("--input takes a .json, .csv, .npy or .npz file, an image "
+                                  f"({', '.join(IMAGE_SUFFIXES)}) or a folder of images", file=str(path))
         except ConfigError:
             raise
         except Exception as err:
@@ -189,7 +228,25 @@ def parse_inputs(inputs: str, config: Config, input_shape: list[int]) -> torch.T
         raise ConfigError("the model takes whole numbers "
                           f"(model.input_dtype: {config['model']['input_dtype']}, "
                           "e.g. token ids), and the inputs hold fractions", key="--input")
-    return x.to(dtype)
+    return x.to(dtype), None
+
+
+def _read_images(path: Path, config: Config, input_shape: list[int]) -> tuple[torch.Tensor, list[Path]]:
+    """An image file, or every image in a folder (its subfolders too), as the model takes them:
+    the run's image mode, resized to the model's input, pixels in [0, 1]."""
+    section = config["data"] or {}
+    source = section["train"] if is_pair(section) else section
+    mode = image_mode(source, input_shape, "--input")
+    if not path.exists():
+        raise ConfigError("no such file", file=str(path), key="--input")
+    files = images.images_under(path) if path.is_dir() else [path]
+    if not files:
+        raise ConfigError(f"holds no images ({', '.join(IMAGE_SUFFIXES)})", file=str(path), key="--input")
+    try:
+        pixels = images.decode_images(files, mode, tuple(input_shape[1:]))
+    except images.ImageProblem as err:
+        raise ConfigError(str(err), key="--input", hint=err.hint) from None
+    return torch.from_numpy(pixels).to(input_dtype(config)) / 255, files  # as training's as_input makes them
 
 
 def _read_input_csv(path: Path, config: Config) -> np.ndarray:
@@ -213,19 +270,28 @@ def _read_input_csv(path: Path, config: Config) -> np.ndarray:
 
 def predict_checkpoint(path: Path, inputs: str, device: str | None = None,
                        named: Named = Named()) -> list[dict]:
-    """One row per input: the model's output (and the class, for a classifier)."""
+    """One row per input: the model's output (in the targets' units, for a run with
+    normalize_target), for a classifier its class (a name when the run's labels were names, with
+    `class_index`), and for an image its `file`."""
     ckpt, config, plan = load_trained(path, device, named)
     model = plan.model
-    x = normalize(parse_inputs(inputs, config, ckpt["input_shape"]), ckpt.get("normalization"))
+    x, files = parse_inputs(inputs, config, ckpt["input_shape"])
     if (problem := token_id_problem(x, model)) is not None:
         raise ConfigError(problem, key="--input")
-    with torch.no_grad():
-        out = model(x.to(next(model.parameters()).device)).cpu()
-    classifier = takes_class_labels(config)
+    x = normalize(x, ckpt.get("normalization"))
+    device = next(model.parameters()).device
+    with torch.no_grad():  # in batches of the run's validation size: a folder may hold many images
+        out = torch.cat([model(chunk.to(device)).cpu() for chunk in x.split(eval_batch_size(config))])
+    out = in_target_units(out, ckpt.get("target_normalization"))
+    classifier, names = takes_class_labels(config), ckpt.get("classes")
     rows = []
-    for row in out:
-        entry = {"output": row.reshape(-1).tolist()}  # float32 values, exactly
+    for i, row in enumerate(out):
+        entry = {"file": str(files[i])} if files else {}
+        entry["output"] = row.reshape(-1).tolist()  # float32 values, exactly
         if classifier:
-            entry["class"] = int(row.argmax())
+            index = int(row.argmax())
+            entry["class"] = names[index] if names else index
+            if names:
+                entry["class_index"] = index
         rows.append(entry)
     return rows

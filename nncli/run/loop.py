@@ -1,16 +1,20 @@
 """The training loop: `fit` trains a run, epoch by epoch; `evaluate` scores a model on data.
 
-The loop in `fit` is the whole story: forward, loss, backward, gradient accumulation, the
-optimizer step (`optimizer_step`: unscaling, clipping, the step, the schedule), a mid-epoch
-checkpoint when asked (`save_mid_epoch`), and the end of an epoch (`end_epoch`: validation under
-`eval()` and `no_grad()`, the best model, early stopping, checkpoints). Losses stay on the device
+The loop in `fit` is the whole story: the batch made the model's input on the device (augmented,
+for training, between its conversion to floats and its normalization), forward, loss, backward,
+gradient accumulation, the optimizer step (`optimizer_step`: unscaling, clipping, the step, the
+weight average, the schedule), a mid-epoch checkpoint when asked (`save_mid_epoch`), and the end
+of an epoch (`end_epoch`: validation under `eval()` and `no_grad()`, of the weight average with
+train.ema, the best model, early stopping, checkpoints). Losses stay on the device
 and are read once per epoch (and every few batches for a progress bar), never once per step.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +23,10 @@ import torch
 from torch import nn
 
 from nncli.config import Config, data_paths, shown_path
+from nncli.data.load import in_target_units
 from nncli.data.samples import Samples
 from nncli.errors import Interrupted, RunError, stop_signals_handled_by
-from nncli.optim.metrics import create_metric, higher_is_better
+from nncli.optim.metrics import Metric, create_metric, higher_is_better
 from nncli.report.reporters import Reporter, Reporters
 from nncli.run.devices import Process, all_reduce_sum, autocast, local_processes, share_buffers
 from nncli.run.save import save_checkpoints
@@ -68,26 +73,32 @@ class StopRequest:
 
 
 def evaluate(model: nn.Module, data: Samples, loss_fn: nn.Module, metric_names: list[str],
-             batch_size: int, amp: str = "off") -> dict[str, float]:
-    """Loss and metrics over `data` under eval() and no_grad(), read from the device once.
+             batch_size: int, amp: str = "off", target_normalization: dict | None = None,
+             tallies: Sequence[Metric] = ()) -> dict[str, float]:
+    """Loss and metrics over `data` under eval() and no_grad(), read from the device once; never
+    augmented. With `target_normalization` (normalize_target) the loss is the one training
+    minimizes, on standardized targets, and the metrics are in the targets' own units. `tallies`:
+    more metrics to update, read by the caller (eval's per-class accuracy).
 
     Under DDP `data` is this process's share, and the sums are added across processes."""
     was_training = model.training
     model.eval()
     device = data.device
     outputs = math.prod(data.y.shape[1:])  # numbers per sample, as the targets are shaped like the output
-    metrics = {name: create_metric(name, device, outputs) for name in metric_names}
+    metrics = [*(create_metric(name, device, outputs) for name in metric_names), *tallies]
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     count = torch.full((), float(len(data)), device=device, dtype=torch.float64)
     with torch.no_grad(), autocast(device, amp):
         for xb, yb in data.batches(torch.arange(len(data)), batch_size):
-            out = model(xb)
+            out = model(data.prepare(xb))
             loss_sum += loss_fn(out, yb).double() * len(xb)
-            for metric in metrics.values():
-                metric.update(out.float(), yb)
-    all_reduce_sum(loss_sum, count, *(t for m in metrics.values() for t in m.sums()))
+            out = in_target_units(out.float(), target_normalization)
+            yb = in_target_units(yb, target_normalization)
+            for metric in metrics:
+                metric.update(out, yb)
+    all_reduce_sum(loss_sum, count, *(t for m in metrics for t in m.sums()))
     model.train(was_training)
-    return {"loss": float(loss_sum / count), **{k: m.compute() for k, m in metrics.items()}}
+    return {"loss": float(loss_sum / count), **{name: m.compute() for name, m in zip(metric_names, metrics)}}
 
 
 def eval_batch_size(config: Config) -> int:
@@ -99,7 +110,7 @@ def eval_batch_size(config: Config) -> int:
 def fit(run: Run, reporter: Reporter) -> TrainState:
     """Train from `run.state` to `run.epochs`; checkpoints go to `run.run_dir`, and every event to
     `reporter` and the run's loggers (metrics.csv)."""
-    config, model, state = run.config, run.step_model, run.state
+    config, model, state, train = run.config, run.step_model, run.state, run.batches.data
     reporters = Reporters([reporter, *run.loggers])
     accumulate, steps = config["train"]["accumulate"], len(run.batches)
     batch_sizes = run.batches.batch_sizes()
@@ -124,6 +135,10 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
             reporters.epoch_start(epoch, state.position, state.epoch_lrs[0])
             started = time.perf_counter()
             for i, (xb, yb) in enumerate(run.batches.epoch(skip=state.position), start=state.position):
+                xb = train.as_input(xb)  # on the device: the model's dtype, pixels in [0, 1]
+                if run.augment is not None:  # training batches only, before normalization
+                    xb, yb = run.augment(xb, yb, augmentation_generator(run, epoch, i))
+                xb = train.normalize(xb)
                 if channels_last and xb.dim() == 4:
                     xb = xb.contiguous(memory_format=torch.channels_last)
                 last_micro_batch = (i + 1) % accumulate == 0 or i + 1 == steps
@@ -146,6 +161,18 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
     return state
 
 
+def augmentation_generator(run: Run, epoch: int, batch: int) -> torch.Generator:
+    """The generator that augments one training batch, seeded from the run's seed, the epoch, the
+    batch and the DDP process. So a run resumed anywhere (after an epoch, inside one, after
+    kill -9 from its last checkpoint) draws what an uninterrupted run draws, with no generator
+    state to save or draws to replay, whichever loader reads the batches; and each DDP process
+    draws its own. (torch's CPU generator takes 32 bits of a seed: in a million batches, about a
+    hundred pairs draw alike, which does no harm.)"""
+    key = f"augment {run.config['seed']} {epoch} {batch} {run.process.rank}".encode()
+    seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+    return torch.Generator().manual_seed(seed)
+
+
 def optimizer_step(run: Run) -> None:
     """One optimizer step on the gradients accumulated since the last: unscaled (fp16), clipped,
     taken, zeroed; then the schedule's step when it steps per batch."""
@@ -160,6 +187,8 @@ def optimizer_step(run: Run) -> None:
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update()
     run.state.step += 1
     if run.schedule:
         run.schedule.step_batch()
@@ -186,9 +215,10 @@ def end_epoch(run: Run, epoch: int, losses: list[torch.Tensor], batch_sizes: tor
     _check_finite(epoch_losses.tolist(), epoch, run.process)
     row = {"epoch": epoch, "train_loss": float((epoch_losses * batch_sizes).sum() / batch_sizes.sum())}
     if run.val is not None:
-        share_buffers(run.model, run.process)
-        results = evaluate(run.model, run.val, run.loss_fn, config["metrics"], eval_batch_size(config),
-                           config["amp"])
+        model = run.validated_model  # the weight average, with train.ema
+        share_buffers(model, run.process)
+        results = evaluate(model, run.val, run.loss_fn, config["metrics"], eval_batch_size(config),
+                           config["amp"], run.data.target_normalization)
         row.update({f"val_{k}": v for k, v in results.items()})
     row.update({group.lr_column: lr for group, lr in zip(run.groups, state.epoch_lrs)})
     row["time_s"] = seconds

@@ -5,8 +5,8 @@ What may change on resume: the length (`--epochs`), and settings that do not cha
 checkpoint holds (learning rates, clipping, logging, checkpoint frequency, the device, ...).
 What may not: the model, its plugins, the data (how it is read may: `loader`, `workers`,
 `mmap`), the seed, the loss, the optimizer's type and which parameters its groups hold (their
-learning rates may change), the schedule's type. Asking for those lists the differences and
-stops (exit 2).
+learning rates may change), the schedule's type, the weight average (`train.ema`). Asking for
+those lists the differences and stops (exit 2).
 """
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ from nncli.run.state import Run
 from nncli.run.train import announce, run_fit, start_run_dir
 
 FIXED = ("model", "plugins", "data", "seed", "loss", "optimizer.type", "optimizer.groups",
-         "schedule.type", "train.batch_size", "train.accumulate", "train.drop_last", "train.shuffle")
+         "schedule.type", "train.batch_size", "train.accumulate", "train.drop_last", "train.shuffle",
+         "train.ema")
 # Parts of a FIXED section that may change all the same. How the data is read, not which batches
 # training sees: the loader keys, and a source's `mmap` in either layout. A parameter group's
 # settings and name (`optimizer.groups.1.lr`, the tutorial's decay by hand); not its `params`.
@@ -156,6 +157,7 @@ def check_resume(path: Path, *, overrides: list[str] = (), epochs: int | None = 
         config = config_of(ckpt, file, with_epochs(overrides, epochs), named=named)
     if processes == 1 and config["parallel"] == "ddp":
         config.values["parallel"] = "none"  # a DDP run continued by one process
+    _keep_recorded_classes(stored, config)
     with located_errors(config):
         check_parallel(config["parallel"], processes)
     differences = [d for d in config_differences(stored.values, config.values) if d[0] != "name"
@@ -186,6 +188,15 @@ def check_resume(path: Path, *, overrides: list[str] = (), epochs: int | None = 
     return ResumePlan(file, ckpt, stored, config, differences, trained_by, processes)
 
 
+def _keep_recorded_classes(stored: Config, config: Config) -> None:
+    """The class names the run recorded (data.class_names) go on indexing its labels when `--config`
+    gives a config that does not list them: its labels keep their indices even if the data
+    now holds other names."""
+    old, new = stored["data"] or {}, config["data"] or {}
+    if old.get("class_names") is not None and new.get("class_names") is None and "class_names" in new:
+        new["class_names"] = list(old["class_names"])
+
+
 def _features_recorded(difference: tuple[str, Any, Any]) -> bool:
     """A CSV's `features` that a checkpoint left null (every column but the targets) and a config
     now records by name: the same columns, not a change of the data."""
@@ -214,7 +225,8 @@ def resume(path: Path, reporter: ConsoleReporter, *, overrides: list[str] = (), 
     if in_place and main:
         check_not_in_use(file.parent)  # at once; the lock itself is taken before the first write
     run = prepare_run(config, device=device, run_dir=file.parent, epochs=config["train"]["epochs"],
-                      notice=reporter.print, normalization=ckpt.get("normalization"))
+                      notice=reporter.print, normalization=ckpt.get("normalization"),
+                      target_normalization=ckpt.get("target_normalization"))
     fresh_groups = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
     fresh_schedule = copy.deepcopy(run.schedule.scheduler.state_dict()) if run.schedule else None
     restore(run, ckpt, file)

@@ -42,7 +42,10 @@ def checkpoint_dict(run: Run) -> dict:
     rng["data"] = run.epoch_shuffle if state.position else run.batches.generator.get_state()
     return {
         "format": FORMAT,
-        "model": on_cpu(run.model.state_dict()),
+        # the weights validation scored: with train.ema their average, the live ones as training_model
+        "model": on_cpu(run.validated_model.state_dict()),
+        **({"training_model": on_cpu(run.model.state_dict()), "ema_updates": run.ema.updates}
+           if run.ema else {}),
         "optimizer": on_cpu(run.optimizer.state_dict()),
         "scheduler": on_cpu(run.schedule.scheduler.state_dict()) if run.schedule else None,
         "scaler": run.scaler.state_dict() if run.scaler else None,
@@ -53,6 +56,8 @@ def checkpoint_dict(run: Run) -> dict:
         "config_dir": str(run.config.base_dir),
         "input_shape": list(run.plan.input_shape),
         "normalization": run.data.normalization,
+        "target_normalization": run.data.target_normalization,
+        "classes": run.data.classes,
         "data_fingerprint": run.data.fingerprint,
         "world_size": run.process.world_size,
         "metrics_rows": len(state.history),  # metrics.csv's rows that belong to this state
@@ -106,14 +111,19 @@ def _snapshot(ckpt: dict) -> dict:
     """A checkpoint dict that later training steps cannot change: the states that refer to live
     tensors are copied (on the CPU, where a GPU run's best.pt waits without taking GPU memory);
     the rest of `checkpoint_dict` is built fresh on each call."""
-    return {**ckpt, **{k: on_cpu(ckpt[k], copy=True) for k in ("model", "optimizer", "scheduler")}}
+    live = ("model", "training_model", "optimizer", "scheduler")
+    return {**ckpt, **{k: on_cpu(ckpt[k], copy=True) for k in live if k in ckpt}}
 
 
 def restore(run: Run, ckpt: dict, path: Path) -> None:
     """Put a run back exactly where the checkpoint `path` left it (model, optimizer, schedule, RNGs),
     its history read from the metrics.csv beside `path` (the rows the checkpoint counts as its own)."""
     with fitting_its_config(path):  # what an edited file can break
-        run.model.load_state_dict(ckpt["model"])
+        run.model.load_state_dict(ckpt.get("training_model", ckpt["model"]))
+        if run.ema is not None:
+            if "training_model" not in ckpt:
+                raise ValueError("the config has train.ema but the checkpoint holds no weight average")
+            run.ema.load_state_dict(ckpt["model"], ckpt["ema_updates"])
         names = {id(p): name for name, p in run.model.named_parameters()}
         if (problem := optimizer_state_problem(run.optimizer, ckpt["optimizer"], names)) is not None:
             raise ValueError(problem)  # torch would take it, and fail at the first step

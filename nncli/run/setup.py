@@ -29,12 +29,14 @@ from torch import nn
 
 from nncli.config import Config, read_config
 from nncli.config.yamlio import to_plain
+from nncli.data.augment import Pipeline, create_pipeline
 from nncli.data.checks import check_targets, check_token_ids
 from nncli.data.load import Data, read_data
 from nncli.data.samples import Batches, Samples
 from nncli.dynamo_free import skip_dynamo
 from nncli.errors import ConfigError, out_of_memory_as_error
-from nncli.model.plan import ModelPlan, plan_model, plan_to_check
+from nncli.model.plan import ModelPlan, input_dtype, plan_model, plan_to_check
+from nncli.optim.ema import WeightAverage
 from nncli.optim.losses import check_loss_computes, create_loss, loss_name, takes_class_labels
 from nncli.optim.metrics import TOPK, check_metrics
 from nncli.optim.optimizers import ParamGroup, create_optimizer
@@ -74,6 +76,7 @@ class Parts:
     loss_fn: nn.Module
     data: Data | None
     plan: ModelPlan
+    augment: Pipeline | None = None  # data.augment, built by cross_check (it needs the model's classes)
 
 
 def seed_everything(seed: int) -> None:
@@ -87,26 +90,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_data(config: Config, normalization: dict | None = None, *, scan: bool = True) -> Data:
+def load_data(config: Config, normalization: dict | None = None, *, scan: bool = True,
+              target_normalization: dict | None = None) -> Data:
     """The config's data (nncli.data.load.read_data), its targets as its loss takes them: class
     labels as integers, checked to be whole numbers, when the loss takes class labels."""
-    return read_data(config, normalization, scan=scan,
+    return read_data(config, normalization, scan=scan, target_normalization=target_normalization,
                      labels_for=loss_name(config) if takes_class_labels(config) else None)
 
 
 def build(config: Config, *, to_train: bool = False, normalization: dict | None = None,
-          batch_size: int = 1, count_macs: bool = False) -> Parts:
+          target_normalization: dict | None = None, batch_size: int = 1, count_macs: bool = False) -> Parts:
     """The loss, the data and the model's plan. `to_train`: the data is scanned (fingerprint,
     statistics) and the model built on the CPU, its weights initialised from the seed alone, as a
     hand-written script's would be, whatever device it trains on. Else the config is only checked:
     the data is read but not scanned (a mapped file is not read), and the model planned as
     `plan_to_check` does, for a batch of `batch_size` (MACs counted with `count_macs`).
-    `normalization`: a resumed checkpoint's statistics."""
+    `normalization`, `target_normalization`: a resumed checkpoint's statistics."""
     loss_fn = create_loss(config)  # first: the labels' checks depend on the loss
     check_metrics(config, takes_class_labels(config))
     data = None
     if config["data"] is not None:
-        data = load_data(config, normalization, scan=to_train)
+        data = load_data(config, normalization, scan=to_train, target_normalization=target_normalization)
     shape = _input_shape(config, data)
     seed_everything(config["seed"])
     if not to_train:
@@ -169,7 +173,26 @@ def cross_check(config: Config, parts: Parts) -> None:
         if classes and (top := TOPK.match(name)) and int(top.group(1)) >= classes:
             raise config.error(f"{name} is always 1 for a model with {classes} classes; k must be below "
                                f"{classes}", "metrics", i)
+    if parts.data is not None:
+        parts.augment = check_augmentation(config, parts.data.sample_shape,
+                                           classes if takes_class_labels(config) else None)
     warn_of_softmax_before_cross_entropy(config, parts.plan)
+
+
+def check_augmentation(config: Config, sample_shape: tuple, classes: int | None) -> Pipeline | None:
+    """`data.augment` built and checked against the samples and the model (nncli.data.augment):
+    float inputs, and for MixUp and CutMix, whose targets are class probabilities, a loss that
+    takes them."""
+    if config["data"]["augment"] and not input_dtype(config).is_floating_point:
+        raise config.error(f"transforms float inputs, but the model takes {config['model']['input_dtype']} "
+                           "(token ids)", "data", "augment")
+    pipeline = create_pipeline(config, sample_shape, classes)
+    if pipeline is not None and pipeline.soft_targets and loss_name(config) != "CrossEntropyLoss":
+        index = next(i for i, t in enumerate(pipeline.transforms) if t.batch_level)
+        raise config.error(f"{pipeline.transforms[index].name} gives soft targets (class probabilities), "
+                           f"which CrossEntropyLoss takes and {loss_name(config) or 'this loss'} does not",
+                           "data", "augment", index, hint="Use loss: CrossEntropyLoss.")
+    return pipeline
 
 
 def warn_of_softmax_before_cross_entropy(config: Config, plan: ModelPlan) -> None:
@@ -247,9 +270,9 @@ def check_launch(config: Config, device: str | None, processes: int) -> None:
 
 def prepare_run(config: Config, *, device: str | None = None, run_dir: Path | None = None,
                 epochs: int | None = None, notice: Callable[[str], None] = print,
-                normalization: dict | None = None) -> Run:
-    """Every phase: a run ready to train; nothing is trained yet. `normalization`: a resumed
-    checkpoint's statistics (see load_data)."""
+                normalization: dict | None = None, target_normalization: dict | None = None) -> Run:
+    """Every phase: a run ready to train; nothing is trained yet. `normalization`,
+    `target_normalization`: a resumed checkpoint's statistics (see load_data)."""
     with located_errors(config, device):
         target_device = resolve_device(config["device"] if device is None else device)
         if target_device.type == "cuda":  # the current GPU too: pinned copies, CUDA graphs and NCCL use it
@@ -261,7 +284,8 @@ def prepare_run(config: Config, *, device: str | None = None, run_dir: Path | No
     check_loggers(config)
     if config["data"] is None:
         raise config.error("the config has no 'data' section; add one, e.g. data: {source: digits}")
-    parts = build(config, to_train=True, normalization=normalization)
+    parts = build(config, to_train=True, normalization=normalization,
+                  target_normalization=target_normalization)
     cross_check(config, parts)
     with out_of_memory_as_error(f"moving the model and data to {target_device}",
                                 "The data and the model must fit in the device's memory together: "
@@ -287,4 +311,7 @@ def prepare_run(config: Config, *, device: str | None = None, run_dir: Path | No
               epochs, step_model, grad_scaler(config["amp"], target_device), process,
               plain_config=to_plain(config.values))
     run.state.best["metric"] = run.monitor
+    run.augment = parts.augment
+    if (ema := config["train"]["ema"]) is not None:  # after wrap_model, which may move the weights
+        run.ema = WeightAverage(model, ema["decay"], ema["warmup"])
     return run

@@ -8,9 +8,11 @@ import torch
 from torch import nn
 
 from nncli.config import Config
+from nncli.data.augment import Pipeline
 from nncli.data.load import Data
 from nncli.data.samples import Batches, Samples
 from nncli.model.plan import ModelPlan
+from nncli.optim.ema import WeightAverage
 from nncli.optim.metrics import monitored_metric
 from nncli.optim.optimizers import ParamGroup
 from nncli.optim.schedules import Schedule
@@ -61,6 +63,13 @@ class Run:
     config_changed: bool = False  # resumed with other settings: config.yaml goes with the next last.pt
     lock: RunLock | None = None  # held on run_dir while this (main) process trains in it
     loggers: list[Reporter] = field(default_factory=list)  # the main process's, into run_dir (metrics.csv)
+    augment: Pipeline | None = None  # data.augment, for training batches (see loop.augmentation_generator)
+    ema: WeightAverage | None = None  # train.ema: the average of the weights, validated and saved as `model`
+
+    @property
+    def validated_model(self) -> nn.Module:
+        """What validation scores and best.pt's `model` holds: the weight average, else the model."""
+        return self.ema.model if self.ema is not None else self.model
 
     @property
     def monitor(self) -> str:
