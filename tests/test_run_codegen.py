@@ -111,6 +111,31 @@ def test_a_cnn_with_groups_a_schedule_and_blocks(cli, tmp_path):
     assert "model.get_submodule('frozen').requires_grad_(False)" in script
 
 
+def test_branches_and_a_residual_with_shortcut_and_post(cli, tmp_path):
+    """The Inception + squeeze-and-excitation config (Branches merged by concat and by mul), and a
+    Residual with a named projection shortcut and a post layer: the blocks' keywords and the
+    helpers of their module reach the script."""
+    for folder in ("inception", "projection"):
+        (tmp_path / folder).mkdir()
+    same_weights_as_nncli(cli, tmp_path / "inception", CONFIGS / "digits_inception_se.yaml", "train.epochs=1")
+    config = write_config(tmp_path, """
+        seed: 0
+        data: {source: digits, val_split: 0.2}
+        train: {epochs: 2, batch_size: 64}
+        model:
+          layers:
+            - {type: Conv2d, out_channels: 8, kernel_size: 3, padding: 1}
+            - type: Residual
+              layers: [{type: Conv2d, out_channels: 16, kernel_size: 3, stride: 2, padding: 1}, ReLU]
+              shortcut: {name: downsample, layers: [{type: Conv2d, out_channels: 16, kernel_size: 1, stride: 2}]}
+              post: ReLU
+            - Flatten
+            - {type: Linear, out_features: 10}
+        """, "projection.yaml")
+    script = same_weights_as_nncli(cli, tmp_path / "projection", config)
+    assert "shortcut_name='downsample'" in script and "post=nn.ReLU()" in script
+
+
 def test_a_plugin_layer_and_a_step_schedule(cli, tmp_path):
     """The tutorial's own Linear (configs/plugins/seed_linear.py, which calls nncli.register_layer):
     the script imports the plugin file, with a stand-in for register_layer."""

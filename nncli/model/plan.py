@@ -362,6 +362,7 @@ class _Planner:
         if "post" in options:
             post, extras["post"], x = self.plan_path(plan, options, "post", x, (plan, None))
             extras["post_name"] = post.name
+        plan.kwargs = {k: v for k, v in extras.items() if k.endswith("_name")}  # which children are which
         return plan.entry.factory(body, **extras), x
 
     def plan_path(self, block: LayerPlan, options: dict, key: str, x: Any,
@@ -434,8 +435,9 @@ class _Planner:
             modules.append(module)
             outputs.append(out)
         self.check_merge(plan, merge, dim, outputs, options, where)
+        plan.kwargs = {"merge": merge, "dim": dim}
         module = plan.entry.factory(OrderedDict((c.name, m) for c, m in zip(plan.children, modules)),
-                                    merge=merge, dim=dim)
+                                    **plan.kwargs)
         return module, module.combine(outputs)
 
     def check_merge(self, plan: LayerPlan, merge: str, dim: int, outputs: list[torch.Tensor], options: dict,

@@ -321,16 +321,25 @@ def load_data():
         lines.append("    return model")
         return f"# --- the model {'-' * 82}\n" + "\n".join(lines)
 
-    def sequential(self, layers: list[LayerPlan], container: str, depth: int) -> str:
+    def sequential(self, layers: list[LayerPlan], container: str, depth: int,
+                   keywords: dict[str, str] | None = None) -> str:
+        """`container(OrderedDict([...layers]), keyword=code, ...)`."""
         pad = "    " * (depth + 1)
         items = [f"{pad}({layer.name!r}, {self.layer(layer, depth + 1)})," for layer in layers]
-        return f"{container}(OrderedDict([\n" + "\n".join(items) + f"\n{'    ' * depth}]))"
+        after = "".join(f", {k}={v}" for k, v in (keywords or {}).items())
+        return f"{container}(OrderedDict([\n" + "\n".join(items) + f"\n{'    ' * depth}]){after})"
 
     def layer(self, layer: LayerPlan, depth: int) -> str:
         entry = layer.entry
         name = self.constructor(entry)
-        if entry.is_block:
-            return self.sequential(layer.children, name, depth)
+        if entry.is_block:  # its children, and its own keywords (a Residual's shortcut and post by name)
+            children, keywords = list(layer.children), {k: _py(v) for k, v in layer.kwargs.items()}
+            for key in ("shortcut", "post"):
+                if f"{key}_name" in layer.kwargs:
+                    child = next(c for c in children if c.name == layer.kwargs[f"{key}_name"])
+                    children.remove(child)
+                    keywords[key] = self.layer(child, depth + 1)
+            return self.sequential(children, name, depth, keywords)
         signature = inspect.signature(entry.factory)
         bound = signature.bind(*layer.args, **layer.kwargs)
         args, kwargs = [], {}
@@ -360,7 +369,17 @@ def load_data():
     def block_sources(self) -> str:
         if not self.blocks:
             return ""
-        sources = "\n\n".join(inspect.getsource(cls).rstrip() for cls in self.blocks.values())
+        helpers = {}  # what the blocks' methods use from their own module: functions, constants
+        for cls in self.blocks.values():
+            for method in vars(cls).values():
+                if inspect.isfunction(method):
+                    for name, value in inspect.getclosurevars(method).globals.items():
+                        if getattr(value, "__module__", None) == cls.__module__ and inspect.isfunction(value):
+                            helpers[name] = inspect.getsource(value).rstrip()
+                        elif isinstance(value, (tuple, str, int, float)):
+                            helpers[name] = f"{name} = {value!r}"
+        classes = [inspect.getsource(cls).rstrip() for cls in self.blocks.values()]
+        sources = "\n\n".join([*helpers.values(), *classes])
         title = "# --- nncli's blocks that the model uses (their source, as nncli defines them) "
         return f"{title}{'-' * (98 - len(title))}\n{sources}"
 
