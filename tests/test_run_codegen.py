@@ -127,7 +127,9 @@ def test_branches_and_a_residual_with_shortcut_and_post(cli, tmp_path):
             - {type: Conv2d, out_channels: 8, kernel_size: 3, padding: 1}
             - type: Residual
               layers: [{type: Conv2d, out_channels: 16, kernel_size: 3, stride: 2, padding: 1}, ReLU]
-              shortcut: {name: downsample, layers: [{type: Conv2d, out_channels: 16, kernel_size: 1, stride: 2}]}
+              shortcut:
+                name: downsample
+                layers: [{type: Conv2d, out_channels: 16, kernel_size: 1, stride: 2}]
               post: ReLU
             - Flatten
             - {type: Linear, out_features: 10}
