@@ -250,8 +250,9 @@ def resume(path: Path, reporter: ConsoleReporter, *, overrides: list[str] = (), 
     if in_place:
         # config.yaml is rewritten with the next last.pt (save_checkpoints), so the two always agree
         run.config_changed = bool(differences) or plan.processes != plan.trained_by
-    else:  # beside the run it came from, unless --out says where (or the file is in no run directory)
-        beside = file.parent.parent if (file.parent / "config.yaml").is_file() else None
+    else:  # beside the run it came from (or beside the file on its own), unless --out says where;
+        # never in the checkpoint.dir that the checkpoint stores: nncli writes no path a checkpoint names
+        beside = file.parent.parent if (file.parent / "config.yaml").is_file() else file.parent
         start_run_dir(run, out_dir or beside, run.state.history)
         why = "with --out" if out_dir is not None else f"from {file.name}, not the run's last.pt"
         reporter.print(f"continuing {why}, in a new run directory: {run.run_dir} ({file.parent} is left "
