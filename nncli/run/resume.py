@@ -30,7 +30,7 @@ from nncli.report.console import ConsoleReporter, format_value
 from nncli.report.loggers import open_loggers
 from nncli.run.checkpoint import find_checkpoint, holds_checkpoint, load_checkpoint, load_state_dict_file
 from nncli.run.devices import check_parallel, end_process, is_main_process, launched_processes
-from nncli.run.inference import Named, config_of
+from nncli.run.inference import Named, config_of, planned_with_its_weights
 from nncli.run.loop import resume_command
 from nncli.run.rundir import check_not_in_use, lock_run_dir
 from nncli.run.save import restore
@@ -154,6 +154,7 @@ def check_resume(path: Path, *, overrides: list[str] = (), epochs: int | None = 
     else:
         stored = config_of(ckpt, file, named=named)
         config = config_of(ckpt, file, with_epochs(overrides, epochs), named=named)
+    planned_with_its_weights(ckpt, stored, file)  # before a model is built to hold them
     if processes == 1 and config["parallel"] == "ddp":
         config.values["parallel"] = "none"  # a DDP run continued by one process
     with located_errors(config):
