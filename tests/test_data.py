@@ -582,3 +582,18 @@ def test_every_extra_a_message_names_is_in_pyproject():
     assert {"vision", "images", "onnx", "safetensors", "tensorboard"} <= named
     assert named <= defined, named - defined
     assert {"images", "onnx", "plot", "tensorboard", "all"} <= defined  # the extras the README lists
+
+
+@pytest.mark.parametrize("section, problem", [
+    ("{source: synthetic, kind: images, n: 10, shape: [-1, 3]}", "data.shape: must be one sample's shape"),
+    ("{source: synthetic, kind: images, n: 10, shape: [a]}", "data.shape: must be one sample's shape"),
+    ("{source: synthetic, n: 99999999999999, features: 999999999}", "data.n: 99,999,999,999,999 samples"),
+])
+def test_synthetic_sizes_beyond_a_tensor_are_bad_input(cli, tmp_path, section, problem):
+    """A synthetic source's shape and size are checked as config (exit 2, the key named), not left
+    to torch (exit 1: negative dimension, storage size overflowed)."""
+    model = "model:\n  layers: [Flatten, {type: Linear, out_features: 2}]\n"
+    path = write_config(tmp_path, f"data: {section}\n{model}")
+    result = cli("validate", path)
+    assert result.exit_code == 2, result.stdout + result.stderr
+    assert f"{path}:1: {problem}" in result.stderr

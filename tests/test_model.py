@@ -6,6 +6,7 @@ Sequential (net1 add_module, net2 positional, net3 OrderedDict) and its multilay
 from __future__ import annotations
 
 import math
+import time
 from collections import OrderedDict
 
 import numpy as np
@@ -435,6 +436,20 @@ def test_repeat(tmp_path):
     assert [m.in_features for m in list(model)[:4]] == [4, 8, 8, 8]
     # repeated layers are separate modules with their own weights
     assert not torch.equal(model[1].weight, model[2].weight)
+
+
+@pytest.mark.parametrize("layers", [
+    "[{type: ReLU, repeat: 100000000}]",
+    "[{type: Sequential, repeat: 1000, layers: [{type: ReLU, repeat: 1000}]}]"])
+def test_a_repeat_beyond_any_model_is_refused_at_once(cli, tmp_path, layers):
+    """repeat: 100,000,000 (or repeats nested into a million layers) is bad input, said before the
+    copies are made, not minutes of building modules."""
+    path = write_config(tmp_path, f"model:\n  input_shape: [4]\n  layers: {layers}\n")
+    start = time.monotonic()
+    result = cli("validate", path)
+    assert result.exit_code == 2, result.stdout + result.stderr
+    assert "the model has more than 10,000 layers" in result.stderr and f"{path}:3:" in result.stderr
+    assert time.monotonic() - start < 30
 
 
 def test_trainable_counts_in_nested_blocks(tmp_path):

@@ -453,3 +453,22 @@ def test_the_saved_random_state_does_not_depend_on_quiet(tmp_path):
     assert quiet["python"] == talking["python"]
     random.seed(0)  # the config's seed: training itself draws nothing from Python's generator
     assert tuple(quiet["python"][1]) == random.getstate()[1]
+
+
+@pytest.mark.parametrize("edit", ["layer", "input_shape"])
+def test_a_config_edited_to_a_huge_model_is_refused_before_it_is_built(tmp_path, edit):
+    """A checkpoint whose stored config (or input_shape) asks for terabytes of weights that its own
+    tensors do not have: eval, predict and resume refuse it as bad input (exit 2, does not fit),
+    before allocating a model for it (which was exit 1, out of memory, or minutes of swapping)."""
+    config, run = train_config(tmp_path, TINY_REGRESSION, "tiny")
+    ckpt = load(run / "last.pt")
+    if edit == "layer":
+        ckpt["config"]["model"]["layers"][0]["out_features"] = 10**12
+    else:
+        ckpt["input_shape"] = [10**12]
+    torch.save(ckpt, tmp_path / "model.pt")
+    for args in (["eval"], ["predict", "--input", "[[0.5, 0.5]]"], ["resume", "--epochs", "4"]):
+        result = run_nncli(args[0], tmp_path / "model.pt", *args[1:], cwd=tmp_path)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "the checkpoint does not fit the run its own config describes" in result.stderr
+        assert "Traceback" not in result.stderr

@@ -220,3 +220,25 @@ def test_workers_end_when_their_launcher_is_killed(tmp_path):
         for pid in _processes_running(str(config)):
             os.kill(pid, signal.SIGKILL)
     assert load(tmp_path / "out" / "orphaned" / "last.pt")["epoch"] >= 1
+
+
+def test_a_resume_that_another_resume_overtook_trains_nothing(tmp_path, monkeypatch, cli):
+    """Two resumes of one run started together: the one that takes the lock second finds last.pt
+    newer than the one it read, and stops (exit 1) instead of training on from the older state
+    over the other's epochs."""
+    import nncli.run.resume as resume_module
+
+    config, run = train_config(tmp_path, TINY_REGRESSION, "raced")
+    prepare_run = resume_module.prepare_run
+
+    def overtaken(*args, **kwargs):  # the other resume runs to its end while this one prepares
+        prepared = prepare_run(*args, **kwargs)
+        ok(run_nncli("resume", run, "--epochs", "5", "-q", cwd=tmp_path))
+        return prepared
+
+    monkeypatch.setattr(resume_module, "prepare_run", overtaken)
+    result = cli("resume", str(run), "--epochs", "5", "--set", "optimizer.lr=0.05", "-q")
+    assert result.exit_code == 1, result.stdout + result.stderr
+    assert "the run went on in another process since this resume read last.pt" in result.stderr
+    assert load(run / "last.pt")["config"]["optimizer"]["lr"] == 0.1  # the other resume's, kept
+    assert [r["epoch"] for r in metrics_rows(run)] == ["1", "2", "3", "4", "5"]

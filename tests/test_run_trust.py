@@ -175,3 +175,18 @@ def test_predict_reads_no_path_of_the_checkpoint(csv_run, tmp_path):
     by_hand = [float(torch.tensor([1.0, 2.0]) @ weight + bias),
                float(torch.tensor([3.0, 4.0]) @ weight + bias)]
     assert [row["output"][0] for row in json.loads(first)] == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_a_checkpoints_run_directory_is_not_where_resume_writes(tmp_path):
+    """A checkpoint on its own whose stored checkpoint.dir is a folder of an attacker's choice:
+    resume goes on beside the file, and creates nothing where the checkpoint says."""
+    config, run = train_config(tmp_path, TINY_REGRESSION, "tiny")
+    target = tmp_path / "chosen-by-the-checkpoint"
+    (tmp_path / "downloads").mkdir()
+    ckpt = load(run / "last.pt")
+    ckpt["config"]["checkpoint"]["dir"] = str(target)
+    torch.save(ckpt, tmp_path / "downloads" / "model.pt")
+    result = ok(run_nncli("resume", tmp_path / "downloads" / "model.pt", "--epochs", "4", cwd=tmp_path))
+    assert f"in a new run directory: {tmp_path / 'downloads' / 'tiny'}" in result.stdout, result.stdout
+    assert not target.exists()
+    assert load(tmp_path / "downloads" / "tiny" / "last.pt")["epoch"] == 4

@@ -39,6 +39,13 @@ def non_negative(value: Any) -> str | None:
     return None if value is None or value >= 0 else "must be 0 or more"
 
 
+def sample_shape(value: Any) -> str | None:
+    """One sample's shape: a non-empty list of positive integers."""
+    if value and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in value):
+        return None
+    return "must be one sample's shape, a list of positive integers (e.g. [3, 32, 32])"
+
+
 def one_of(*choices: str) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         if value is None or value in choices:
@@ -306,7 +313,8 @@ SOURCES = {
     "synthetic": SourceSchema({
         "kind": Key((str,), "classification", one_of("classification", "regression", "images")),
         "n": Key((int,), 1000, positive), "features": Key((int,), 16, positive),
-        "classes": Key((int,), 2, positive), "noise": Key(NUMBER, 0.5), "shape": Key((list,), [3, 32, 32])}),
+        "classes": Key((int,), 2, positive), "noise": Key(NUMBER, 0.5),
+        "shape": Key((list,), [3, 32, 32], sample_shape)}),
     "images": SourceSchema({"root": Key((str,), REQUIRED),  # root/<class>/<image files>
                             "size": Key((int, list, type(None)), None, image_size),
                             "mode": Key((str,), "RGB", one_of(*IMAGE_MODES)),

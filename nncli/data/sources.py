@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import importlib.metadata
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -312,6 +313,11 @@ def load_synthetic(options: dict, ctx: SourceContext) -> tuple[torch.Tensor, tor
     `kind: images` gives random images of `shape` with random labels (for throughput only)."""
     g = torch.Generator().manual_seed(ctx.seed)
     n, features, noise = options["n"], options["features"], options["noise"]
+    per_sample = (math.prod(options["shape"]) if options["kind"] == "images"
+                  else max(features, options["classes"]))
+    if n * per_sample >= 2**63:  # else torch's "Storage size calculation overflowed"
+        raise ctx.error(f"{n:,} samples of {per_sample:,} numbers each are more than a tensor holds (2**63)",
+                        "n")
     if options["kind"] == "images":
         return (torch.randn(n, *options["shape"], generator=g),
                 torch.randint(0, options["classes"], (n,), generator=g))

@@ -131,6 +131,9 @@ def _type_key_hint(spec: dict) -> str | None:
     return f"Write {{type: {name}, ...}} with the layer's arguments as keys."
 
 
+MAX_LAYERS = 10_000  # layers in one model, blocks' layers and repeated copies counted
+
+
 class _Planner:
     """Walks the layer specs once, building meta modules and LayerPlans side by side."""
 
@@ -138,6 +141,7 @@ class _Planner:
         self.count_macs, self.device = count_macs, device
         self.file = config.source
         self.note = config.set_note("model")  # the file's line is blamed for a layer --set changed
+        self.layers_left = MAX_LAYERS  # layers (repeated copies, nested ones included) still allowed
 
     def fail(self, message: str, line: int | None, where: str, hint: str | None = None) -> ConfigError:
         return ConfigError(message, file=self.file, line=line, key=where,
@@ -172,6 +176,11 @@ class _Planner:
             if not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 1:
                 raise self.fail(f"repeat must be a positive integer, got {repeat!r}",
                                 line_of(spec, "repeat"), where)
+            self.layers_left -= repeat
+            if self.layers_left < 0:  # before any copy is made: repeat: 100000000 would take hours
+                raise self.fail(f"the model has more than {MAX_LAYERS:,} layers (repeat: {repeat:,} here); "
+                                "nncli builds models of up to that many",
+                                line_of(spec, "repeat") or spec_line, where)
 
             def where_of(full: str) -> str:  # a copy, for messages about its copies: changes
                 return f"{f'{parent}.' if parent else ''}{full} ({spec.get('type')})"

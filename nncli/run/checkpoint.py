@@ -128,6 +128,13 @@ def find_checkpoint(path: str | Path, prefer: tuple[str, ...] = ("last.pt", "bes
     return path
 
 
+def file_stamp(path: Path) -> tuple[int, int, int]:
+    """What changes when a checkpoint file is written again (write_atomic renames a new file over
+    it): its inode, modification time and size."""
+    info = path.stat()
+    return info.st_ino, info.st_mtime_ns, info.st_size
+
+
 def holds_checkpoint(path: Path) -> bool:
     """Whether the file holds an nncli checkpoint rather than a plain state_dict, read from its
     pickle alone, not its tensors: `resume` chooses between going on and a warm start without

@@ -20,7 +20,7 @@ from nncli.data.load import Data, in_target_units, standardized
 from nncli.data.samples import Samples, TensorPair, normalize
 from nncli.data.sources import read_csv_rows
 from nncli.errors import ConfigError, option_error
-from nncli.model.plan import ModelPlan, input_dtype, plan_model
+from nncli.model.plan import ModelPlan, input_dtype, plan_model, plan_to_check
 from nncli.optim.losses import create_loss, takes_class_labels
 from nncli.optim.metrics import ClassAccuracy
 from nncli.plugins import load_plugins
@@ -60,13 +60,25 @@ def load_trained(path: Path, device: str | None = None,
     file = find_checkpoint(path, prefer=("best.pt", "last.pt"))
     ckpt = load_checkpoint(file)
     config = config_of(ckpt, file, named=named)
-    plan = plan_model(config, ckpt["input_shape"], device="cpu")
-    with fitting_its_config(file):
+    plan = planned_with_its_weights(ckpt, config, file)
+    if any(t.is_meta for t in plan.model.state_dict().values()):  # a large model: now built on the CPU
+        plan = plan_model(config, ckpt["input_shape"], device="cpu")
         plan.model.load_state_dict(ckpt["model"])
     with located_errors(config, device):
         target = resolve_device("cpu" if device is None else device)
     plan.model.to(target).eval()
     return ckpt, config, plan
+
+
+def planned_with_its_weights(ckpt: dict, config: Config, file: Path) -> ModelPlan:
+    """The plan of the checkpoint's model (plan_to_check: on the CPU when small, else on the meta
+    device), its weights loaded into it: tensors whose names or shapes do not fit are refused
+    before a model is built to hold them, so a config edited to a huge layer allocates nothing."""
+    plan = plan_to_check(config, ckpt["input_shape"])
+    with fitting_its_config(file), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's note that a copy onto the meta device does nothing
+        plan.model.load_state_dict(ckpt["model"])
+    return plan
 
 
 def evaluate_checkpoint(path: Path, data_file: Path | None = None, device: str | None = None,

@@ -22,15 +22,21 @@ from nncli.config import Config
 from nncli.config.overrides import with_epochs
 from nncli.config.schema import LOADER_KEYS, has_validation
 from nncli.config.yamlio import to_plain
-from nncli.errors import ConfigError
+from nncli.errors import ConfigError, RunError
 from nncli.files import remove_stale_temporaries
 from nncli.optim.metrics import monitored_metric
 from nncli.optim.schedules import SCHEDULERS, fast_forward
 from nncli.report.console import ConsoleReporter, format_value
 from nncli.report.loggers import open_loggers
-from nncli.run.checkpoint import find_checkpoint, holds_checkpoint, load_checkpoint, load_state_dict_file
+from nncli.run.checkpoint import (
+    file_stamp,
+    find_checkpoint,
+    holds_checkpoint,
+    load_checkpoint,
+    load_state_dict_file,
+)
 from nncli.run.devices import check_parallel, end_process, is_main_process, launched_processes
-from nncli.run.inference import Named, config_of
+from nncli.run.inference import Named, config_of, planned_with_its_weights
 from nncli.run.loop import resume_command
 from nncli.run.rundir import check_not_in_use, lock_run_dir
 from nncli.run.save import restore
@@ -132,6 +138,7 @@ class ResumePlan:
     differences: list  # (key, stored value, new value)
     trained_by: int  # processes
     processes: int
+    stamp: tuple  # the checkpoint file's file_stamp when it was read
 
 
 def check_resume(path: Path, *, overrides: list[str] = (), epochs: int | None = None,
@@ -140,6 +147,7 @@ def check_resume(path: Path, *, overrides: list[str] = (), epochs: int | None = 
     before starting its N processes, so that bad input is said once. `named`: what the user allows
     the checkpoint's config to import and read (see inference.Named)."""
     file = find_checkpoint(path, prefer=("last.pt", "best.pt"))
+    stamp = file_stamp(file)  # before reading: a file replaced since is noticed (see resume)
     ckpt = load_checkpoint(file)
     trained_by = ckpt.get("world_size", 1)
     if processes != trained_by and ckpt["position"]:
@@ -155,6 +163,7 @@ def check_resume(path: Path, *, overrides: list[str] = (), epochs: int | None = 
     else:
         stored = config_of(ckpt, file, named=named)
         config = config_of(ckpt, file, with_epochs(overrides, epochs), named=named)
+    planned_with_its_weights(ckpt, stored, file)  # before a model is built to hold them
     if processes == 1 and config["parallel"] == "ddp":
         config.values["parallel"] = "none"  # a DDP run continued by one process
     _keep_recorded_classes(stored, config)
@@ -185,7 +194,7 @@ def check_resume(path: Path, *, overrides: list[str] = (), epochs: int | None = 
                           hint="To go on from an earlier epoch, resume its epoch_<N>.pt or "
                                f"{file.parent / 'best.pt'}: that run continues in a new run directory, and "
                                "this one is left as it is.")
-    return ResumePlan(file, ckpt, stored, config, differences, trained_by, processes)
+    return ResumePlan(file, ckpt, stored, config, differences, trained_by, processes, stamp)
 
 
 def _keep_recorded_classes(stored: Config, config: Config) -> None:
@@ -256,14 +265,19 @@ def resume(path: Path, reporter: ConsoleReporter, *, overrides: list[str] = (), 
         return None
     if in_place and main:  # the first write in the run directory
         run.lock = lock_run_dir(file.parent)
+        if file_stamp(file) != plan.stamp:  # another resume trained the run while this one prepared
+            raise RunError(f"the run went on in another process since this resume read {file.name} (at epoch "
+                           f"{ckpt['epoch']}); going on from there would overwrite what it trained",
+                           file=str(file.parent), hint="Resume it again to go on from where it stands now.")
         remove_stale_temporaries(file.parent)  # what a writer killed mid-write left behind
         # rows of epochs after last.pt (a kill between the two writes) are trained again
         run.loggers = open_loggers(file.parent, run.state.history, config["loggers"])
     if in_place:
         # config.yaml is rewritten with the next last.pt (save_checkpoints), so the two always agree
         run.config_changed = bool(differences) or plan.processes != plan.trained_by
-    else:  # beside the run it came from, unless --out says where (or the file is in no run directory)
-        beside = file.parent.parent if (file.parent / "config.yaml").is_file() else None
+    else:  # beside the run it came from (or beside the file on its own), unless --out says where;
+        # never in the checkpoint.dir that the checkpoint stores: nncli writes no path a checkpoint names
+        beside = file.parent.parent if (file.parent / "config.yaml").is_file() else file.parent
         start_run_dir(run, out_dir or beside, run.state.history)
         why = "with --out" if out_dir is not None else f"from {file.name}, not the run's last.pt"
         reporter.print(f"continuing {why}, in a new run directory: {run.run_dir} ({file.parent} is left "
