@@ -173,17 +173,11 @@ def schema(
     losses, optimizers, schedules, data sources, every section's keys and defaults."""
     def action() -> None:
         from nncli.errors import option_error
-        from nncli.files import write_text_atomic
         from nncli.plugins import load_plugins
         from nncli.report.config_schema import schema_text
 
         load_plugins(plugins, Path.cwd(), option_error("--plugin"))
-        text = schema_text()
-        if out is None:
-            sys.stdout.write(text)
-            return
-        write_text_atomic(text, out)
-        print(f"wrote {out}")
+        _print_or_write(schema_text(), out, f"wrote {out}")
 
     run_command(action, debug)
 
@@ -433,19 +427,25 @@ def codegen(
 ) -> None:
     """Write the config's training as a standalone plain-PyTorch script (torch and numpy only)."""
     def action() -> None:
-        from nncli.files import write_text_atomic
         from nncli.run.codegen import check_output, codegen
 
         if out is not None:
             check_output(out)
-        script = codegen(_load(config, overrides))
-        if out is None:
-            sys.stdout.write(script)
-            return
-        write_text_atomic(script, out)
-        print(f"wrote {out}: python {out} trains the config's model and saves model.pt")
+        _print_or_write(codegen(_load(config, overrides)), out,
+                        f"wrote {out}: python {out} trains the config's model and saves model.pt")
 
     run_command(action, debug)
+
+
+def _print_or_write(text: str, out: Optional[Path], written: str) -> None:
+    """`text` on stdout, or into the file `out` (atomically), saying `written`."""
+    if out is None:
+        sys.stdout.write(text)
+        return
+    from nncli.files import write_text_atomic
+
+    write_text_atomic(text, out)
+    print(written)
 
 
 def main() -> None:
