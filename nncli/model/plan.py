@@ -840,7 +840,11 @@ def plan_to_check(config: Config, input_shape: tuple | list | None = None, batch
         with _ElementBudget(CPU_PLAN_ELEMENTS):
             return plan_model(config, input_shape, batch_size, count_macs, device="cpu")
     except _OverBudget:
-        return plan_model(config, input_shape, batch_size, count_macs, device="meta")
+        pass
+    except (RuntimeError, MemoryError) as err:  # a plugin's layer that allocates beyond the budget's sight
+        if not is_out_of_memory(err):
+            raise
+    return plan_model(config, input_shape, batch_size, count_macs, device="meta")
 
 
 def plan_model(config: Config, input_shape: tuple | list | None = None, batch_size: int = 1,
