@@ -16,7 +16,6 @@ import struct
 import subprocess
 import time
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from helpers import (
     DROPOUT_MLP,
     ENV,
     TINY_REGRESSION,
+    invoke,
     load,
     metrics_rows,
     nncli_argv,
@@ -293,7 +293,7 @@ EXPECTED_WORDS = {"missing": "not found", "empty": "empty", "truncated": "trunca
 @pytest.fixture(scope="module")
 def bad_results(trained, tmp_path_factory) -> dict:
     """Every bad kind through `nncli resume RUN_DIR` (last.pt bad, best.pt fine) and through
-    `nncli eval FILE`; run two at a time."""
+    `nncli eval FILE`, in-process (the CLI as typer runs it)."""
     root = tmp_path_factory.mktemp("bad")
     good = (trained / "last.pt").read_bytes()
     jobs = {}
@@ -311,11 +311,8 @@ def bad_results(trained, tmp_path_factory) -> dict:
                 target = folder if command == "resume" else file
             jobs[command, kind] = {"folder": folder, "file": file, "target": target, "marker": marker,
                                    "before": snapshot(folder)}
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {key: pool.submit(run_nncli, key[0], job["target"], cwd=job["folder"])
-                   for key, job in jobs.items()}
-        for key, future in futures.items():
-            jobs[key]["result"] = future.result()
+    for (command, _), job in jobs.items():  # in this process: a payload would leave its marker here too
+        job["result"] = invoke(command, str(job["target"]))
     return jobs
 
 
@@ -325,7 +322,7 @@ def test_bad_checkpoint_is_refused_cleanly(bad_results, command, kind):
     job = bad_results[command, kind]
     result = job["result"]
     err = result.stderr
-    assert result.returncode == 2, f"exit {result.returncode}\n{result.stdout}\n{err}"
+    assert result.exit_code == 2, f"exit {result.exit_code}\n{result.stdout}\n{err}"
     assert "Traceback" not in err and "Error:" not in err.replace("error:", ""), err
     assert str(job["file"]) in err, err  # names the file
     assert EXPECTED_WORDS[kind] in err, err
@@ -468,7 +465,7 @@ def test_a_config_edited_to_a_huge_model_is_refused_before_it_is_built(tmp_path,
         ckpt["input_shape"] = [10**12]
     torch.save(ckpt, tmp_path / "model.pt")
     for args in (["eval"], ["predict", "--input", "[[0.5, 0.5]]"], ["resume", "--epochs", "4"]):
-        result = run_nncli(args[0], tmp_path / "model.pt", *args[1:], cwd=tmp_path)
-        assert result.returncode == 2, result.stdout + result.stderr
+        result = invoke(args[0], str(tmp_path / "model.pt"), *args[1:])
+        assert result.exit_code == 2, result.stdout + result.stderr
         assert "the checkpoint does not fit the run its own config describes" in result.stderr
         assert "Traceback" not in result.stderr
