@@ -388,7 +388,7 @@ def export(
     """Write the trained model as TorchScript, torch.export, ONNX, safetensors or a state_dict, and
     check that the written file gives the checkpoint model's outputs."""
     def action() -> None:
-        from nncli.run.export import TOLERANCE, export_checkpoint
+        from nncli.run.export import export_checkpoint
 
         done = export_checkpoint(checkpoint, format, out, batch_size=batch_size, checkpoint=which,
                                  named=_named(plugins, []))
@@ -396,7 +396,7 @@ def export(
             done.normalization, f"; input normalization in {done.normalization}")
         print(f"exported {done.source} to {done.file} ({format}: {done.note}{normalization})")
         print(f"checked: on a batch of {done.batch}, its outputs are the checkpoint model's within "
-              f"{done.difference:.2g} (limit {TOLERANCE:g})")
+              f"{done.difference:.2g} (limit {done.limit:.2g})")
 
     run_command(action, debug)
 

@@ -106,6 +106,50 @@ def test_the_exported_model_gives_the_checkpoints_outputs(trained, cli, format):
         assert all(torch.equal(state[k], trained["ckpt"]["model"][k]) for k in state)
 
 
+def test_the_check_is_relative_to_the_outputs_size(cli, tmp_path):
+    """The limit is 1e-5 times the largest output where that is above 1 (float32 rounding grows
+    with the outputs): for targets in the thousands, computed here from the same check batch; a
+    difference beyond it writes nothing (exit 1)."""
+    import re
+
+    from helpers import invoke
+
+    from nncli.run import export
+    from nncli.run.export import sample_inputs
+
+    xs = [[float(i)] for i in range(8)]
+    config = write_config(tmp_path, f"""
+        seed: 0
+        data: {{source: tensors, x: {xs}, y: {[[1000.0 * (i + 1)] for i in range(8)]}, val_split: 0,
+               normalize_target: true}}
+        loss: MSELoss
+        train: {{epochs: 1, batch_size: 4}}
+        model: {{layers: [{{type: Linear, out_features: 1}}]}}
+        """, "thousands.yaml")
+    assert invoke("train", config, "--out", tmp_path / "runs", "-q").exit_code == 0
+    run = tmp_path / "runs" / "thousands"
+    result = cli("export", run, "--format", "state_dict", "--out", tmp_path / "w.pt")
+    assert result.exit_code == 0, result.stderr
+    limit = float(re.search(r"\(limit ([0-9.e+-]+)\)", result.stdout).group(1))
+    ckpt = load(run / "best.pt")
+    model = nn.Linear(1, 1)
+    model.load_state_dict({k.removeprefix("0."): v for k, v in ckpt["model"].items()})
+    x = sample_inputs(model, ckpt["input_shape"], torch.float32, 8, None, 0)
+    targets = ckpt["target_normalization"]
+    with torch.no_grad():
+        largest = (model(x) * targets["std"] + targets["mean"]).abs().max().item()
+    assert largest > 1000 and limit == pytest.approx(1e-5 * largest, rel=0.06)  # printed to 2 digits
+
+    original = export.TOLERANCE
+    try:
+        export.TOLERANCE = -1.0  # nothing passes
+        result = cli("export", run, "--format", "torchscript", "--out", tmp_path / "m.pt")
+    finally:
+        export.TOLERANCE = original
+    assert result.exit_code == 1 and "nothing was written" in result.stderr
+    assert not (tmp_path / "m.pt").exists()
+
+
 def test_last_and_out(trained, cli, tmp_path):
     result = cli("export", trained["run"], "--format", "state_dict", "--checkpoint", "last",
                  "--out", tmp_path / "w" / "weights.pt")
