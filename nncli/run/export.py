@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from nncli.data.load import in_target_units
+from nncli.data.samples import normalize
 from nncli.errors import ConfigError, RunError, did_you_mean, first_line
 from nncli.files import write_text_atomic
 from nncli.model.plan import input_dtype, plan_model
@@ -253,7 +254,7 @@ def export_checkpoint(path: Path, format: str, out: Path | None = None, *, batch
         after = [InTargetUnits(**targets)] if targets is not None else []
         exported = nn.Sequential(*before, model, *after).eval()
     with torch.no_grad():
-        expected = in_target_units(model(_standardized(x, normalization)), targets)
+        expected = in_target_units(model(normalize(x, normalization)), targets)
     tmp = file.with_name(f".tmp-{os.getpid()}-{file.name}")  # the suffix kept: torch.export wants .pt2
     try:
         with _quiet():
@@ -266,7 +267,7 @@ def export_checkpoint(path: Path, format: str, out: Path | None = None, *, batch
                 if entry.folds_normalization:
                     got = entry.run(tmp, fresh, x)
                 else:
-                    got = in_target_units(entry.run(tmp, fresh, _standardized(x, normalization)), targets)
+                    got = in_target_units(entry.run(tmp, fresh, normalize(x, normalization)), targets)
         difference = (got.double() - expected.double()).abs().max().item() if expected.numel() else 0.0
         limit = TOLERANCE * max(1.0, expected.abs().max().item() if expected.numel() else 1.0)
         if not difference <= limit:
@@ -289,10 +290,6 @@ def export_checkpoint(path: Path, format: str, out: Path | None = None, *, batch
         write_text_atomic(json.dumps(written), stats)
         beside = str(stats)
     return Exported(source, file, beside, note, batch_size, difference, limit)
-
-
-def _standardized(x: torch.Tensor, normalization: dict | None) -> torch.Tensor:
-    return x if normalization is None else (x - normalization["mean"]) / normalization["std"]
 
 
 def _is_checkpoint(file: Path) -> bool:
