@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import typer
 
-from nncli.exits import run_command
+from nncli.exits import end_process, run_command
 
 app = typer.Typer(help="Train PyTorch networks described in YAML.", no_args_is_help=True,
                   add_completion=True, pretty_exceptions_enable=False,
@@ -449,14 +449,9 @@ def _print_or_write(text: str, out: Optional[Path], written: str) -> None:
 
 
 def main() -> None:
+    """`nncli`: run the command line as this process, then end the process (nncli.exits.end_process)."""
     try:
         app(prog_name="nncli")  # also as `python -m nncli`: completion is installed for `nncli`
     except SystemExit as done:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            # A torchrun worker: every file is written and fsynced, the process group is gone.
-            # Skip the interpreter's teardown, where gloo's threads can abort the process
-            # ("terminate called without an active exception") after a successful run.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(done.code if isinstance(done.code, int) else 1)
-        raise
+        end_process(done.code)
+    end_process(0)

@@ -22,6 +22,7 @@ from helpers import (
     nncli_argv,
     ok,
     run_nncli,
+    run_python,
     snapshot,
     train_config,
     write_config,
@@ -242,3 +243,38 @@ def test_a_resume_that_another_resume_overtook_trains_nothing(tmp_path, monkeypa
     assert "the run went on in another process since this resume read last.pt" in result.stderr
     assert load(run / "last.pt")["config"]["optimizer"]["lr"] == 0.1  # the other resume's, kept
     assert [r["epoch"] for r in metrics_rows(run)] == ["1", "2", "3", "4", "5"]
+
+
+END_PROCESS = """
+import ast, atexit, sys, threading, time
+from pathlib import Path
+from nncli.exits import end_process
+
+class TornDown:
+    def __del__(self):
+        print("torn down")  # only in the interpreter's teardown
+
+kept = TornDown()
+atexit.register(lambda: print("exit handler ran"))
+print("buffered", end="")  # not flushed yet
+if len(sys.argv) > 2:  # a thread that still works when the command is done
+    threading.Thread(target=lambda: (time.sleep(0.5), Path(sys.argv[2]).write_text("done"))).start()
+end_process(ast.literal_eval(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("status, code, stderr", [(None, 0, ""), (3, 3, ""), ("bad input", 1, "bad input")])
+def test_the_process_ends_without_teardown_after_its_exit_handlers(status, code, stderr):
+    done = run_python("-c", END_PROCESS, repr(status))
+    assert done.returncode == code
+    assert done.stdout == "bufferedexit handler ran\n"  # flushed, handlers run, nothing torn down
+    assert done.stderr.strip() == stderr
+
+
+def test_the_process_waits_for_a_thread_that_still_works(tmp_path):
+    """Where a plugin's thread (not a daemon) still runs, the process ends as Python's does."""
+    written = tmp_path / "written"
+    done = run_python("-c", END_PROCESS, "0", written)
+    assert done.returncode == 0
+    assert written.read_text() == "done"
+    assert "torn down" in done.stdout
