@@ -17,6 +17,7 @@ same reference loop, which uses torch's default Adam: what one config line buys.
 nncli's `data.loader: dataloader`.
 """
 import argparse
+import compileall
 import json
 import platform
 import re
@@ -74,6 +75,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cpu.json",
                         help="raw figures (JSON)")
     args = parser.parse_args()
+    # nncli's bytecode as an install leaves it (pip compiles it; PYTHONDONTWRITEBYTECODE would
+    # otherwise have every process compile nncli's sources again, which no user's does)
+    compileall.compile_dir(ROOT / "nncli", quiet=1)
     results = {}
     for case in args.cases.split(","):
         ref_args, config, sets = CASES[case]

@@ -8,6 +8,7 @@
 in the same run, alternating with this one.
 """
 import argparse
+import compileall
 import os
 import statistics
 import subprocess
@@ -46,6 +47,8 @@ def main() -> None:
     checkouts = {"this checkout": ROOT}
     if args.checkout:
         checkouts[str(args.checkout)] = args.checkout.resolve()
+    for path in checkouts.values():  # bytecode as an install leaves it (see compare_cpu.py)
+        compileall.compile_dir(path / "nncli", quiet=1)
     times = {(name, where): [] for name in commands for where in checkouts}
     for _ in range(args.repeats):
         for name, command in commands.items():

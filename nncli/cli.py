@@ -14,7 +14,8 @@ from typing import Callable, Optional
 
 import typer
 
-from nncli.exits import end_process, run_command
+from nncli.exits import run_command
+from nncli.process import end_process, pause_collection_until_torch_imported
 
 app = typer.Typer(help="Train PyTorch networks described in YAML.", no_args_is_help=True,
                   add_completion=True, pretty_exceptions_enable=False,
@@ -449,7 +450,8 @@ def _print_or_write(text: str, out: Optional[Path], written: str) -> None:
 
 
 def main() -> None:
-    """`nncli`: run the command line as this process, then end the process (nncli.exits.end_process)."""
+    """`nncli`: run the command line as this process, which nncli owns (nncli.process)."""
+    pause_collection_until_torch_imported()
     try:
         app(prog_name="nncli")  # also as `python -m nncli`: completion is installed for `nncli`
     except SystemExit as done:

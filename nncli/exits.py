@@ -1,19 +1,16 @@
 """How a command ends: nncli's errors as one paragraph on stderr and an exit status (2 bad input,
 1 a failure while running, 130 interrupted), other exceptions in one line too (the traceback only
-with --debug), warnings as one line each, SIGTERM/SIGHUP taken as Ctrl-C, and the process
-ended without the interpreter's teardown. torch is not imported here, so that `nncli --help`
-answers at once.
+with --debug), warnings as one line each, and SIGTERM/SIGHUP taken as Ctrl-C. torch is not
+imported here, so that `nncli --help` answers at once.
 """
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import sys
-import threading
 import traceback
 import warnings
-from typing import Callable, NoReturn, Optional
+from typing import Callable, Optional
 
 import typer
 
@@ -67,31 +64,6 @@ def run_command(action: Callable[[], Optional[int]], debug: bool) -> None:
                 + ("" if debug else " (run again with --debug for the traceback)"))
         raise typer.Exit(1) from None
     raise typer.Exit(code)
-
-
-def end_process(status: object) -> NoReturn:
-    """End the process with `status` (SystemExit's code) once the command is done, skipping the
-    interpreter's teardown: freeing torch's modules one by one takes 0.6-0.9 s on a 2-core CPU,
-    more than a small model's training, and a script cannot avoid it. Every file nncli writes is
-    closed and fsynced when its command returns; the exit handlers still run (they end data loader
-    workers). Where a thread that is not a daemon still runs (a plugin's), the normal exit waits
-    for it, as Python's does. A torchrun worker gains more: gloo's threads can abort the process in
-    that teardown ("terminate called without an active exception") after a successful run."""
-    code = status if isinstance(status, int) else 0 if status is None else 1
-    if status is not None and not isinstance(status, int):
-        print(status, file=sys.stderr)  # as Python does for sys.exit("message")
-    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)  # CPython's; else the normal exit
-    others = [thread for thread in threading.enumerate()
-              if thread is not threading.main_thread() and not thread.daemon and thread.is_alive()]
-    if run_exit_handlers is None or others:
-        sys.exit(code)
-    run_exit_handlers()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a reader gone (`| head`) or a stream closed: nothing to lose
-            pass
-    os._exit(code)
 
 
 def _out_of_memory_text(err: Exception) -> str | None:

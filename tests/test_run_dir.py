@@ -248,7 +248,7 @@ def test_a_resume_that_another_resume_overtook_trains_nothing(tmp_path, monkeypa
 END_PROCESS = """
 import ast, atexit, sys, threading, time
 from pathlib import Path
-from nncli.exits import end_process
+from nncli.process import end_process
 
 class TornDown:
     def __del__(self):
@@ -278,3 +278,38 @@ def test_the_process_waits_for_a_thread_that_still_works(tmp_path):
     assert done.returncode == 0
     assert written.read_text() == "done"
     assert "torn down" in done.stdout
+
+
+def test_collection_is_paused_while_torch_imports_then_runs_on_what_comes_after():
+    done = run_python("-c", """
+import gc, sys
+from nncli.process import pause_collection_until_torch_imported
+assert "torch" not in sys.modules
+pause_collection_until_torch_imported()
+assert not gc.isenabled()
+import torch
+assert gc.isenabled() and gc.get_freeze_count() > 50_000, gc.get_freeze_count()
+print("frozen", gc.get_freeze_count())
+""")
+    ok(done)
+    assert done.stdout.startswith("frozen")
+
+
+def test_collection_resumes_after_a_module_that_fails_to_import(tmp_path, monkeypatch):
+    import gc
+    import sys
+
+    from nncli.process import _ResumeCollectionAfterImport
+
+    (tmp_path / "fails_on_import.py").write_text("raise RuntimeError('broken')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    finder = _ResumeCollectionAfterImport("fails_on_import")
+    gc.disable()
+    sys.meta_path.insert(0, finder)
+    try:
+        with pytest.raises(RuntimeError, match="broken"):
+            import fails_on_import  # noqa: F401
+        assert gc.isenabled() and finder not in sys.meta_path
+    finally:
+        gc.unfreeze()
+        gc.enable()
