@@ -144,6 +144,24 @@ def test_an_empty_share_gives_no_batch(tmp_path, loader):
     assert [len(x) for x, _ in val.batches(torch.arange(1), 4)] == [1]
 
 
+# a sample is 20 bytes (3 floats and a label): chunks of 1 batch, of 2 batches, of them all
+@pytest.mark.parametrize("gather_bytes", [1, 2 * 4 * 20, 2**30])
+def test_memory_batches_gathered_in_chunks_are_those_indexed_one_by_one(monkeypatch, gather_bytes):
+    """`loader: memory` gathers many batches at once and splits them: the batches must be exactly
+    those of indexing x and y batch by batch, as the hand-written loop does."""
+    from nncli.data import samples
+    from nncli.data.samples import TensorPair
+
+    monkeypatch.setattr(samples, "GATHER_BYTES", gather_bytes)
+    x, y = torch.randn(23, 3), torch.arange(23)
+    index = torch.randperm(23, generator=torch.Generator().manual_seed(0))
+    got = list(TensorPair(x, y).batches(index, 4))
+    expected = [(x[idx], y[idx]) for idx in index.split(4)]
+    assert [len(xb) for xb, _ in got] == [4, 4, 4, 4, 4, 3]
+    for (xb, yb), (xe, ye) in zip(got, expected, strict=True):
+        assert torch.equal(xb, xe) and torch.equal(yb, ye)
+
+
 def test_normalization_statistics_merged_over_chunks_match_torch(monkeypatch):
     from nncli.data import load as data
     from nncli.data.load import normalization_of

@@ -69,6 +69,9 @@ class ModelInputs:
         return self.normalize(self.as_input(x))
 
 
+GATHER_BYTES = 32 * 2**20  # the samples a TensorPair gathers at once: a copy this large, at most
+
+
 @dataclass
 class TensorPair(ModelInputs):
     """Samples held whole (`loader: memory`): moved to the training device once and batched by
@@ -106,11 +109,16 @@ class TensorPair(ModelInputs):
 
     def batches(self, index: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(x, y) for each `batch_size` entries of `index` in turn, x as stored (see `prepare`);
-        none for an empty index (a DDP process's share of a tiny validation set may be empty)."""
+        none for an empty index (a DDP process's share of a tiny validation set may be empty).
+        Gathered GATHER_BYTES at a time and split into batches: on a small model one gather per
+        batch costs more than the optimizer step's arithmetic."""
         if not len(index):
             return
-        for idx in index.to(self.x.device).split(batch_size):
-            yield self.x[idx], self.y[idx]
+        sample_bytes = (self.x[0].nbytes + self.y[0].nbytes) or 1
+        chunk = max(1, GATHER_BYTES // (sample_bytes * batch_size)) * batch_size
+        for rows in index.to(self.x.device).split(chunk):
+            yield from zip(self.x.index_select(0, rows).split(batch_size),
+                           self.y.index_select(0, rows).split(batch_size))
 
     def close(self) -> None:
         """Nothing to end: no loader reads these samples."""
