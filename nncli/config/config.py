@@ -7,6 +7,7 @@ checked by the stage that builds them, through `config.error`.
 """
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -136,7 +137,7 @@ def check_section(mapping: dict, schema: dict[str, Key], error: Callable[..., Co
         if not _is_a(value, spec.types):
             shown = "" if value is None or isinstance(value, (dict, list)) else f" {value!r}"
             raise error(f"expected {spec.describe()}, got {value_kind(value)}{shown}", *where, key,
-                        hint=spec.hint(value) if spec.hint else None)
+                        hint=spec.hint(value) if spec.hint else _integer_hint(value, spec.types))
         if spec.check is not None and (problem := spec.check(value)):
             choices = getattr(spec.check, "choices", None)
             hint = spec.hint(value) if spec.hint else did_you_mean(str(value), choices) if choices else None
@@ -147,6 +148,13 @@ def check_section(mapping: dict, schema: dict[str, Key], error: Callable[..., Co
     return out
 
 
+def _integer_hint(value: Any, types: tuple) -> str | None:
+    """`1e3` reads as a float: say the integer it means, where one is expected."""
+    if int in types and isinstance(value, float) and value.is_integer():
+        return f"Write it as an integer: {int(value)}."
+    return None
+
+
 def _is_a(value: Any, types: tuple) -> bool:
     if isinstance(value, bool):
         return bool in types
@@ -154,6 +162,10 @@ def _is_a(value: Any, types: tuple) -> bool:
         return True
     return isinstance(value, types)
 
+
+# Unicode categories a run directory's name must not hold: control characters, and the invisible
+# ones that make a name print as another (U+202E turns the rest of a line around)
+INVISIBLE = ("Cc", "Cf", "Zl", "Zp")
 
 def config_from_mapping(raw: Any, *, path: Path | None = None, label: str | None = None,
                         overrides: list[str] = (), base_dir: Path | None = None,
@@ -185,9 +197,10 @@ def config_from_mapping(raw: Any, *, path: Path | None = None, label: str | None
     if values["name"] is None:
         values["name"] = path.stem if path else "run"
     name = values["name"]
-    if not name or any(ch in name for ch in "/\\\0") or name in (".", "..") or len(name.encode()) > 240:
-        raise config.error(f"'{name}' cannot name a run directory; use a name of up to 240 bytes "
-                           "(letters, digits, '-', '_', '.') without slashes", "name")
+    if (not name or any(ch in name for ch in "/\\") or name in (".", "..") or len(name.encode()) > 240
+            or any(unicodedata.category(ch) in INVISIBLE for ch in name)):
+        raise config.error(f"{name!r} cannot name a run directory; use a name of up to 240 bytes "
+                           "(letters, digits, '-', '_', '.') without slashes or control characters", "name")
     for i, plugin in enumerate(values["plugins"]):
         if not isinstance(plugin, str):
             raise config.error(f"expected a Python file or module name, got {plugin!r}", "plugins", i)

@@ -43,8 +43,10 @@ class SourceContext:
         path = self.config.resolve_path(options[key], *self.where, key)
         if path.is_dir():
             raise self.error(f"{path} is a folder; expected a file", key)
-        if not path.is_file():
+        if not path.exists():
             raise self.error(f"file {path} not found (paths are relative to the config file)", key)
+        if not path.is_file():
+            raise self.error(f"{path} is not a regular file (a device or a pipe); expected a file", key)
         return path
 
     @property
