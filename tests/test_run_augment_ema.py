@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import CONFIGS, invoke, load, metrics_rows, ok, read_metrics, write_config
+from helpers import CONFIGS, invoke, load, metrics_rows, ok, read_metrics, run_nncli, write_config
 
 from nncli.data.augment import Pipeline
 from nncli.run import loop
@@ -105,6 +105,30 @@ def test_resume_with_augmentation_after_a_stop_inside_an_epoch_is_exact(referenc
     monkeypatch.undo()
     ok(invoke("resume", tmp_path / "aug", "--quiet"))
     assert_same_run(tmp_path / "aug", reference["run"])  # every_steps changes where it saves only
+
+
+def test_each_ddp_process_augments_with_draws_of_its_own():
+    from types import SimpleNamespace
+
+    def first_draws(rank: int, epoch: int = 1, batch: int = 0) -> torch.Tensor:
+        run = SimpleNamespace(config={"seed": 0}, process=SimpleNamespace(rank=rank))
+        return torch.rand(4, generator=loop.augmentation_generator(run, epoch, batch))
+
+    assert torch.equal(first_draws(0), first_draws(0))  # nothing to save to draw them again
+    assert not torch.equal(first_draws(0), first_draws(1))
+    assert not torch.equal(first_draws(0), first_draws(0, batch=1))
+    assert not torch.equal(first_draws(0), first_draws(0, epoch=2))
+
+
+def test_ddp_with_augmentation_2_plus_2_epochs_equals_4(tmp_path):
+    """Two processes (gloo), each augmenting its share of the batches: resumed after 2 epochs,
+    the job is the job trained for 4 in one go, bit for bit."""
+    config = write_config(tmp_path, AUGMENTED, "aug.yaml")
+    ok(run_nncli("train", config, "--nproc", "2", "--out", "whole", "-q", cwd=tmp_path))
+    ok(run_nncli("train", config, "--nproc", "2", "--epochs", "2", "--out", "split", "-q", cwd=tmp_path))
+    ok(run_nncli("resume", tmp_path / "split" / "aug", "--nproc", "2", "--epochs", "4", "-q", cwd=tmp_path))
+    assert load(tmp_path / "whole" / "aug" / "last.pt")["world_size"] == 2
+    assert_same_run(tmp_path / "split" / "aug", tmp_path / "whole" / "aug")
 
 
 def test_mixup_trains_on_soft_targets_and_validates_on_labels(tmp_path):
