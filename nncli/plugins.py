@@ -13,6 +13,8 @@ from pathlib import Path
 
 from nncli.errors import ConfigError
 
+IMPORTED: set[str] = set()  # every plugin this process imported: nncli.process writes what they leave open
+
 
 def load_plugins(plugins: list[str], base_dir: Path, error: Callable[..., ConfigError]) -> list[str]:
     """Import each plugin (a .py file relative to `base_dir`, or a module name) once; return what
@@ -36,9 +38,11 @@ def load_plugins(plugins: list[str], base_dir: Path, error: Callable[..., Config
                 except BaseException:
                     del sys.modules[module_name]
                     raise
+                IMPORTED.add(str(path))
             else:
                 importlib.import_module(plugin)
                 imported.append(plugin)
+                IMPORTED.add(plugin)
         except ConfigError:
             raise
         except SystemExit as err:  # else the command would end there, with the plugin's status

@@ -41,7 +41,7 @@ def scalars(run_dir) -> dict[str, dict[int, float]]:
 
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory):
-    """A real process, which ends without the interpreter's teardown (nncli.exits.end_process):
+    """A real process, which ends without the interpreter's teardown (nncli.process.end_process):
     whatever a logger left unwritten would be missing from its file."""
     pytest.importorskip("tensorboardX")
     folder = tmp_path_factory.mktemp("logged")

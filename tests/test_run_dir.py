@@ -15,6 +15,7 @@ import pytest
 import torch
 from helpers import (
     ENV,
+    REPO,
     TINY_REGRESSION,
     Background,
     load,
@@ -313,3 +314,41 @@ def test_collection_resumes_after_a_module_that_fails_to_import(tmp_path, monkey
     finally:
         gc.unfreeze()
         gc.enable()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_output_that_cannot_be_written_fails_the_command():
+    """Printed output is flushed at the end: a full disk must fail the command, not exit 0 with
+    nothing written (the interpreter's own exit says so, with status 120)."""
+    env = {k: v for k, v in ENV.items() if k != "PYTHONUNBUFFERED"}  # buffered, as a user's stdout is
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(nncli_argv("--version"), stdout=full, stderr=subprocess.PIPE, text=True,
+                              env=env, cwd=REPO, timeout=120)
+    assert done.returncode == 1
+    assert "error: cannot write the output: No space left on device" in done.stderr
+
+
+LOGGING_PLUGIN = """
+from torch import nn
+
+import nncli
+
+LOG = open(__file__ + ".log", "w")  # never closed: the interpreter's teardown would write it
+
+
+@nncli.register_layer(name="Logged")
+class Logged(nn.Module):
+    def forward(self, x):
+        print("forward", tuple(x.shape), file=LOG)
+        return x
+"""
+
+
+def test_what_a_plugin_left_in_an_open_file_is_written_before_the_process_ends(tmp_path):
+    (tmp_path / "logging_plugin.py").write_text(LOGGING_PLUGIN)
+    config = write_config(tmp_path, TINY_REGRESSION.replace(
+        "seed: 0", "seed: 0\nplugins: [logging_plugin.py]").replace(
+        "    - {type: Linear", "    - Logged\n    - {type: Linear"))
+    ok(run_nncli("train", config, "--out", tmp_path / "runs", "-q"))
+    lines = (tmp_path / "logging_plugin.py.log").read_text().splitlines()
+    assert len(lines) >= 3 * 3 and all(line.startswith("forward") for line in lines)  # 3 epochs' steps

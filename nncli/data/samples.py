@@ -69,7 +69,8 @@ class ModelInputs:
         return self.normalize(self.as_input(x))
 
 
-GATHER_BYTES = 32 * 2**20  # the samples a TensorPair gathers at once: a copy this large, at most
+GATHER_BYTES = 32 * 2**20  # the samples a TensorPair gathers at once: a copy this large at most, or one
+# batch where a batch is larger
 
 
 @dataclass
@@ -195,7 +196,7 @@ class HostSamples(ModelInputs):
             yield xb.to(self.device, non_blocking=pinned), yb.to(self.device, non_blocking=pinned)
 
     def close(self) -> None:
-        """End the loader's workers now. A DDP process leaves with os._exit, after which they
+        """End the loader's workers now. nncli's process leaves with os._exit, after which they
         would run on for seconds, holding the job's output open, until their watchdog notices;
         and they ignore the SIGTERM with which torch ends a worker that does not stop in time.
         (torch has no public call to end persistent workers.)"""
