@@ -24,6 +24,8 @@ import sys
 import threading
 from typing import NoReturn
 
+from nncli import plugins
+
 
 def pause_collection_until_torch_imported() -> None:
     """Pause garbage collection until torch's import has run, then freeze what exists and collect
@@ -80,8 +82,7 @@ def end_process(status: object) -> NoReturn:
     if run_exit_handlers is None or others:
         sys.exit(code)
     run_exit_handlers()
-    plugins = sys.modules.get("nncli.plugins")
-    if plugins is not None and plugins.IMPORTED:  # code that is not nncli's ran here
+    if plugins.IMPORTED:  # code that is not nncli's ran here
         _flush_files_left_open()
     os._exit(_flush_output(code))
 

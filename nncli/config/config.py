@@ -27,6 +27,7 @@ from nncli.config.schema import (
     Key,
     home_hint,
     is_pair,
+    sample_shape,
 )
 from nncli.config.yamlio import YamlMap, line_of, parse_yaml, to_plain
 from nncli.errors import ConfigError, did_you_mean, value_kind
@@ -167,6 +168,7 @@ def _is_a(value: Any, types: tuple) -> bool:
 # ones that make a name print as another (U+202E turns the rest of a line around)
 INVISIBLE = ("Cc", "Cf", "Zl", "Zp")
 
+
 def config_from_mapping(raw: Any, *, path: Path | None = None, label: str | None = None,
                         overrides: list[str] = (), base_dir: Path | None = None,
                         plugins_given: list[str] | None = None,
@@ -211,8 +213,7 @@ def config_from_mapping(raw: Any, *, path: Path | None = None, label: str | None
         config.imported_plugins = plugins_given
     check_device_ids(config, values["device_ids"])
     shape = values["model"]["input_shape"]
-    if shape is not None and not (shape and all(isinstance(d, int) and not isinstance(d, bool) and d > 0
-                                                for d in shape)):
+    if shape is not None and sample_shape(shape) is not None:
         raise config.error(f"expected a list of positive integers (one sample's shape, no batch "
                            f"dimension), got {to_plain(shape)}", "model", "input_shape")
     config.values = values

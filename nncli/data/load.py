@@ -15,7 +15,7 @@ import torch
 
 from nncli.config import Config
 from nncli.config.schema import is_pair
-from nncli.data.samples import HostSamples, Samples, TensorPair, usable_cpus
+from nncli.data.samples import HostSamples, Samples, TensorPair, normalize, usable_cpus
 from nncli.data.sources import LOADERS, SourceContext
 from nncli.model.plan import input_dtype
 
@@ -82,10 +82,6 @@ def target_normalization_of(y: torch.Tensor) -> dict:
     then their dtype); a constant output keeps std 1."""
     mean, std = y.double().mean(0), y.double().std(0) if len(y) > 1 else torch.ones(y.shape[1:])
     return {"mean": mean.to(y.dtype), "std": torch.where(std > 0, std, torch.ones_like(std)).to(y.dtype)}
-
-
-def standardized(y: torch.Tensor, stats: dict | None) -> torch.Tensor:
-    return y if stats is None else (y - stats["mean"]) / stats["std"]
 
 
 def in_target_units(values: torch.Tensor, stats: dict | None) -> torch.Tensor:
@@ -188,7 +184,7 @@ def read_data(config: Config, normalization: dict | None = None, *, scan: bool =
         target_normalization = None
     else:
         target_normalization = target_normalization or target_normalization_of(train.y)
-        train, val = (None if p is None else replace(p, y=standardized(p.y, target_normalization))
+        train, val = (None if p is None else replace(p, y=normalize(p.y, target_normalization))
                       for p in (train, val))
     return Data(train, val, tuple(train.x.shape[1:]), normalization, fingerprint, classes,
                 target_normalization)

@@ -16,7 +16,7 @@ from nncli.config.schema import is_pair
 from nncli.data import images
 from nncli.data.checks import check_targets, check_token_ids, token_id_problem
 from nncli.data.images import CHANNELS, IMAGE_SUFFIXES, is_image_file
-from nncli.data.load import Data, in_target_units, standardized
+from nncli.data.load import Data, in_target_units
 from nncli.data.samples import Samples, TensorPair, normalize
 from nncli.data.sources import read_csv_rows
 from nncli.errors import ConfigError, option_error
@@ -105,7 +105,7 @@ def evaluate_checkpoint(path: Path, data_file: Path | None = None, device: str |
         if list(pair.x.shape[1:]) != list(ckpt["input_shape"]):
             raise ConfigError(f"its samples have shape {list(pair.x.shape[1:])}, but the model takes "
                               f"{list(ckpt['input_shape'])}", file=str(data_file))
-        pair = replace(pair.normalized(ckpt.get("normalization")), y=standardized(pair.y, targets))
+        pair = replace(pair.normalized(ckpt.get("normalization")), y=normalize(pair.y, targets))
     output_shape = tuple(plan.output_shape[1:])
     pair = _checked_targets(pair, model, output_shape, config, source if data_file else str(path))
     classifier = takes_class_labels(config) and output_shape
